@@ -1,0 +1,437 @@
+"""The presence CRDT: (room, user, session) -> meta, one single-writer partition per replica.
+
+Modelled on Phoenix.Tracker's state, adapted to gossip over a partial mesh with
+Scuttlebutt-style reconciliation:
+
+* A **replica** is one daemon incarnation, ``(node, incarnation)``. The incarnation is new at
+  every start, so entries written by a previous run of the same node are recognised as dead
+  the moment the new run is heard of.
+* Each replica is the **only writer** of its partition. Every write (join, update, leave)
+  takes the partition's next counter, so a partition's history is a single totally ordered
+  log and "I have replica R up to counter N" (a *digest* entry) says exactly which state of R
+  a peer holds.
+* An entry's latest write is all that matters (cursor moves are state, not events), so a
+  partition keeps one record per key: its meta and the counter of its last write. A leave
+  is kept as a *tombstone* (meta ``None``) so a peer that is behind learns about it; records
+  are kept in counter order, which makes "everything newer than N" a walk from the tail.
+* A **delta** carries the records of one partition with counters in ``(since, clock]``; it
+  applies to any copy whose clock is in ``[since, clock)`` and moves it to ``clock``. Records
+  at or below the receiver's clock are ignored, which is why a stale add can never resurrect
+  a leave: the leave's counter is higher, and the receiver's clock only moves forward.
+* Tombstones are garbage-collected once a partition holds too many; the partition's *floor*
+  remembers the newest dropped one. A peer whose digest is below the floor gets the whole
+  partition (``full`` delta), which replaces its copy and removes whatever it lacks.
+
+Merging returns :class:`Change` values (joins, leaves, updates of visible presences), so the
+shell can compute diffs for its local clients without rescanning anything. Partitions can be
+marked down (liveness): their entries stay stored but become invisible.
+
+Nothing here does I/O, reads a clock or draws random numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final, Literal
+
+import attrs
+
+Meta = Mapping[str, Any]
+#: (room, user, session): the identity of one presence entry.
+Key = tuple[str, str, str]
+#: One record on the wire: key, counter of its last write, meta (None = removed).
+Record = tuple[Key, int, Meta | None]
+
+JOIN: Final = "join"
+UPDATE: Final = "update"
+LEAVE: Final = "leave"
+ChangeKind = Literal["join", "update", "leave"]
+
+
+class DeltaError(ValueError):
+    """A delta that no correct replica could have produced (bad counters, wrong shape)."""
+
+
+@attrs.frozen(order=True)
+class ReplicaId:
+    """One daemon incarnation: the unit of single-writer ownership."""
+
+    node: str
+    incarnation: int
+
+    def __str__(self) -> str:
+        return f"{self.node}#{self.incarnation}"
+
+
+@attrs.frozen(slots=True)
+class Change:
+    """A change of what is visible: a presence appeared, changed its meta, or went away.
+
+    For a leave, ``meta`` is the last meta that was visible, so a client can still say who left.
+    """
+
+    kind: ChangeKind
+    room: str
+    user: str
+    session: str
+    meta: Meta
+    region: str
+
+
+@attrs.frozen
+class Delta:
+    """The records of one partition with counters in ``(since, clock]``.
+
+    A ``full`` delta carries every live record and replaces the receiver's copy whatever its
+    clock (as long as it is older); it is what a peer gets when it is too far behind for the
+    tombstones that would be needed.
+    """
+
+    replica: ReplicaId
+    region: str
+    since: int
+    clock: int
+    records: tuple[Record, ...]
+    full: bool = False
+
+
+MergeOutcome = Literal["applied", "stale", "gap", "retired", "own"]
+
+
+@attrs.frozen
+class MergeResult:
+    """What merging a delta did: visible changes, and whether it applied.
+
+    ``gap`` means the receiver is behind ``delta.since``: the delta cannot be applied and the
+    sender should be told our digest so it sends what we lack.
+    """
+
+    outcome: MergeOutcome
+    changes: list[Change]
+
+
+class _Record:
+    __slots__ = ("counter", "meta")
+
+    def __init__(self, counter: int, meta: Meta | None) -> None:
+        self.counter = counter
+        self.meta = meta
+
+
+class Partition:
+    """Everything one replica has written, as known by this replica."""
+
+    __slots__ = ("clock", "floor", "records", "region", "replica", "tombstones", "up")
+
+    def __init__(self, replica: ReplicaId, region: str) -> None:
+        self.replica = replica
+        self.region = region
+        #: Every write with counter <= clock is reflected here.
+        self.clock = 0
+        #: Tombstones with counter <= floor have been dropped.
+        self.floor = 0
+        #: key -> record, in increasing counter order (a write moves its key to the end).
+        self.records: dict[Key, _Record] = {}
+        self.tombstones = 0
+        #: False while liveness considers the replica down: its entries are invisible.
+        self.up = True
+
+    def live(self) -> Iterator[tuple[Key, Meta]]:
+        for key, record in self.records.items():
+            if record.meta is not None:
+                yield key, record.meta
+
+    def live_count(self) -> int:
+        return len(self.records) - self.tombstones
+
+    def since(self, counter: int) -> list[Record]:
+        """Records written after ``counter``, oldest first (a walk from the tail)."""
+        newer: list[Record] = []
+        for key in reversed(self.records):
+            record = self.records[key]
+            if record.counter <= counter:
+                break
+            newer.append((key, record.counter, record.meta))
+        newer.reverse()
+        return newer
+
+
+class PresenceState:
+    """The whole presence map as one replica knows it, and the only place it changes.
+
+    ``local`` is this daemon's replica; only :meth:`put` and :meth:`remove` write to it.
+    Everything about other replicas arrives through :meth:`merge`.
+    """
+
+    def __init__(self, local: ReplicaId, region: str, *, tombstone_limit: int = 4096) -> None:
+        if tombstone_limit < 1:
+            raise ValueError("tombstone_limit must be positive")
+        self.local = local
+        self.region = region
+        self.tombstone_limit = tombstone_limit
+        self.partitions: dict[ReplicaId, Partition] = {local: Partition(local, region)}
+        #: Replicas known to be dead (an older incarnation, or purged): never resurrected.
+        self.retired: set[ReplicaId] = set()
+        #: room -> (user, session) -> replica, for visible entries only.
+        self._rooms: dict[str, dict[tuple[str, str], ReplicaId]] = {}
+
+    # ------------------------------------------------------------------ local writes
+
+    @property
+    def own(self) -> Partition:
+        return self.partitions[self.local]
+
+    def put(self, room: str, user: str, session: str, meta: Meta) -> Change:
+        """Write a local entry (join or update) and return the visible change."""
+        part = self.own
+        key = (room, user, session)
+        old = part.records.pop(key, None)
+        part.clock += 1
+        part.records[key] = _Record(part.clock, meta)
+        if old is not None and old.meta is not None:
+            kind: ChangeKind = UPDATE
+        else:
+            if old is not None:
+                part.tombstones -= 1
+            kind = JOIN
+            self._rooms.setdefault(room, {})[(user, session)] = self.local
+        return Change(kind, room, user, session, meta, self.region)
+
+    def remove(self, room: str, user: str, session: str) -> Change | None:
+        """Remove a local entry; returns the leave, or None if it was not there."""
+        part = self.own
+        key = (room, user, session)
+        old = part.records.get(key)
+        if old is None or old.meta is None:
+            return None
+        del part.records[key]
+        part.clock += 1
+        part.records[key] = _Record(part.clock, None)
+        part.tombstones += 1
+        self._unindex(room, user, session, self.local)
+        self._collect_tombstones(part)
+        return Change(LEAVE, room, user, session, old.meta, self.region)
+
+    def remove_all_local(self) -> list[Change]:
+        """Remove every local entry (graceful shutdown)."""
+        keys = [key for key, _ in self.own.live()]
+        changes = [self.remove(*key) for key in keys]
+        return [c for c in changes if c is not None]
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, room: str, user: str, session: str) -> Meta | None:
+        """The meta of a local entry, or None."""
+        record = self.own.records.get((room, user, session))
+        return None if record is None else record.meta
+
+    def room_presences(self, room: str) -> Iterator[tuple[str, str, Meta, str]]:
+        """Visible entries of a room as (user, session, meta, region)."""
+        for (user, session), replica in self._rooms.get(room, {}).items():
+            part = self.partitions[replica]
+            record = part.records[(room, user, session)]
+            assert record.meta is not None
+            yield user, session, record.meta, part.region
+
+    def rooms(self) -> Iterable[str]:
+        return self._rooms.keys()
+
+    def visible(self) -> dict[Key, tuple[Meta, str]]:
+        """Every visible entry: key -> (meta, region). For tests and diagnostics."""
+        return {
+            key: (meta, part.region)
+            for part in self.partitions.values()
+            if part.up
+            for key, meta in part.live()
+        }
+
+    def digest(self) -> dict[ReplicaId, int]:
+        """Per replica, the highest counter this replica holds (Scuttlebutt digest)."""
+        return {replica: part.clock for replica, part in self.partitions.items()}
+
+    # ------------------------------------------------------------------ extraction
+
+    def extract(self, replica: ReplicaId, since: int) -> Delta | None:
+        """What a peer holding ``replica`` up to ``since`` lacks, or None if nothing.
+
+        Falls back to the full partition when the tombstones needed were collected, or when
+        the peer has nothing of it (tombstones are useless to a peer with no entries).
+        """
+        part = self.partitions.get(replica)
+        if part is None or since >= part.clock:
+            return None
+        if since <= 0 or since < part.floor:
+            records = tuple((key, r.counter, r.meta) for key, r in part.records.items() if r.meta)
+            return Delta(replica, part.region, 0, part.clock, records, full=True)
+        return Delta(replica, part.region, since, part.clock, tuple(part.since(since)))
+
+    def missing(self, digest: Mapping[ReplicaId, int]) -> list[Delta]:
+        """Deltas for everything a peer with ``digest`` lacks (the anti-entropy answer)."""
+        deltas = []
+        for replica in self.partitions:
+            delta = self.extract(replica, digest.get(replica, 0))
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self, delta: Delta) -> MergeResult:
+        """Apply a delta from a peer; return what became visible or invisible."""
+        replica = delta.replica
+        if replica == self.local:
+            return MergeResult("own", [])
+        if replica in self.retired:
+            return MergeResult("retired", [])
+        _check_delta(delta)
+        changes: list[Change] = []
+        part = self.partitions.get(replica)
+        if part is None:
+            if not self._admit(replica, changes):
+                return MergeResult("retired", changes)
+            part = self.partitions[replica] = Partition(replica, delta.region)
+        if delta.clock <= part.clock:
+            return MergeResult("stale", changes)
+        if delta.full:
+            self._replace(part, delta, changes)
+        elif delta.since > part.clock:
+            return MergeResult("gap", changes)
+        else:
+            self._apply(part, delta, changes)
+        part.clock = delta.clock
+        self._collect_tombstones(part)
+        return MergeResult("applied", changes)
+
+    def _admit(self, replica: ReplicaId, changes: list[Change]) -> bool:
+        """A new replica: retire older incarnations of its node, or refuse it if it is older."""
+        for other in list(self.partitions):
+            if other.node != replica.node:
+                continue
+            if other.incarnation > replica.incarnation or other == self.local:
+                self.retired.add(replica)
+                return False
+            changes.extend(self.retire(other))
+        return True
+
+    def _apply(self, part: Partition, delta: Delta, changes: list[Change]) -> None:
+        for key, counter, meta in delta.records:
+            if counter <= part.clock:
+                continue
+            self._write(part, key, counter, meta, changes)
+
+    def _replace(self, part: Partition, delta: Delta, changes: list[Change]) -> None:
+        incoming = {key: meta for key, _, meta in delta.records}
+        for key, record in part.records.items():
+            if record.meta is not None and key not in incoming:
+                self._forget(part, key, record.meta, changes)
+        for key, counter, meta in delta.records:
+            old = part.records.get(key)
+            if old is None or old.counter != counter:
+                assert meta is not None
+                self._show(part, key, None if old is None else old.meta, meta, changes)
+        ordered = sorted(delta.records, key=lambda record: record[1])
+        part.records = {key: _Record(counter, meta) for key, counter, meta in ordered}
+        part.tombstones = 0
+        part.floor = delta.clock
+
+    def _write(
+        self, part: Partition, key: Key, counter: int, meta: Meta | None, changes: list[Change]
+    ) -> None:
+        old = part.records.pop(key, None)
+        part.records[key] = _Record(counter, meta)
+        old_meta = None if old is None else old.meta
+        if old is not None and old_meta is None:
+            part.tombstones -= 1
+        if meta is None:
+            part.tombstones += 1
+            if old_meta is not None:
+                self._forget(part, key, old_meta, changes)
+        else:
+            self._show(part, key, old_meta, meta, changes)
+
+    def _show(
+        self, part: Partition, key: Key, old_meta: Meta | None, meta: Meta, changes: list[Change]
+    ) -> None:
+        if not part.up:
+            return
+        room, user, session = key
+        if old_meta is None:
+            self._rooms.setdefault(room, {})[(user, session)] = part.replica
+            changes.append(Change(JOIN, room, user, session, meta, part.region))
+        else:
+            changes.append(Change(UPDATE, room, user, session, meta, part.region))
+
+    def _forget(self, part: Partition, key: Key, meta: Meta, changes: list[Change]) -> None:
+        if part.up:
+            room, user, session = key
+            self._unindex(room, user, session, part.replica)
+            changes.append(Change(LEAVE, room, user, session, meta, part.region))
+
+    def _unindex(self, room: str, user: str, session: str, replica: ReplicaId) -> None:
+        members = self._rooms.get(room)
+        if members is not None and members.get((user, session)) == replica:
+            del members[(user, session)]
+            if not members:
+                del self._rooms[room]
+
+    def _collect_tombstones(self, part: Partition) -> None:
+        """Drop the oldest tombstones once there are too many, raising the floor."""
+        if part.tombstones <= self.tombstone_limit:
+            return
+        keep = self.tombstone_limit // 2
+        for key, record in list(part.records.items()):
+            if part.tombstones <= keep:
+                break
+            if record.meta is None:
+                del part.records[key]
+                part.tombstones -= 1
+                part.floor = max(part.floor, record.counter)
+
+    # ------------------------------------------------------------------ liveness hooks
+
+    def set_up(self, replica: ReplicaId, up: bool) -> list[Change]:
+        """Make a replica's entries visible (up) or invisible (down) without losing them."""
+        part = self.partitions.get(replica)
+        if part is None or part.up == up or replica == self.local:
+            return []
+        changes: list[Change] = []
+        if up:
+            part.up = True
+            for (room, user, session), meta in part.live():
+                self._rooms.setdefault(room, {})[(user, session)] = replica
+                changes.append(Change(JOIN, room, user, session, meta, part.region))
+        else:
+            for key, meta in part.live():
+                self._forget(part, key, meta, changes)
+            part.up = False
+        return changes
+
+    def retire(self, replica: ReplicaId) -> list[Change]:
+        """Drop a replica for good (purged, or replaced by a newer incarnation)."""
+        if replica == self.local:
+            raise ValueError("a replica cannot retire itself")
+        self.retired.add(replica)
+        part = self.partitions.pop(replica, None)
+        if part is None:
+            return []
+        changes: list[Change] = []
+        for key, meta in part.live():
+            self._forget(part, key, meta, changes)
+        return changes
+
+
+def _check_delta(delta: Delta) -> None:
+    if not (0 <= delta.since < delta.clock):
+        raise DeltaError(f"delta of {delta.replica} has since={delta.since} clock={delta.clock}")
+    low = 0 if delta.full else delta.since
+    previous = low
+    for record in delta.records:
+        counter = record[1]
+        if not (low < counter <= delta.clock) or (not delta.full and counter <= previous):
+            raise DeltaError(
+                f"delta of {delta.replica}: record at {counter} is outside "
+                f"({low}, {delta.clock}] or out of order"
+            )
+        previous = counter
+        if delta.full and record[2] is None:
+            raise DeltaError(f"full delta of {delta.replica} carries a tombstone")

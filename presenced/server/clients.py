@@ -1,0 +1,386 @@
+"""One client WebSocket connection: handshake, hello/auth, requests, and its bounded outbox.
+
+Two tasks per connection:
+
+* the **reader** (the connection's own task) feeds socket bytes to wsproto and handles every
+  complete message inline, draining all frames already buffered before it reads again;
+* the **writer** waits until frames are queued and writes everything queued in one
+  ``send_all``, so a tick's worth of frames costs one syscall.
+
+The outbox is bounded. Room diffs are state, so when a client cannot keep up its queued
+diffs are thrown away and replaced by one fresh ``state`` per room: it gets the newest state
+when it can take it. A client that stays unable to drain its queue for
+``slow_client_timeout`` is closed with 1013. Nothing one connection does can raise into
+another: handlers only touch the node through synchronous calls, and any unexpected error
+closes this connection alone (1011) and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from presenced.auth import AuthError, Grant, anonymous_grant, verify_token
+from presenced.core import protocol
+from presenced.core.protocol import ProtocolError
+from presenced.core.ratelimit import TokenBucket
+from presenced.server.websocket import (
+    RECEIVE_BYTES,
+    HandshakeFailed,
+    accept_websocket,
+    close_frame,
+    text_frame,
+)
+
+if TYPE_CHECKING:
+    from presenced.server.node import Node
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class ClientConnection:
+    """State and tasks of one connected client (one browser tab or app instance)."""
+
+    def __init__(self, node: Node, stream: trio.abc.Stream, peer: str) -> None:
+        self.node = node
+        self.limits = node.config.limits
+        self.stream = stream
+        self.peer = peer
+        self.ws: WSConnection | None = None
+        self.user = ""
+        self.session = ""
+        self.grant: Grant | None = None
+        #: Rooms this session has joined (a dict used as an ordered set).
+        self.rooms: dict[str, None] = {}
+        self._outbox: deque[tuple[str | None, bytes]] = deque()
+        self._queued_bytes = 0
+        self._wakeup = trio.Event()
+        self._sending = False
+        self._stalled_since: float | None = None
+        self._bucket = TokenBucket(
+            self.limits.max_messages_per_second, self.limits.message_burst, node.clock()
+        )
+        self._rate_drops = 0
+        self._last_rate_error = float("-inf")
+        self._fragments: list[str | bytes] = []
+        self._fragment_bytes = 0
+        self._close: tuple[int, str] | None = None
+        self._scope = trio.CancelScope()
+        self._hello_scope = trio.CancelScope()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> None:
+        """Run the connection to its end; never raises (one client cannot hurt another)."""
+        node = self.node
+        busy = len(node.connections) >= self.limits.max_connections
+        try:
+            with self._scope:
+                with trio.move_on_after(self.limits.hello_timeout):
+                    self.ws, _request = await accept_websocket(self.stream, busy=busy)
+                if self.ws is None:
+                    log.info("client %s: no WebSocket handshake in time", self.peer)
+                    return
+                node.connections.add(self)
+                node.metrics.connections_opened += 1
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        except HandshakeFailed as exc:
+            node.metrics.connections_refused += 1
+            log.info("client %s refused: %s", self.peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("client %s: unexpected error; closing this connection", self.peer)
+            self._close = self._close or (CLOSE_INTERNAL, "internal error")
+        finally:
+            node.disconnect(self)
+            await self._close_transport()
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the connection to end with a close code (takes effect at its next checkpoint)."""
+        if self._close is None:
+            self._close = (code, reason)
+            self.node.metrics.count_close(code)
+            if code == CLOSE_TRY_AGAIN_LATER:
+                self._outbox.clear()  # it could not take these; the close frame must go first
+        self._scope.cancel()
+
+    async def _close_transport(self) -> None:
+        """Write what is still queued (e.g. the last error) and a close frame, then close.
+
+        Skipped when the writer was cancelled in the middle of a write: the stream may hold
+        half a frame, and anything more would be garbage to the client.
+        """
+        with trio.CancelScope(shield=True):
+            if self.ws is not None and not self._sending:
+                data = b"".join(frame for _, frame in self._outbox)
+                self._outbox.clear()
+                if self._close is not None and self.ws.state is ConnectionState.OPEN:
+                    data += close_frame(*self._close)
+                if data:
+                    with trio.move_on_after(1):
+                        try:
+                            await self.stream.send_all(data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+            with trio.move_on_after(1):
+                await self.stream.aclose()
+
+    # ------------------------------------------------------------------ reading
+
+    async def _reader(self) -> None:
+        assert self.ws is not None
+        ws = self.ws
+        self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout
+        with self._hello_scope:
+            await self._read_loop(ws)
+        if self._hello_scope.cancelled_caught:
+            self.close(CLOSE_POLICY, "no hello in time")
+
+    async def _read_loop(self, ws: WSConnection) -> None:
+        # Frames the client pipelined behind its upgrade request are already in wsproto.
+        if not self._handle_events(ws):
+            return
+        while True:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return
+            ws.receive_data(data)
+            if not self._handle_events(ws):
+                return
+
+    def _handle_events(self, ws: WSConnection) -> bool:
+        """Handle every buffered event; False once the connection should end."""
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                if not self._on_fragment(event.data, event.message_finished):
+                    return False
+            elif isinstance(event, Ping):
+                self.push(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    self.push(ws.send(event.response()))
+                return False
+            if self._close is not None:
+                return False
+        return True
+
+    def _on_fragment(self, data: str | bytes, finished: bool) -> bool:
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        self._fragment_bytes += size
+        if self._fragment_bytes > self.limits.max_frame_bytes:
+            self.send(protocol.error(protocol.TOO_LARGE, "frame is too large", None))
+            self.close(CLOSE_TOO_BIG, "frame too large")
+            return False
+        if not finished:
+            self._fragments.append(data)
+            return True
+        if self._fragments:
+            self._fragments.append(data)
+            if isinstance(data, bytes):
+                data = b"".join(f for f in self._fragments if isinstance(f, bytes))
+            else:
+                data = "".join(f for f in self._fragments if isinstance(f, str))
+            self._fragments.clear()
+        self._fragment_bytes = 0
+        self._on_message(data)
+        return self._close is None
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_message(self, data: str | bytes) -> None:
+        node = self.node
+        node.metrics.messages_in += 1
+        if not self._bucket.take(node.clock()):
+            self._rate_limited()
+            return
+        self._rate_drops = 0
+        ref: Any = None
+        try:
+            message = protocol.decode_client_frame(data, self.limits)
+            ref = message.ref
+            if self.grant is None and not isinstance(message, protocol.Hello):
+                self.send(protocol.error(protocol.HELLO_REQUIRED, "send hello first", ref))
+                self.close(CLOSE_POLICY, "hello required")
+                return
+            self._handlers[type(message)](self, message)
+        except ProtocolError as exc:
+            node.metrics.count_error(exc.code)
+            self.send(protocol.error_from(exc))
+        except Exception:
+            log.exception("client %s: error handling a request", self.peer)
+            self.send(protocol.error(protocol.INTERNAL, "internal error", ref))
+            self.close(CLOSE_INTERNAL, "internal error")
+
+    def _rate_limited(self) -> None:
+        self._rate_drops += 1
+        now = self.node.clock()
+        if now - self._last_rate_error >= 1.0:
+            self._last_rate_error = now
+            self.node.metrics.count_error(protocol.RATE_LIMITED)
+            self.send(protocol.error(protocol.RATE_LIMITED, "too many messages; slow down", None))
+        if self._rate_drops > 4 * self.limits.message_burst:
+            log.info("client %s closed: message flood", self.peer)
+            self.close(CLOSE_POLICY, "message rate limit exceeded")
+
+    def _on_hello(self, message: protocol.Hello) -> None:
+        if self.grant is not None:
+            raise ProtocolError(protocol.BAD_REQUEST, "hello was already sent", message.ref)
+        config = self.node.config
+        if message.token is not None:
+            if config.token_secret is None:
+                self._refuse(message.ref, "this daemon does not accept tokens")
+                return
+            try:
+                self.grant = verify_token(config.token_secret, message.token)
+            except AuthError as exc:
+                self._refuse(message.ref, exc.message)
+                return
+        elif config.allow_anonymous:
+            self.grant = anonymous_grant(message.user or f"anon-{secrets.token_hex(4)}")
+        else:
+            self._refuse(message.ref, "a token is required")
+            return
+        self.user = self.grant.user
+        self.session = secrets.token_urlsafe(9)
+        self._hello_scope.deadline = float("inf")
+        node = self.node
+        self.send(
+            protocol.welcome(
+                message.ref,
+                self.session,
+                self.user,
+                node.region,
+                node.replica.node,
+                node.config.tick_ms,
+                self.limits,
+            )
+        )
+
+    def _refuse(self, ref: Any, reason: str) -> None:
+        self.node.metrics.count_error(protocol.UNAUTHORIZED)
+        log.info("client %s unauthorized: %s", self.peer, reason)
+        self.send(protocol.error(protocol.UNAUTHORIZED, reason, ref))
+        self.close(CLOSE_POLICY, "unauthorized")
+
+    def _on_join(self, message: protocol.Join) -> None:
+        room = message.room
+        assert self.grant is not None
+        if not self.grant.may_join(room):
+            raise ProtocolError(protocol.FORBIDDEN, f"not allowed to join {room!r}", message.ref)
+        if room not in self.rooms and len(self.rooms) >= self.limits.max_rooms_per_connection:
+            raise ProtocolError(
+                protocol.TOO_MANY_ROOMS,
+                f"at most {self.limits.max_rooms_per_connection} rooms per connection",
+                message.ref,
+            )
+        self.rooms[room] = None
+        self.node.join(self, room, message.meta, message.ref)
+
+    def _on_update(self, message: protocol.Update) -> None:
+        room = message.room
+        current = self.node.current_meta(self, room) if room in self.rooms else None
+        if current is None:
+            raise ProtocolError(protocol.NOT_JOINED, f"not in room {room!r}", message.ref)
+        meta = protocol.apply_meta_patch(dict(current), message.meta)
+        if protocol.meta_size(meta) > self.limits.max_meta_bytes:
+            raise ProtocolError(protocol.TOO_LARGE, "meta would be too large", message.ref)
+        self.node.update(self, room, meta)
+
+    def _on_leave(self, message: protocol.Leave) -> None:
+        if message.room not in self.rooms:
+            raise ProtocolError(protocol.NOT_JOINED, f"not in room {message.room!r}", message.ref)
+        del self.rooms[message.room]
+        self.node.leave(self, message.room)
+        self.send(protocol.left(message.ref, message.room))
+
+    def _on_broadcast(self, message: protocol.Broadcast) -> None:
+        if message.room not in self.rooms:
+            raise ProtocolError(protocol.NOT_JOINED, f"not in room {message.room!r}", message.ref)
+        self.node.broadcast(self, message.room, message.event, message.data, message.echo)
+
+    def _on_ping(self, message: protocol.Ping) -> None:
+        self.send(protocol.pong(message.ref, message.t, self.node.wall_clock() * 1000.0))
+
+    _handlers: dict[type, Any] = {
+        protocol.Hello: _on_hello,
+        protocol.Join: _on_join,
+        protocol.Update: _on_update,
+        protocol.Leave: _on_leave,
+        protocol.Broadcast: _on_broadcast,
+        protocol.Ping: _on_ping,
+    }
+
+    # ------------------------------------------------------------------ writing
+
+    def send(self, message: dict[str, Any], room: str | None = None) -> None:
+        """Queue one message for this client only."""
+        frame = text_frame(protocol.encode(message))
+        self.node.metrics.count_frames(1, len(frame))
+        self.push(frame, room=room)
+
+    def push(self, frame: bytes, room: str | None = None) -> None:
+        """Queue an encoded frame. ``room`` marks frames a later resync may replace."""
+        if self._close is not None:
+            return
+        self._outbox.append((room, frame))
+        self._queued_bytes += len(frame)
+        if self._queued_bytes > self.limits.outbox_max_bytes:
+            self._overflow()
+        self._wakeup.set()
+
+    def _overflow(self) -> None:
+        """The client is not keeping up: replace queued room frames by one state per room."""
+        now = self.node.clock()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since > self.limits.slow_client_timeout:
+            log.info("client %s closed: too slow to read its updates", self.peer)
+            self.close(CLOSE_TRY_AGAIN_LATER, "too slow")
+            return
+        self.node.metrics.resyncs += 1
+        stale = {room for room, _ in self._outbox if room is not None}
+        kept = deque(item for item in self._outbox if item[0] is None)
+        for room in stale:
+            if room in self.rooms:
+                kept.append((room, text_frame(protocol.encode(self.node.room_snapshot(room)))))
+        self._outbox = kept
+        self._queued_bytes = sum(len(frame) for _, frame in kept)
+        if self._queued_bytes > 2 * self.limits.outbox_max_bytes:
+            log.info("client %s closed: outbox full", self.peer)
+            self.close(CLOSE_TRY_AGAIN_LATER, "too slow")
+
+    async def _writer(self) -> None:
+        while True:
+            if not self._outbox:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            data = b"".join(frame for _, frame in self._outbox)
+            self._outbox.clear()
+            self._queued_bytes = 0
+            self._sending = True
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._scope.cancel()
+                return
+            self._sending = False
+            self._stalled_since = None

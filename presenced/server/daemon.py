@@ -1,0 +1,116 @@
+"""The daemon: listeners, the ticker, signals and graceful shutdown around one :class:`Node`.
+
+Shutdown order (SIGINT/SIGTERM, or :meth:`Daemon.shutdown`): stop accepting, close every
+client with 1001 ("going away") so they reconnect elsewhere, give their tasks a short grace
+period to write the close frames, then stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import trio
+
+from presenced.config import Config
+from presenced.core.crdt import ReplicaId
+from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
+from presenced.server.node import Node
+
+log = logging.getLogger(__name__)
+
+#: Seconds clients get to receive their close frames at shutdown.
+SHUTDOWN_GRACE = 2.0
+
+def new_incarnation() -> int:
+    """A fresh incarnation number: later starts get larger numbers (microseconds since 1970)."""
+    return time.time_ns() // 1000
+
+
+async def _tcp_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+class Daemon:
+    """One running presenced: its node, its client listener and its lifecycle."""
+
+    def __init__(self, config: Config, *, incarnation: int | None = None) -> None:
+        self.config = config
+        replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
+        self.node = Node(config, replica)
+        self.client_port: int | None = None
+        self._stopping = trio.Event()
+
+    async def serve(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until shutdown; ``task_status.started`` fires once clients can connect."""
+        config = self.config
+        listeners = await _tcp_listeners(config.listen.host, config.listen.port)
+        self.client_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.node.run_ticker)
+            if handle_signals:
+                nursery.start_soon(self._watch_signals)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                nursery.start_soon(self._accept, listeners, connections, accepting)
+                log.info(
+                    "presenced %s (region %s) listening for clients on %s:%d",
+                    self.node.replica,
+                    config.region,
+                    config.listen.host,
+                    self.client_port,
+                )
+                task_status.started(self)
+                await self._stopping.wait()
+                accepting.cancel()
+                log.info("shutting down: closing %d clients", len(self.node.connections))
+                self.node.close_all(CLOSE_GOING_AWAY, "server shutting down")
+                with trio.move_on_after(SHUTDOWN_GRACE):
+                    while self.node.connections:
+                        await trio.sleep(0.01)
+                connections.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        log.info("presenced stopped")
+
+    async def _accept(
+        self,
+        listeners: list[trio.SocketListener],
+        connections: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            try:
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=connections)
+            finally:
+                for listener in listeners:
+                    await listener.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        await ClientConnection(self.node, stream, peer).serve()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._stopping.set()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+
+async def run_daemon(config: Config) -> None:
+    """Entry point of `presenced run`: serve until SIGINT or SIGTERM."""
+    await Daemon(config).serve(handle_signals=True)

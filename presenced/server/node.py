@@ -1,0 +1,174 @@
+"""The node: owner of this daemon's presence state, its room feeds and its local members.
+
+Every mutation of the presence state is a plain synchronous method call made from a
+connection's task (or the gossip layer). trio is cooperative, so a method that never awaits
+runs atomically: that is the "one owner" of the CRDT, with no lock and no channel hop on
+the hot path.
+
+Fan-out: each room with local members has a :class:`RoomFeed`. Changes are noted there and
+flushed at most once per tick as one diff frame, encoded once and queued on every member's
+outbox. A change in a room that has not flushed for a whole tick is flushed at once
+(leading edge), so light traffic sees no tick delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from presenced.core import protocol
+from presenced.core.crdt import Change, Meta, PresenceState, ReplicaId
+from presenced.core.fanout import RoomFeed
+from presenced.server.metrics import Metrics
+from presenced.server.websocket import text_frame
+
+if TYPE_CHECKING:
+    from presenced.config import Config
+    from presenced.server.clients import ClientConnection
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Presence state, room feeds and members of one daemon incarnation."""
+
+    def __init__(
+        self,
+        config: Config,
+        replica: ReplicaId,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.replica = replica
+        self.region = config.region
+        self.tick = config.tick_ms / 1000.0
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.state = PresenceState(replica, config.region)
+        self.feeds: dict[str, RoomFeed] = {}
+        #: room -> members on this daemon (a dict used as an ordered set).
+        self.members: dict[str, dict[ClientConnection, None]] = {}
+        self.connections: set[ClientConnection] = set()
+        self._dirty: dict[str, RoomFeed] = {}
+        self.metrics = Metrics()
+
+    # ------------------------------------------------------------------ client operations
+
+    def join(self, conn: ClientConnection, room: str, meta: Meta, ref: Any) -> None:
+        """Add a session to a room: it gets the room's state, then everyone gets its join."""
+        feed = self.feeds.get(room)
+        if feed is None:
+            feed = self.feeds[room] = RoomFeed(room, self.state.room_presences(room))
+        self.members.setdefault(room, {})[conn] = None
+        conn.send(protocol.state(ref, room, feed.snapshot()), room=room)
+        self.apply([self.state.put(room, conn.user, conn.session, meta)])
+
+    def update(self, conn: ClientConnection, room: str, meta: Meta) -> None:
+        """Replace a joined session's meta (the caller has applied the patch)."""
+        self.metrics.updates_in += 1
+        self.apply([self.state.put(room, conn.user, conn.session, meta)])
+
+    def leave(self, conn: ClientConnection, room: str) -> None:
+        """Remove a session from a room; the others see it leave at the next flush."""
+        members = self.members.get(room)
+        if members is not None:
+            members.pop(conn, None)
+        change = self.state.remove(room, conn.user, conn.session)
+        if change is not None:
+            self.apply([change])
+        if not members:
+            self.members.pop(room, None)
+            self.feeds.pop(room, None)
+            self._dirty.pop(room, None)
+
+    def broadcast(
+        self, conn: ClientConnection, room: str, event: str, data: Any, echo: bool
+    ) -> None:
+        """Send an event to every member of a room on this daemon, encoded once."""
+        message = protocol.broadcast_event(room, conn.user, conn.session, self.region, event, data)
+        frame = text_frame(protocol.encode(message))
+        count = 0
+        for member in self.members.get(room, ()):
+            if member is not conn or echo:
+                member.push(frame)
+                count += 1
+        self.metrics.count_frames(count, len(frame))
+
+    def current_meta(self, conn: ClientConnection, room: str) -> Meta | None:
+        return self.state.get(room, conn.user, conn.session)
+
+    def disconnect(self, conn: ClientConnection) -> None:
+        """A connection ended: it leaves every room it was in."""
+        self.connections.discard(conn)
+        for room in list(conn.rooms):
+            self.leave(conn, room)
+        conn.rooms.clear()
+
+    # ------------------------------------------------------------------ fan-out
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Note visible changes in the feeds of rooms that have local members."""
+        now = self.clock()
+        touched: list[RoomFeed] = []
+        for change in changes:
+            feed = self.feeds.get(change.room)
+            if feed is not None:
+                feed.note(change)
+                touched.append(feed)
+        for feed in touched:
+            if feed.room in self._dirty:
+                continue
+            if now - feed.last_flush >= self.tick:
+                self.flush(feed, now)
+            else:
+                self._dirty[feed.room] = feed
+
+    def flush(self, feed: RoomFeed, now: float) -> None:
+        """Send a room's pending changes to its members as one frame."""
+        diff = feed.flush(now)
+        if diff is None:
+            return
+        joins, leaves, updates = diff
+        frame = text_frame(protocol.encode(protocol.diff(feed.room, joins, leaves, updates)))
+        members = self.members.get(feed.room, ())
+        for member in members:
+            member.push(frame, room=feed.room)
+        self.metrics.count_frames(len(members), len(frame))
+        self.metrics.diffs_flushed += 1
+
+    def flush_dirty(self) -> None:
+        """Flush every room that changed since its last flush (the tick)."""
+        if not self._dirty:
+            return
+        now = self.clock()
+        dirty, self._dirty = self._dirty, {}
+        for feed in dirty.values():
+            self.flush(feed, now)
+
+    async def run_ticker(self) -> None:
+        """Flush dirty rooms once per tick, on a fixed schedule."""
+        deadline = self.clock()
+        while True:
+            deadline = max(deadline + self.tick, self.clock())
+            await trio.sleep_until(deadline)
+            started = time.perf_counter()
+            self.flush_dirty()
+            self.metrics.flush_seconds += time.perf_counter() - started
+
+    def room_snapshot(self, room: str) -> dict[str, Any]:
+        """A fresh `state` frame for a member that must resync (slow reader)."""
+        feed = self.feeds.get(room)
+        presences = feed.snapshot() if feed is not None else {}
+        return protocol.state(None, room, presences)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(code, reason)
