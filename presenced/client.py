@@ -75,7 +75,7 @@ class PresenceClient:
         finally:
             self._waiting.pop(ref, None)
         if not slot:
-            raise ConnectionClosed(self.closed.reason if self.closed else None)  # type: ignore[arg-type]
+            raise ConnectionClosed(self.closed.reason if self.closed else None)
         reply = slot[0]
         if reply.get("type") == "error":
             raise RequestError(str(reply.get("code")), str(reply.get("message")))
@@ -135,7 +135,7 @@ class PresenceClient:
         async for message in self._inbox:
             if type_ is None or message.get("type") == type_:
                 return message
-        raise ConnectionClosed(self.closed.reason if self.closed else None)  # type: ignore[arg-type]
+        raise ConnectionClosed(self.closed.reason if self.closed else None)
 
     async def _read(self) -> None:
         try:

@@ -17,6 +17,7 @@ closes this connection alone (1011) and is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -51,6 +52,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
+
+#: What a stream raises once the peer is gone or we closed it.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class ClientConnection:
@@ -141,11 +145,8 @@ class ClientConnection:
                 if self._close is not None and self.ws.state is ConnectionState.OPEN:
                     data += close_frame(*self._close)
                 if data:
-                    with trio.move_on_after(1):
-                        try:
-                            await self.stream.send_all(data)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
+                    with trio.move_on_after(1), contextlib.suppress(*_GONE):
+                        await self.stream.send_all(data)
             with trio.move_on_after(1):
                 await self.stream.aclose()
 
@@ -168,7 +169,7 @@ class ClientConnection:
             data = await self.stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return
-            ws.receive_data(data)
+            ws.receive_data(bytes(data))
             if not self._handle_events(ws):
                 return
 
@@ -176,7 +177,10 @@ class ClientConnection:
         """Handle every buffered event; False once the connection should end."""
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
-                if not self._on_fragment(event.data, event.message_finished):
+                if not self._on_fragment(
+                    bytes(event.data) if isinstance(event.data, bytearray) else event.data,
+                    event.message_finished,
+                ):
                     return False
             elif isinstance(event, Ping):
                 self.push(ws.send(event.response()))

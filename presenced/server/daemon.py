@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 #: Seconds clients get to receive their close frames at shutdown.
 SHUTDOWN_GRACE = 2.0
 
+
 def new_incarnation() -> int:
     """A fresh incarnation number: later starts get larger numbers (microseconds since 1970)."""
     return time.time_ns() // 1000

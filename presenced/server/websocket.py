@@ -53,7 +53,7 @@ async def accept_websocket(
         if not data:
             raise HandshakeFailed("connection closed during the handshake")
         try:
-            ws.receive_data(data)
+            ws.receive_data(bytes(data))
             for event in ws.events():
                 if isinstance(event, Request):
                     return await _answer(stream, ws, event, busy)
@@ -73,9 +73,7 @@ async def _answer(
     return ws, request
 
 
-async def _reject(
-    stream: trio.abc.Stream, ws: WSConnection, hint: object, reason: str
-) -> None:
+async def _reject(stream: trio.abc.Stream, ws: WSConnection, hint: object, reason: str) -> None:
     body = (reason + "\n").encode()
     reject = hint if isinstance(hint, RejectConnection) else RejectConnection(status_code=400)
     reject = RejectConnection(
