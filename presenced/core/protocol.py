@@ -1,0 +1,674 @@
+"""The client wire protocol: JSON text frames over WebSocket, each an object with a ``type``.
+
+This module is the only place that knows the wire shape. `decode_client_frame` turns one raw
+frame into a typed, validated message or raises `ProtocolError`; the builders (`welcome`,
+`state`, `diff`, ...) make the server's frames as plain dicts and `encode` serialises them.
+
+Why it looks the way it does:
+
+* It is on the hot path (cursor ``update`` frames arrive thousands of times per second), so
+  decoding parses JSON exactly once with a pre-built decoder, dispatches on ``type`` through a
+  dict and validates with direct type checks. No schema library, no per-field reflection.
+* A frame comes from an untrusted client, and whatever the client stores (``meta``) or sends
+  to others (``data``) is later encoded into frames for *other* clients. So decoding rejects
+  everything that would make those later encodes fail or produce invalid JSON: NaN/Infinity
+  and overflowing floats, unpaired surrogates (not encodable as UTF-8) and absurd nesting
+  (which would blow the recursion limit in the encoder). One abusive client must never be
+  able to break the frames another client receives.
+* Whatever the input, the only exception `decode_client_frame` raises is `ProtocolError`, so
+  the connection loop needs exactly one ``except`` to answer with an ``error`` frame.
+* Unknown extra fields are ignored, so newer clients can talk to older servers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, TypeAlias
+
+import attrs
+
+from presenced.core.limits import Limits
+
+__all__ = [
+    "BAD_REQUEST",
+    "ERROR_CODES",
+    "FORBIDDEN",
+    "HELLO_REQUIRED",
+    "INTERNAL",
+    "MAX_CLIENT_LENGTH",
+    "MAX_EVENT_LENGTH",
+    "MAX_JSON_DEPTH",
+    "MAX_REF",
+    "MAX_REF_LENGTH",
+    "NOT_JOINED",
+    "PROTOCOL_VERSION",
+    "RATE_LIMITED",
+    "SERVER_BUSY",
+    "TOO_LARGE",
+    "TOO_MANY_ROOMS",
+    "UNAUTHORIZED",
+    "UNSUPPORTED_VERSION",
+    "Broadcast",
+    "ClientMessage",
+    "Hello",
+    "Join",
+    "Leave",
+    "Ping",
+    "ProtocolError",
+    "Ref",
+    "Update",
+    "apply_meta_patch",
+    "broadcast_event",
+    "decode_client_frame",
+    "diff",
+    "encode",
+    "error",
+    "error_from",
+    "left",
+    "meta_size",
+    "pong",
+    "presence_entry",
+    "state",
+    "to_wire",
+    "welcome",
+]
+
+#: The only protocol version this server speaks; sent in ``welcome`` and checked in ``hello``.
+PROTOCOL_VERSION: Final = 1
+
+# Stable error codes: clients switch on these, so they never change meaning.
+BAD_REQUEST: Final = "bad_request"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+HELLO_REQUIRED: Final = "hello_required"
+UNAUTHORIZED: Final = "unauthorized"
+FORBIDDEN: Final = "forbidden"
+TOO_LARGE: Final = "too_large"
+RATE_LIMITED: Final = "rate_limited"
+NOT_JOINED: Final = "not_joined"
+TOO_MANY_ROOMS: Final = "too_many_rooms"
+SERVER_BUSY: Final = "server_busy"
+INTERNAL: Final = "internal"
+
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        UNSUPPORTED_VERSION,
+        HELLO_REQUIRED,
+        UNAUTHORIZED,
+        FORBIDDEN,
+        TOO_LARGE,
+        RATE_LIMITED,
+        NOT_JOINED,
+        TOO_MANY_ROOMS,
+        SERVER_BUSY,
+        INTERNAL,
+    }
+)
+
+#: Longest string ``ref``: a correlation id, not a place to store data.
+MAX_REF_LENGTH: Final = 64
+#: Largest integer ``ref`` magnitude: JavaScript's safe-integer range, so the echo is exact.
+MAX_REF: Final = 2**53 - 1
+#: Longest ``client`` identification string in ``hello``.
+MAX_CLIENT_LENGTH: Final = 64
+#: Longest broadcast ``event`` name.
+MAX_EVENT_LENGTH: Final = 64
+#: Deepest nesting of objects/arrays in a frame (the frame object itself is level 1). Stored
+#: meta is re-nested a few levels deeper in ``state``/``diff`` frames, so an unbounded depth
+#: could make the server's own encoder hit the recursion limit on another client's frame.
+MAX_JSON_DEPTH: Final = 32
+
+#: A client correlation id, echoed in the reply to the frame that carried it.
+Ref: TypeAlias = str | int | None
+
+
+class ProtocolError(Exception):
+    """A frame the server refuses, with a stable ``code`` to put in the ``error`` frame.
+
+    ``ref`` is the offending frame's ``ref`` when it could be read, so the client can match
+    the error to its request.
+    """
+
+    code: str
+    message: str
+    ref: Ref
+
+    def __init__(self, code: str, message: str, ref: Ref = None) -> None:
+        # All three in args so the exception pickles and reprs faithfully.
+        super().__init__(code, message, ref)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# --------------------------------------------------------------------------------------------
+# Client -> server messages
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """First frame of a session: authenticate with ``token`` or pick an anonymous ``user``."""
+
+    TYPE: ClassVar[str] = "hello"
+
+    ref: Ref
+    token: str | None = None
+    user: str | None = None
+    client: str | None = None
+    version: int = PROTOCOL_VERSION
+
+
+@attrs.frozen
+class Join:
+    """Enter ``room`` with initial presence ``meta``."""
+
+    TYPE: ClassVar[str] = "join"
+
+    ref: Ref
+    room: str
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Update:
+    """Patch this session's meta in ``room``: keys are set, a key whose value is null is deleted."""
+
+    TYPE: ClassVar[str] = "update"
+
+    ref: Ref
+    room: str
+    meta: dict[str, Any]
+
+
+@attrs.frozen
+class Leave:
+    """Leave ``room``."""
+
+    TYPE: ClassVar[str] = "leave"
+
+    ref: Ref
+    room: str
+
+
+@attrs.frozen
+class Broadcast:
+    """Send an ephemeral ``event`` with ``data`` to everyone in ``room`` (self too if ``echo``)."""
+
+    TYPE: ClassVar[str] = "broadcast"
+
+    ref: Ref
+    room: str
+    event: str
+    data: Any = None
+    echo: bool = False
+
+
+@attrs.frozen
+class Ping:
+    """Liveness/latency probe; ``t`` is an opaque client timestamp echoed in the ``pong``."""
+
+    TYPE: ClassVar[str] = "ping"
+
+    ref: Ref
+    t: float | int | None = None
+
+
+ClientMessage: TypeAlias = Hello | Join | Update | Leave | Broadcast | Ping
+
+
+# --------------------------------------------------------------------------------------------
+# Meta helpers
+# --------------------------------------------------------------------------------------------
+
+# One pre-built encoder: ``json.dumps`` with keyword arguments builds a new encoder per call.
+# ``encode`` is the single serialisation the size limits are defined against.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def encode(msg: dict[str, Any]) -> str:
+    """Serialise a server frame: compact, non-ASCII kept as is (smaller on the wire)."""
+    return _ENCODER.encode(msg)
+
+
+def meta_size(meta: dict[str, Any]) -> int:
+    """Size of ``meta`` in UTF-8 bytes of its compact JSON encoding: what ``max_meta_bytes`` caps.
+
+    Defined on the canonical encoding rather than the client's bytes, so the limit does not
+    depend on how the client formatted its JSON, and the server can check merged meta too.
+    Raises ``UnicodeEncodeError`` for strings with unpaired surrogates (never in decoded meta).
+    """
+    text = _ENCODER.encode(meta)
+    # isascii() is O(1) in CPython, and for ASCII the byte length is the character length.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def apply_meta_patch(meta: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Shallow-merge ``patch`` into a copy of ``meta``: keys are set, a null value deletes the key.
+
+    Returns a new dict, because presence state is shared with whatever already holds the old
+    meta (queued diffs, snapshots) and must not change under them.
+    """
+    merged = dict(meta)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Decode
+# --------------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    """``parse_constant`` hook: NaN/Infinity are not JSON and would poison re-encoded frames."""
+    raise ProtocolError(BAD_REQUEST, f"frame contains {name}, which is not valid JSON")
+
+
+def _parse_finite_float(literal: str) -> float:
+    """``parse_float`` hook: a literal like ``1e999`` parses to inf; refuse it like Infinity."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ProtocolError(BAD_REQUEST, "frame contains a number too large for a double")
+    return value
+
+
+# Pre-built for the same reason as _ENCODER; strict=True (the default) also rejects raw
+# control characters inside strings, as JSON requires.
+_DECODE: Final = json.JSONDecoder(
+    parse_float=_parse_finite_float, parse_constant=_reject_constant
+).decode
+
+# Characters never allowed in names: category Cc (C0, DEL, C1), plus unpaired surrogates, which
+# only survive JSON decoding when unpaired (a valid pair becomes one astral character) and
+# cannot be encoded as UTF-8.
+_BAD_NAME_CHAR: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _bad(message: str, ref: Ref) -> ProtocolError:
+    return ProtocolError(BAD_REQUEST, message, ref)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects/arrays deeper than ``limit`` (iterative: cannot recurse)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            children = item.values()
+        elif kind is list:
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _name(value: Any, field: str, max_length: int, ref: Ref) -> str:
+    """Validate a required identifier-like string (room, user, event)."""
+    if type(value) is not str:
+        if value is None:
+            raise _bad(f"'{field}' is required", ref)
+        raise _bad(f"'{field}' must be a string", ref)
+    if not 0 < len(value) <= max_length:
+        raise _bad(f"'{field}' must be 1 to {max_length} characters long", ref)
+    # isprintable() is a fast C scan that is True for nearly every real name and implies no
+    # Cc/Cs characters; only names it flags (e.g. with a no-break space) pay for the regex.
+    if not value.isprintable() and _BAD_NAME_CHAR.search(value) is not None:
+        raise _bad(f"'{field}' must not contain control characters", ref)
+    return value
+
+
+def _meta(value: Any, field: str, limits: Limits, ref: Ref, careful: bool) -> dict[str, Any]:
+    """Validate a meta object (full meta or patch) and, if ``careful``, its encoded size."""
+    if type(value) is not dict:
+        if value is None:
+            raise _bad(f"'{field}' is required", ref)
+        raise _bad(f"'{field}' must be a JSON object", ref)
+    if not careful:
+        return value
+    try:
+        size = meta_size(value)
+    except UnicodeEncodeError:
+        raise _bad(f"'{field}' contains an unpaired surrogate", ref) from None
+    except (ValueError, RecursionError):  # pragma: no cover - excluded by earlier checks
+        raise _bad(f"'{field}' cannot be encoded", ref) from None
+    if size > limits.max_meta_bytes:
+        raise ProtocolError(
+            TOO_LARGE,
+            f"'{field}' is {size} bytes, over the limit of {limits.max_meta_bytes}",
+            ref,
+        )
+    return value
+
+
+def _check_relayable(value: Any, field: str, ref: Ref) -> None:
+    """Make sure an arbitrary JSON value can be re-encoded as UTF-8 for other clients."""
+    kind = type(value)
+    if kind is str:
+        if _SURROGATE.search(value) is not None:
+            raise _bad(f"'{field}' contains an unpaired surrogate", ref)
+    elif kind is dict or kind is list:
+        try:
+            _ENCODER.encode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(f"'{field}' contains an unpaired surrogate", ref) from None
+        except (ValueError, RecursionError):  # pragma: no cover - excluded by earlier checks
+            raise _bad(f"'{field}' cannot be encoded", ref) from None
+
+
+def _parse_hello(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Hello:
+    token = obj.get("token")
+    if token is not None and (type(token) is not str or not token or not token.isascii()):
+        # A JWT's compact form is always ASCII; anything else cannot be a token.
+        raise _bad("'token' must be a non-empty ASCII string", ref)
+    user = obj.get("user")
+    if user is not None:
+        _name(user, "user", limits.max_user_id, ref)
+    client = obj.get("client")
+    if client is not None:
+        if type(client) is not str:
+            raise _bad("'client' must be a string", ref)
+        if len(client) > MAX_CLIENT_LENGTH:
+            raise _bad(f"'client' must be at most {MAX_CLIENT_LENGTH} characters long", ref)
+        if _BAD_NAME_CHAR.search(client) is not None:
+            # It ends up in logs; control characters there are a log-injection vector.
+            raise _bad("'client' must not contain control characters", ref)
+    version = obj.get("v")
+    if version is None:
+        version = PROTOCOL_VERSION
+    elif type(version) is not int:
+        raise _bad("'v' must be an integer", ref)
+    elif version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            UNSUPPORTED_VERSION,
+            f"'v' must be {PROTOCOL_VERSION}, the only protocol version this server speaks",
+            ref,
+        )
+    return Hello(ref, token, user, client, version)
+
+
+def _parse_join(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Join:
+    room = _name(obj.get("room"), "room", limits.max_room_name, ref)
+    meta = obj.get("meta")
+    if meta is None:
+        return Join(ref, room, {})
+    return Join(ref, room, _meta(meta, "meta", limits, ref, careful))
+
+
+def _parse_update(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Update:
+    room = _name(obj.get("room"), "room", limits.max_room_name, ref)
+    return Update(ref, room, _meta(obj.get("meta"), "meta", limits, ref, careful))
+
+
+def _parse_leave(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Leave:
+    return Leave(ref, _name(obj.get("room"), "room", limits.max_room_name, ref))
+
+
+def _parse_broadcast(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Broadcast:
+    room = _name(obj.get("room"), "room", limits.max_room_name, ref)
+    event = _name(obj.get("event"), "event", MAX_EVENT_LENGTH, ref)
+    data = obj.get("data")
+    if careful:
+        _check_relayable(data, "data", ref)
+    echo = obj.get("echo")
+    if echo is None:
+        echo = False
+    elif type(echo) is not bool:
+        raise _bad("'echo' must be a boolean", ref)
+    return Broadcast(ref, room, event, data, echo)
+
+
+def _parse_ping(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Ping:
+    t = obj.get("t")
+    # type() rather than isinstance(): bool is an int subclass and is not a timestamp.
+    if t is not None and type(t) is not float and type(t) is not int:
+        raise _bad("'t' must be a number", ref)
+    return Ping(ref, t)
+
+
+_Parser: TypeAlias = Callable[[dict[str, Any], Ref, Limits, bool], ClientMessage]
+_PARSERS: Final[dict[str, _Parser]] = {
+    Update.TYPE: _parse_update,
+    Ping.TYPE: _parse_ping,
+    Broadcast.TYPE: _parse_broadcast,
+    Join.TYPE: _parse_join,
+    Leave.TYPE: _parse_leave,
+    Hello.TYPE: _parse_hello,
+}
+
+
+#: Upper bound on how much compact re-encoding can grow any JSON value relative to its source
+#: text. Strings never grow (escapes only shrink or stay), whitespace vanishes, ints keep their
+#: digits; only float literals grow, at worst 4.5x ("1e15" -> "1000000000000000.0").
+_MAX_REENCODE_GROWTH: Final = 5
+
+
+def _too_large_frame(size: int, limits: Limits) -> ProtocolError:
+    return ProtocolError(
+        TOO_LARGE, f"frame is {size} bytes, over the limit of {limits.max_frame_bytes}"
+    )
+
+
+def decode_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
+    """Parse and validate one client frame (text, or binary holding UTF-8 JSON).
+
+    Raises `ProtocolError` and nothing else, whatever ``data`` is; the error carries the
+    frame's ``ref`` whenever the frame was an object with a valid ``ref``.
+    """
+    max_bytes = limits.max_frame_bytes
+    if isinstance(data, str):
+        size = len(data)
+        if size > max_bytes:  # every character is at least one byte
+            raise _too_large_frame(size, limits)
+        if not data.isascii():  # O(1) in CPython; for ASCII, size is already in bytes
+            # A surrogate character cannot come from a UTF-8 text frame; refusing it here
+            # means later the only possible source of one is a JSON \u escape.
+            if _SURROGATE.search(data) is not None:
+                raise _bad("frame is not valid UTF-8 text", None)
+            # A character is at most 4 bytes: only encode when the limit could be exceeded.
+            if size * 4 > max_bytes:
+                size = len(data.encode("utf-8"))
+                if size > max_bytes:
+                    raise _too_large_frame(size, limits)
+            else:
+                size *= 4  # from here on, size is an upper bound in bytes
+        text = data
+    elif isinstance(data, bytes | bytearray):
+        size = len(data)
+        if size > max_bytes:
+            raise _too_large_frame(size, limits)
+        try:
+            # Explicitly UTF-8: json.loads(bytes) would also guess UTF-16/32.
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("binary frame is not valid UTF-8", None) from None
+    else:
+        raise _bad("frame must be text or bytes", None)
+
+    try:
+        obj = _DECODE(text)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and ints over Python's digit limit; RecursionError
+        # absurdly deep nesting.
+        raise _bad("frame is not valid JSON", None) from None
+    if type(obj) is not dict:
+        raise _bad("frame must be a JSON object", None)
+
+    ref = obj.get("ref")
+    if ref is not None:
+        kind = type(ref)
+        if kind is str:
+            if len(ref) > MAX_REF_LENGTH or _SURROGATE.search(ref) is not None:
+                raise _bad(f"'ref' must be a string of at most {MAX_REF_LENGTH} characters", None)
+        elif kind is not int or not -MAX_REF <= ref <= MAX_REF:
+            raise _bad("'ref' must be a string or an integer within 53 bits", None)
+
+    # Counting brackets is a cheap C-speed upper bound on depth (brackets inside strings
+    # count too), so the exact walk only runs for frames that could be too deep.
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _too_deep(obj, MAX_JSON_DEPTH):
+        raise _bad(f"frame is nested more than {MAX_JSON_DEPTH} levels deep", ref)
+
+    kind_name = obj.get("type")
+    if type(kind_name) is not str:
+        if kind_name is None:
+            raise _bad("'type' is required", ref)
+        raise _bad("'type' must be a string", ref)
+    parser = _PARSERS.get(kind_name)
+    if parser is None:
+        raise _bad("'type' is not a known message type", ref)
+    # Encoding meta (to measure it) or data (to prove it encodes) costs as much as parsing
+    # the frame, so skip it when it cannot fail: unpaired surrogates can only come from a
+    # \u escape, and re-encoding grows a frame at most _MAX_REENCODE_GROWTH times.
+    careful = "\\u" in text or size * _MAX_REENCODE_GROWTH > limits.max_meta_bytes
+    return parser(obj, ref, limits, careful)
+
+
+def to_wire(msg: ClientMessage) -> dict[str, Any]:
+    """The frame object a client would send for ``msg`` (for test clients and tools).
+
+    Inverse of `decode_client_frame` up to defaults: optional fields equal to their default
+    are omitted, as a minimal client would.
+    """
+    out: dict[str, Any] = {"type": msg.TYPE}
+    if msg.ref is not None:
+        out["ref"] = msg.ref
+    if isinstance(msg, Hello):
+        if msg.token is not None:
+            out["token"] = msg.token
+        if msg.user is not None:
+            out["user"] = msg.user
+        if msg.client is not None:
+            out["client"] = msg.client
+        out["v"] = msg.version
+    elif isinstance(msg, Join | Update):
+        out["room"] = msg.room
+        out["meta"] = msg.meta
+    elif isinstance(msg, Leave):
+        out["room"] = msg.room
+    elif isinstance(msg, Broadcast):
+        out["room"] = msg.room
+        out["event"] = msg.event
+        out["data"] = msg.data
+        if msg.echo:
+            out["echo"] = True
+    elif msg.t is not None:
+        out["t"] = msg.t
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Server -> client frames
+# --------------------------------------------------------------------------------------------
+# Builders return plain dicts so the server can encode once per frame and fan the same string
+# out to every recipient. A ``ref`` key is present only when the client sent one.
+
+
+def _with_ref(kind: str, ref: Ref) -> dict[str, Any]:
+    return {"type": kind} if ref is None else {"type": kind, "ref": ref}
+
+
+def presence_entry(session: str, meta: dict[str, Any], region: str) -> dict[str, Any]:
+    """One session's presence as it appears in ``state`` and ``diff`` lists."""
+    return {"session": session, "meta": meta, "region": region}
+
+
+def welcome(
+    ref: Ref,
+    session: str,
+    user: str,
+    region: str,
+    node: str,
+    tick_ms: int,
+    limits: Limits,
+) -> dict[str, Any]:
+    """Reply to ``hello``: who the client is and the limits it should respect."""
+    out = _with_ref("welcome", ref)
+    out["session"] = session
+    out["user"] = user
+    out["region"] = region
+    out["node"] = node
+    out["protocol"] = PROTOCOL_VERSION
+    out["tick_ms"] = tick_ms
+    out["limits"] = limits.public()
+    return out
+
+
+def state(ref: Ref, room: str, presences: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Full presence of ``room`` (reply to ``join``, or a resync): user -> presence entries."""
+    out = _with_ref("state", ref)
+    out["room"] = room
+    out["presences"] = presences
+    return out
+
+
+def diff(
+    room: str,
+    joins: dict[str, list[dict[str, Any]]],
+    leaves: dict[str, list[dict[str, Any]]],
+    updates: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Changes to ``room`` since the last tick, each user -> presence entries."""
+    return {"type": "diff", "room": room, "joins": joins, "leaves": leaves, "updates": updates}
+
+
+def left(ref: Ref, room: str) -> dict[str, Any]:
+    """Acknowledge ``leave``."""
+    out = _with_ref("left", ref)
+    out["room"] = room
+    return out
+
+
+def broadcast_event(
+    room: str,
+    from_user: str,
+    from_session: str,
+    from_region: str,
+    event: str,
+    data: Any,
+) -> dict[str, Any]:
+    """A client's ``broadcast`` as delivered to the room, stamped with its sender."""
+    return {
+        "type": "broadcast",
+        "room": room,
+        "from": {"user": from_user, "session": from_session, "region": from_region},
+        "event": event,
+        "data": data,
+    }
+
+
+def pong(ref: Ref, t: float | int | None, server_time_ms: float) -> dict[str, Any]:
+    """Reply to ``ping``, echoing the client's ``t`` so it can measure round trips."""
+    out = _with_ref("pong", ref)
+    if t is not None:
+        out["t"] = t
+    out["server_time"] = server_time_ms
+    return out
+
+
+def error(code: str, message: str, ref: Ref = None) -> dict[str, Any]:
+    """An ``error`` frame. ``code`` must be one of `ERROR_CODES` (clients switch on it)."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        out["ref"] = ref
+    return out
+
+
+def error_from(exc: ProtocolError) -> dict[str, Any]:
+    """The ``error`` frame answering a rejected frame."""
+    return error(exc.code, exc.message, exc.ref)

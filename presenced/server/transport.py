@@ -1,0 +1,57 @@
+"""The peer transport seam: how daemons reach each other, injected so clusters can be simulated.
+
+The gossip layer only needs ordered, message-oriented channels between daemons and a way to
+dial and accept them. In production that is WebSocket over mutually authenticated TLS
+(:mod:`presenced.server.peer_tls`); in tests it is an in-memory network with latency, loss
+and partitions (:mod:`presenced.testing.simnet`) running under trio's MockClock. The daemon
+code above this seam is the same in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class ChannelClosed(Exception):
+    """The channel is gone (closed by either side, or the network broke)."""
+
+
+class PeerChannel(Protocol):
+    """One link to one peer: ordered, binary messages, until it breaks."""
+
+    #: Names the transport has *proven* for the remote end (the CN and DNS names of its
+    #: verified certificate); None when the transport authenticates nothing (simulation).
+    remote_names: frozenset[str] | None
+    #: Where the channel goes or comes from, for logs.
+    remote_label: str
+
+    async def send(self, data: bytes) -> None:
+        """Send one message; raises ChannelClosed once the channel is gone."""
+        ...
+
+    async def receive(self) -> bytes:
+        """The next message; raises ChannelClosed once the channel is gone."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the channel (idempotent)."""
+        ...
+
+
+ChannelHandler = Callable[[PeerChannel], Awaitable[None]]
+
+
+class PeerTransport(Protocol):
+    """Dials and accepts peer channels."""
+
+    async def dial(self, url: str) -> PeerChannel:
+        """Open a channel to the peer at ``url``; raises OSError or ChannelClosed on failure."""
+        ...
+
+    async def serve(self, handler: ChannelHandler, *, task_status: object = ...) -> None:
+        """Accept channels forever, running ``handler`` for each in its own task.
+
+        Calls ``task_status.started(port)`` (the bound port, or None) once accepting.
+        """
+        ...
