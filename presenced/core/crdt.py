@@ -261,7 +261,9 @@ class PresenceState:
         if part is None or since >= part.clock:
             return None
         if since <= 0 or since < part.floor:
-            records = tuple((key, r.counter, r.meta) for key, r in part.records.items() if r.meta)
+            records = tuple(
+                (key, r.counter, r.meta) for key, r in part.records.items() if r.meta is not None
+            )
             return Delta(replica, part.region, 0, part.clock, records, full=True)
         return Delta(replica, part.region, since, part.clock, tuple(part.since(since)))
 
@@ -407,10 +409,18 @@ class PresenceState:
         return changes
 
     def retire(self, replica: ReplicaId) -> list[Change]:
-        """Drop a replica for good (purged, or replaced by a newer incarnation)."""
-        if replica == self.local:
-            raise ValueError("a replica cannot retire itself")
+        """Drop a replica for good (it said goodbye, or a newer incarnation replaced it)."""
+        changes = self.drop(replica)
         self.retired.add(replica)
+        return changes
+
+    def drop(self, replica: ReplicaId) -> list[Change]:
+        """Drop a replica's partition but not its identity: it may come back (purged).
+
+        Liveness decides whether a later delta of it is a real comeback or a stale relay.
+        """
+        if replica == self.local:
+            raise ValueError("a replica cannot drop itself")
         part = self.partitions.pop(replica, None)
         if part is None:
             return []

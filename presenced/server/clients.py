@@ -157,7 +157,10 @@ class ClientConnection:
         ws = self.ws
         self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout
         with self._hello_scope:
-            await self._read_loop(ws)
+            try:
+                await self._read_loop(ws)
+            except _GONE:
+                return
         if self._hello_scope.cancelled_caught:
             self.close(CLOSE_POLICY, "no hello in time")
 

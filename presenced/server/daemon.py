@@ -17,6 +17,8 @@ from presenced.config import Config
 from presenced.core.crdt import ReplicaId
 from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
 from presenced.server.node import Node
+from presenced.server.peer_links import GossipSettings, PeerManager
+from presenced.server.transport import PeerTransport
 
 log = logging.getLogger(__name__)
 
@@ -36,47 +38,79 @@ async def _tcp_listeners(host: str, port: int) -> list[trio.SocketListener]:
 class Daemon:
     """One running presenced: its node, its client listener and its lifecycle."""
 
-    def __init__(self, config: Config, *, incarnation: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        incarnation: int | None = None,
+        transport: PeerTransport | None = None,
+        gossip_settings: GossipSettings | None = None,
+    ) -> None:
         self.config = config
         replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
         self.node = Node(config, replica)
         self.client_port: int | None = None
+        self.peer_port: int | None = None
+        self.running = False
         self._stopping = trio.Event()
+        if transport is None and (config.peers or config.peer_listen is not None):
+            transport = _tls_transport(config)
+        self.peers: PeerManager | None = None
+        if transport is not None:
+            self.peers = PeerManager(self.node, transport, config.peers, gossip_settings)
 
     async def serve(
         self,
         *,
         handle_signals: bool = False,
+        listen_clients: bool = True,
         task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until shutdown; ``task_status.started`` fires once clients can connect."""
+        """Run until shutdown; ``task_status.started`` fires once clients can connect.
+
+        ``listen_clients=False`` runs without a client socket (simulated clusters attach
+        clients to the node directly).
+        """
         config = self.config
-        listeners = await _tcp_listeners(config.listen.host, config.listen.port)
-        self.client_port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.node.run_ticker)
-            if handle_signals:
-                nursery.start_soon(self._watch_signals)
-            async with trio.open_nursery() as connections:
-                accepting = trio.CancelScope()
-                nursery.start_soon(self._accept, listeners, connections, accepting)
-                log.info(
-                    "presenced %s (region %s) listening for clients on %s:%d",
-                    self.node.replica,
-                    config.region,
-                    config.listen.host,
-                    self.client_port,
-                )
-                task_status.started(self)
-                await self._stopping.wait()
-                accepting.cancel()
-                log.info("shutting down: closing %d clients", len(self.node.connections))
-                self.node.close_all(CLOSE_GOING_AWAY, "server shutting down")
-                with trio.move_on_after(SHUTDOWN_GRACE):
-                    while self.node.connections:
-                        await trio.sleep(0.01)
-                connections.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+        listeners = []
+        if listen_clients:
+            listeners = await _tcp_listeners(config.listen.host, config.listen.port)
+            self.client_port = listeners[0].socket.getsockname()[1]
+        self.running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.node.run_ticker)
+                if self.peers is not None:
+                    self.peer_port = await nursery.start(self.peers.run)
+                async with trio.open_nursery() as connections:
+                    accepting = trio.CancelScope()
+                    if listeners:
+                        nursery.start_soon(self._accept, listeners, connections, accepting)
+                    if handle_signals:
+                        nursery.start_soon(self._watch_signals)
+                    log.info(
+                        "presenced %s (region %s) up: clients on %s:%s, peers on %s",
+                        self.node.replica,
+                        config.region,
+                        config.listen.host,
+                        self.client_port,
+                        self.peer_port,
+                    )
+                    task_status.started(self)
+                    await self._stopping.wait()
+                    accepting.cancel()
+                    self.node.remove_all_local()
+                    if self.peers is not None:
+                        await self.peers.say_goodbye()
+                    log.info("shutting down: closing %d clients", len(self.node.connections))
+                    self.node.close_all(CLOSE_GOING_AWAY, "server shutting down")
+                    with trio.move_on_after(SHUTDOWN_GRACE):
+                        while self.node.connections:
+                            await trio.sleep(0.01)
+                    connections.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.running = False
         log.info("presenced stopped")
 
     async def _accept(
@@ -110,6 +144,21 @@ class Daemon:
                 log.info("received %s", signal.Signals(signum).name)
                 self.shutdown()
                 return
+
+
+def _tls_transport(config: Config) -> PeerTransport:
+    """The production peer transport: WebSocket over mutually authenticated TLS."""
+    from presenced.server.peer_tls import TlsWebSocketTransport, client_context, server_context
+
+    if config.tls_cert is None or config.tls_key is None or config.tls_ca is None:
+        raise ValueError("peer links need --tls-cert, --tls-key and --tls-ca")
+    listen = config.peer_listen
+    return TlsWebSocketTransport(
+        listen_host=listen.host if listen else None,
+        listen_port=listen.port if listen else None,
+        server_ctx=server_context(config.tls_cert, config.tls_key, config.tls_ca),
+        client_ctx=client_context(config.tls_cert, config.tls_key, config.tls_ca),
+    )
 
 
 async def run_daemon(config: Config) -> None:

@@ -14,21 +14,24 @@ outbox. A change in a room that has not flushed for a whole tick is flushed at o
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from presenced.core import protocol
+from presenced.core import peer_wire, protocol
 from presenced.core.crdt import Change, Meta, PresenceState, ReplicaId
 from presenced.core.fanout import RoomFeed
+from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transition
 from presenced.server.metrics import Metrics
 from presenced.server.websocket import text_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
     from presenced.server.clients import ClientConnection
+    from presenced.server.peer_links import PeerManager
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,15 @@ class Node:
         self.connections: set[ClientConnection] = set()
         self._dirty: dict[str, RoomFeed] = {}
         self.metrics = Metrics()
+        self.liveness = Liveness(
+            replica,
+            down_after=config.down_after,
+            purge_after=config.purge_after,
+            now=clock(),
+        )
+        #: The peer layer, if this daemon has peers (it sets itself here).
+        self.gossip: PeerManager | None = None
+        self._local_dirty = False
 
     # ------------------------------------------------------------------ client operations
 
@@ -67,12 +79,12 @@ class Node:
             feed = self.feeds[room] = RoomFeed(room, self.state.room_presences(room))
         self.members.setdefault(room, {})[conn] = None
         conn.send(protocol.state(ref, room, feed.snapshot()), room=room)
-        self.apply([self.state.put(room, conn.user, conn.session, meta)])
+        self._local([self.state.put(room, conn.user, conn.session, meta)])
 
     def update(self, conn: ClientConnection, room: str, meta: Meta) -> None:
         """Replace a joined session's meta (the caller has applied the patch)."""
         self.metrics.updates_in += 1
-        self.apply([self.state.put(room, conn.user, conn.session, meta)])
+        self._local([self.state.put(room, conn.user, conn.session, meta)])
 
     def leave(self, conn: ClientConnection, room: str) -> None:
         """Remove a session from a room; the others see it leave at the next flush."""
@@ -81,7 +93,7 @@ class Node:
             members.pop(conn, None)
         change = self.state.remove(room, conn.user, conn.session)
         if change is not None:
-            self.apply([change])
+            self._local([change])
         if not members:
             self.members.pop(room, None)
             self.feeds.pop(room, None)
@@ -90,12 +102,46 @@ class Node:
     def broadcast(
         self, conn: ClientConnection, room: str, event: str, data: Any, echo: bool
     ) -> None:
-        """Send an event to every member of a room on this daemon, encoded once."""
-        message = protocol.broadcast_event(room, conn.user, conn.session, self.region, event, data)
+        """Send an event to every member of the room, here and (through peers) everywhere."""
+        self._deliver(room, conn.user, conn.session, self.region, event, data, conn, echo)
+        if self.gossip is not None:
+            message = peer_wire.RoomBroadcast(
+                secrets.token_hex(8), room, event, data, conn.user, conn.session, self.region
+            )
+            self.gossip.on_broadcast(message, None)
+
+    def deliver_broadcast(self, message: peer_wire.RoomBroadcast) -> None:
+        """A room broadcast that came from another daemon."""
+        self._deliver(
+            message.room,
+            message.user,
+            message.session,
+            message.region,
+            message.event,
+            message.data,
+            None,
+            True,
+        )
+
+    def _deliver(
+        self,
+        room: str,
+        user: str,
+        session: str,
+        region: str,
+        event: str,
+        data: Any,
+        sender: ClientConnection | None,
+        echo: bool,
+    ) -> None:
+        members = self.members.get(room)
+        if not members:
+            return
+        message = protocol.broadcast_event(room, user, session, region, event, data)
         frame = text_frame(protocol.encode(message))
         count = 0
-        for member in self.members.get(room, ()):
-            if member is not conn or echo:
+        for member in members:
+            if member is not sender or echo:
                 member.push(frame)
                 count += 1
         self.metrics.count_frames(count, len(frame))
@@ -112,22 +158,52 @@ class Node:
 
     # ------------------------------------------------------------------ fan-out
 
-    def apply(self, changes: Iterable[Change]) -> None:
-        """Note visible changes in the feeds of rooms that have local members."""
+    def _local(self, changes: list[Change]) -> None:
+        """Changes of this replica's own entries: show them, and let peers know."""
+        self.apply(changes)
+        self._local_dirty = True
+        if self.gossip is not None:
+            self.gossip.local_changed()
+
+    def apply(self, changes: Iterable[Change], *, immediate: bool = False) -> None:
+        """Note visible changes in the feeds of rooms that have local members.
+
+        A room that has not flushed for a tick flushes at once (leading edge); others wait
+        for the tick. ``immediate`` flushes touched rooms now: used for changes that a peer
+        already coalesced over its own tick, so a cross-region update waits one tick, not two.
+        """
         now = self.clock()
-        touched: list[RoomFeed] = []
+        touched: dict[str, RoomFeed] = {}
         for change in changes:
             feed = self.feeds.get(change.room)
             if feed is not None:
                 feed.note(change)
-                touched.append(feed)
-        for feed in touched:
-            if feed.room in self._dirty:
-                continue
-            if now - feed.last_flush >= self.tick:
+                touched[change.room] = feed
+        for room, feed in touched.items():
+            if immediate or now - feed.last_flush >= self.tick:
+                self._dirty.pop(room, None)
                 self.flush(feed, now)
             else:
-                self._dirty[feed.room] = feed
+                self._dirty[room] = feed
+
+    def on_transitions(self, transitions: Iterable[Transition]) -> None:
+        """Liveness changed: show, hide or drop a replica's entries."""
+        for transition in transitions:
+            replica, status = transition.replica, transition.status
+            if status == UP:
+                log.info("replica %s is up", replica)
+                self.apply(self.state.set_up(replica, True), immediate=True)
+                if self.gossip is not None:
+                    self.gossip.request_digests()
+            elif status == DOWN:
+                log.warning("replica %s is down: its users leave every room", replica)
+                self.apply(self.state.set_up(replica, False), immediate=True)
+            elif status == PURGED:
+                log.info("replica %s purged", replica)
+                self.apply(self.state.drop(replica), immediate=True)
+            elif status == RETIRED:
+                log.info("replica %s retired", replica)
+                self.apply(self.state.retire(replica), immediate=True)
 
     def flush(self, feed: RoomFeed, now: float) -> None:
         """Send a room's pending changes to its members as one frame."""
@@ -159,6 +235,9 @@ class Node:
             await trio.sleep_until(deadline)
             started = time.perf_counter()
             self.flush_dirty()
+            if self._local_dirty and self.gossip is not None:
+                self._local_dirty = False
+                self.gossip.tick()
             self.metrics.flush_seconds += time.perf_counter() - started
 
     def room_snapshot(self, room: str) -> dict[str, Any]:
@@ -168,6 +247,10 @@ class Node:
         return protocol.state(None, room, presences)
 
     # ------------------------------------------------------------------ shutdown
+
+    def remove_all_local(self) -> None:
+        """Shutdown: every local entry leaves (peers hear it before the links close)."""
+        self._local(self.state.remove_all_local())
 
     def close_all(self, code: int, reason: str) -> None:
         for conn in list(self.connections):

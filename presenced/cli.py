@@ -1,0 +1,338 @@
+"""The `presenced` command line: `run` the daemon, mint a `token`, and room for more commands.
+
+Option values come from, in order of precedence: the command line, a `PRESENCED_*`
+environment variable, the `--config` TOML file, then the built-in default. The merging is
+done here (click reports where each value came from); checking is `presenced.config`'s job,
+so a bad value from any source ends with the same kind of one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from presenced import __version__
+from presenced.auth import mint_token
+from presenced.config import (
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    build_config,
+    load_toml,
+    read_secret_file,
+)
+
+__all__ = ["LAZY_COMMANDS", "cli", "main"]
+
+#: Subcommands living in other modules, as `name -> "module:attribute"`. They are imported
+#: only when used (or listed by --help), so `presenced run` does not pay for them and a
+#: command module can import this one without a cycle.
+LAZY_COMMANDS: dict[str, str] = {
+    "certs": "presenced.cli_certs:certs",
+}
+
+
+class BadConfig(click.ClickException):
+    """A bad option value: one line on stderr and exit status 2, as for click's usage errors."""
+
+    exit_code = 2
+
+
+class LazyGroup(click.Group):
+    """A click group that also offers the commands named in `LAZY_COMMANDS`."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY_COMMANDS:
+            module_name, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{LAZY_COMMANDS[cmd_name]} is not a click command")
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "-V", "--version", prog_name="presenced")
+def cli() -> None:
+    """presenced is a presence daemon: clients connect over WebSocket to join rooms, share
+    who is online with live cursors and metadata, and send direct messages. Several
+    regions gossip their presence to each other as a CRDT so every region sees everyone.
+    """
+
+
+#: Entry point named in pyproject (`presenced = "presenced.cli:main"`).
+main = cli
+
+
+def _env(name: str) -> str:
+    return f"PRESENCED_{name.upper()}"
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    envvar=_env("config"),
+    show_envvar=True,
+    help="TOML file of option values; keys are the option names with underscores, limits go"
+    " in a [limits] table. Flags and environment variables override it. Default: none.",
+)
+@click.option(
+    "--region",
+    envvar=_env("region"),
+    show_envvar=True,
+    help="Name of this region (1-64 of A-Z a-z 0-9 _ . -). Default: local.",
+)
+@click.option(
+    "--node",
+    envvar=_env("node"),
+    show_envvar=True,
+    help="Name of this daemon within its region, unique across regions. Default: the region.",
+)
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    envvar=_env("listen"),
+    show_envvar=True,
+    help="Address for client WebSocket connections; ':PORT' means 127.0.0.1, '[::1]:PORT'"
+    " for IPv6, port 0 picks a free one. Default: 127.0.0.1:7400.",
+)
+@click.option(
+    "--peers",
+    metavar="URL,...",
+    envvar=_env("peers"),
+    show_envvar=True,
+    help="Comma-separated ws:// or wss:// URLs (with port) of other regions to gossip with,"
+    " like wss://us.example:7443. Default: none.",
+)
+@click.option(
+    "--peer-listen",
+    metavar="HOST:PORT",
+    envvar=_env("peer_listen"),
+    show_envvar=True,
+    help="Address on which to accept gossip from other regions. Default: none (do not"
+    " accept peer connections).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    envvar=_env("tls_cert"),
+    show_envvar=True,
+    help="PEM certificate this node shows to peer regions (from `presenced certs issue`)."
+    " Required with --peers or --peer-listen. Default: none.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    envvar=_env("tls_key"),
+    show_envvar=True,
+    help="PEM private key of --tls-cert. Default: none.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False),
+    envvar=_env("tls_ca"),
+    show_envvar=True,
+    help="PEM certificate of the CA that signs every region's certificate; peers without one"
+    " are refused. Default: none.",
+)
+@click.option(
+    "--down-after",
+    type=float,
+    metavar="SECONDS",
+    envvar=_env("down_after"),
+    show_envvar=True,
+    help="Seconds without a heartbeat before a peer region's node is marked down (its users"
+    " stay, marked away). Default: 3.",
+)
+@click.option(
+    "--purge-after",
+    type=float,
+    metavar="SECONDS",
+    envvar=_env("purge_after"),
+    show_envvar=True,
+    help="Seconds without a heartbeat before a down node's users are dropped; more than"
+    " --down-after. Default: 30.",
+)
+@click.option(
+    "--token-secret-file",
+    type=click.Path(dir_okay=False),
+    envvar=_env("token_secret_file"),
+    show_envvar=True,
+    help="File holding the HS256 secret (at least 32 bytes) that client tokens are signed"
+    " with. Default: none; then --allow-anonymous is required.",
+)
+@click.option(
+    "--allow-anonymous/--no-allow-anonymous",
+    default=None,
+    envvar=_env("allow_anonymous"),
+    show_envvar=True,
+    help="Let clients without a token in, under the user id they claim, into any room."
+    " For development only. Default: off.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    envvar=_env("log_level"),
+    show_envvar=True,
+    help="Least severe log messages to print. Default: info.",
+)
+@click.option(
+    "--tick-ms",
+    type=int,
+    envvar=_env("tick_ms"),
+    show_envvar=True,
+    help="Milliseconds between batched room updates sent to clients (5-1000); lower is"
+    " snappier and costs more. Default: 25.",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    envvar=_env("max_connections"),
+    show_envvar=True,
+    help="Most concurrent client connections. Default: 20000.",
+)
+@click.option(
+    "--max-frame-bytes",
+    type=int,
+    envvar=_env("max_frame_bytes"),
+    show_envvar=True,
+    help="Largest client WebSocket message, in bytes. Default: 16384.",
+)
+@click.option(
+    "--max-meta-bytes",
+    type=int,
+    envvar=_env("max_meta_bytes"),
+    show_envvar=True,
+    help="Largest presence metadata of one member, in bytes of compact JSON. Default: 2048.",
+)
+@click.option(
+    "--max-rooms-per-connection",
+    type=int,
+    envvar=_env("max_rooms_per_connection"),
+    show_envvar=True,
+    help="Most rooms one connection may be in at once. Default: 32.",
+)
+@click.option(
+    "--max-msg-rate",
+    type=float,
+    envvar=_env("max_msg_rate"),
+    show_envvar=True,
+    help="Sustained messages per second allowed per connection. Default: 200.",
+)
+@click.option(
+    "--msg-burst",
+    type=int,
+    envvar=_env("msg_burst"),
+    show_envvar=True,
+    help="Messages one connection may send in a burst above the rate. Default: twice the"
+    " --max-msg-rate (400).",
+)
+def run(config_file: str | None, **params: Any) -> None:
+    """Run the presence daemon until interrupted (Ctrl-C or SIGTERM)."""
+    ctx = click.get_current_context()
+    try:
+        options: dict[str, Any] = load_toml(config_file) if config_file else {}
+        # How each value was given, for error messages; options not given go by their flag.
+        flags = {name: _flag(ctx, name) for name in params}
+        where = dict(flags)
+        where.update({key: f"{key} in {config_file}" for key in options})
+        for key in options.get("limits", {}):
+            where[f"limits.{key}"] = f"limits.{key} in {config_file}"
+        for name, value in params.items():
+            source = ctx.get_parameter_source(name)
+            if source is ParameterSource.COMMANDLINE:
+                options[name], where[name] = value, flags[name]
+            elif source is ParameterSource.ENVIRONMENT:
+                options[name], where[name] = value, _env(name)
+        config = build_config(options, where)
+    except ConfigError as e:
+        raise BadConfig(str(e)) from None
+    _configure_logging(config.log_level)
+    # Ctrl-C is how a foreground daemon is meant to stop: no traceback, exit status 0.
+    with contextlib.suppress(KeyboardInterrupt):
+        _start_daemon(config)
+
+
+def _flag(ctx: click.Context, name: str) -> str:
+    """The long flag of parameter `name` (like `--listen`)."""
+    for param in ctx.command.params:
+        if param.name == name and isinstance(param, click.Option):
+            return param.opts[0]
+    return name
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr with time, level and logger name: enough to read a daemon's journal."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _start_daemon(config: Config) -> None:
+    """Run the daemon to completion; tests replace this to capture the `Config`.
+
+    Imports are deferred so the CLI works (and `presenced token` starts fast) without
+    loading the server.
+    """
+    import trio
+
+    from presenced.server.daemon import run_daemon
+
+    trio.run(run_daemon, config)
+
+
+@cli.command()
+@click.option("--user", required=True, help="User id the token is for (its 'sub').")
+@click.option(
+    "--room",
+    "rooms",
+    multiple=True,
+    required=True,
+    metavar="PATTERN",
+    help="Room the user may join; a glob pattern like 'doc-*' or '*'. Repeat for more.",
+)
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0),
+    default=3600,
+    show_default=True,
+    help="Seconds until the token expires; 0 means it never expires.",
+)
+@click.option(
+    "--token-secret-file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    envvar=_env("token_secret_file"),
+    show_envvar=True,
+    help="File holding the secret the daemon verifies tokens with (its --token-secret-file).",
+)
+def token(user: str, rooms: tuple[str, ...], ttl: float, token_secret_file: str) -> None:
+    """Print a client token (a JWT) for --user, allowed into the --room patterns.
+
+    The secret file is shared with the daemon; make one with:
+
+    \b
+        python -c "import secrets;print(secrets.token_hex(32))" > secret
+        chmod 600 secret
+    """
+    try:
+        secret = read_secret_file(token_secret_file, "--token-secret-file")
+        text = mint_token(secret, user, rooms, ttl_s=ttl or None, now=time.time())
+    except (ConfigError, ValueError) as e:
+        raise BadConfig(str(e)) from None
+    click.echo(text)

@@ -1,0 +1,512 @@
+"""Daemon configuration: one validated, immutable `Config`, built from flags, env and a file.
+
+Everything is checked here, before the daemon starts, so that a typo in a flag or a config
+file ends the process at once with a one-line reason instead of surfacing later as a
+half-working daemon. The command line (`presenced.cli`) decides which source wins for each
+option (flag > `PRESENCED_*` environment variable > config file > default) and hands the
+merged values to `build_config`, which is a pure function and so easy to test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from presenced.core.limits import Limits
+
+__all__ = [
+    "FILE_KEYS",
+    "LIMIT_FLAGS",
+    "LOG_LEVELS",
+    "MIN_SECRET_BYTES",
+    "Config",
+    "ConfigError",
+    "HostPort",
+    "build_config",
+    "load_toml",
+    "parse_host_port",
+    "parse_peers",
+    "read_secret_file",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; `str(error)` is a one-line reason fit for a user."""
+
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7400
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TICK_MS_RANGE = (5, 1000)
+#: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
+MIN_SECRET_BYTES = 32
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+#: Option keys a config file may use at its top level (CLI option names with underscores).
+FILE_KEYS = frozenset(
+    {
+        "region",
+        "node",
+        "listen",
+        "peers",
+        "peer_listen",
+        "token_secret_file",
+        "allow_anonymous",
+        "log_level",
+        "tick_ms",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "down_after",
+        "purge_after",
+        "limits",
+    }
+)
+#: File keys holding paths, resolved against the config file's directory when relative.
+PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca")
+TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
+DEFAULT_DOWN_AFTER = 3.0
+DEFAULT_PURGE_AFTER = 30.0
+
+#: Limit flags of `presenced run` (option key -> `Limits` field). They are flags only; a file
+#: sets limits in its `[limits]` table by field name.
+LIMIT_FLAGS: Mapping[str, str] = {
+    "max_connections": "max_connections",
+    "max_frame_bytes": "max_frame_bytes",
+    "max_meta_bytes": "max_meta_bytes",
+    "max_rooms_per_connection": "max_rooms_per_connection",
+    "max_msg_rate": "max_messages_per_second",
+    "msg_burst": "message_burst",
+}
+
+
+@attrs.frozen
+class HostPort:
+    """A TCP address to listen on. Port 0 asks the OS for a free port (tests use it)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        # Bracket IPv6 literals so the text parses back with `parse_host_port`.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+DEFAULT_LISTEN = HostPort(DEFAULT_HOST, DEFAULT_PORT)
+
+
+def parse_host_port(text: str, what: str) -> HostPort:
+    """Parse `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (host 127.0.0.1); `what` names the option.
+
+    Listening on all interfaces must be asked for explicitly (`0.0.0.0:PORT`), which is why an
+    empty host means loopback rather than "everywhere".
+    """
+    expected = f"{what}: expected HOST:PORT, [IPV6]:PORT or :PORT, got {text!r}"
+    if not isinstance(text, str):
+        raise ConfigError(expected)
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise ConfigError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ConfigError(expected)
+    elif ":" in host:
+        raise ConfigError(f"{what}: put an IPv6 host in brackets, like [::1]:7400, got {text!r}")
+    if not host:
+        host = DEFAULT_HOST
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise ConfigError(expected)
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ConfigError(expected)
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{what}: port must be 0..65535, got {port}")
+    return HostPort(host, port)
+
+
+def check_name(value: object, what: str) -> str:
+    """Region and node names travel in gossip and logs: keep them short and plain."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ConfigError(f"{what}: must be 1..64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
+    return value
+
+
+def _check_peer(url: str, what: str) -> str:
+    problem = f"{what}: {url!r} is not a ws:// or wss:// URL with host and port"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(problem) from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None or port == 0:
+        raise ConfigError(f"{problem} (like wss://us.example:7443)")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ConfigError(f"{problem}: no user, query or fragment allowed")
+    return url
+
+
+def parse_peers(value: str | Sequence[str], what: str = "peers") -> tuple[str, ...]:
+    """Peer region URLs from a comma-separated string or a list; empty items are ignored.
+
+    Duplicates are dropped (keeping first-seen order) because dialling one peer twice only
+    doubles gossip traffic.
+    """
+    if isinstance(value, str):
+        items: Sequence[object] = value.split(",")
+    elif isinstance(value, Sequence):
+        items = value
+    else:
+        raise ConfigError(f"{what}: expected a list or comma-separated string of URLs")
+    peers: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{what}: peer URLs must be strings, got {item!r}")
+        url = item.strip()
+        if url and url not in peers:
+            peers.append(_check_peer(url, what))
+    return tuple(peers)
+
+
+def read_secret_file(path: str | Path, what: str = "token_secret_file") -> bytes:
+    """The token signing secret: the file's bytes with surrounding whitespace stripped.
+
+    The secret lives in a file, never on the command line, so that it does not show up in
+    `ps` output or shell history. It must be at least 32 bytes (an HS256 key shorter than the
+    hash is weak); `secrets.token_hex(32)` gives 64.
+    """
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from None
+    if not secret:
+        raise ConfigError(f"{what}: {str(path)!r} is empty")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{what}: the secret in {str(path)!r} is {len(secret)} bytes, need at least"
+            f' {MIN_SECRET_BYTES} (make one: python -c "import secrets;'
+            f' print(secrets.token_hex(32))" > secret)'
+        )
+    return secret
+
+
+def _check_log_level(value: object, what: str) -> str:
+    """A log level name, any case; returned lower-case."""
+    if isinstance(value, str) and value.lower() in LOG_LEVELS:
+        return value.lower()
+    raise ConfigError(f"{what}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+
+
+def _as_int(value: object, what: str) -> int:
+    """An int from a TOML int or a decimal string (bools are not numbers here)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{what}: expected an integer, got {value!r}")
+
+
+def _as_float(value: object, what: str) -> float:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise ConfigError(f"{what}: expected a number, got {value!r}")
+
+
+def _as_bool(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+    raise ConfigError(f"{what}: expected true or false, got {value!r}")
+
+
+def _check_tick_ms(value: object, what: str) -> int:
+    tick = _as_int(value, what)
+    lo, hi = TICK_MS_RANGE
+    if not lo <= tick <= hi:
+        raise ConfigError(f"{what}: must be {lo}..{hi} milliseconds, got {tick}")
+    return tick
+
+
+def _validate_field(
+    checker: Callable[[Any, str], object],
+) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """An attrs validator that runs a `check_*(value, what)` function with the field name."""
+
+    def validate(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        checker(value, attribute.name)
+
+    return validate
+
+
+def _check_peers_tuple(value: object, what: str) -> None:
+    # Only the shape: `build_config` checks that user-given peers are ws(s) URLs, while
+    # in-process simulations pass their own address schemes with their own transport.
+    if (
+        not isinstance(value, tuple)
+        or not all(isinstance(p, str) and p for p in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ConfigError(f"{what}: expected a tuple of distinct peer addresses")
+
+
+def _check_seconds(value: object, what: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{what}: expected a positive number of seconds, got {value!r}")
+
+
+def _optional_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _check_secret(value: object, what: str) -> None:
+    if value is not None and (not isinstance(value, bytes) or not value):
+        raise ConfigError(f"{what}: must be non-empty bytes or None")
+
+
+def _check_level_exact(value: object, what: str) -> None:
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"{what}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+
+
+def _check_tick_exact(value: object, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{what}: expected an integer, got {value!r}")
+    _check_tick_ms(value, what)
+
+
+@attrs.frozen
+class Config:
+    """Everything the daemon needs to start; immutable and valid once constructed.
+
+    Constructing it directly checks each value too, so a test or another module cannot make
+    a nonsense config. Only what depends on the outside world is left to `build_config`
+    (how the CLI makes one): files existing, peers being ws(s) URLs, peer links having TLS.
+    That lets in-process simulations use their own peer addresses and transport.
+    """
+
+    region: str = attrs.field(default="local", validator=_validate_field(check_name))
+    node: str = attrs.field(
+        default=attrs.Factory(lambda self: self.region, takes_self=True),
+        validator=_validate_field(check_name),
+    )
+    listen: HostPort = attrs.field(
+        default=DEFAULT_LISTEN, validator=attrs.validators.instance_of(HostPort)
+    )
+    peers: tuple[str, ...] = attrs.field(default=(), validator=_validate_field(_check_peers_tuple))
+    peer_listen: HostPort | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
+    )
+    #: HS256 key for client tokens; kept out of repr so it never lands in a log line.
+    token_secret: bytes | None = attrs.field(
+        default=None, repr=False, validator=_validate_field(_check_secret)
+    )
+    allow_anonymous: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    log_level: str = attrs.field(default="info", validator=_validate_field(_check_level_exact))
+    tick_ms: int = attrs.field(default=25, validator=_validate_field(_check_tick_exact))
+    limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
+    #: Peer links are mutually authenticated TLS: this node's PEM certificate and key, and
+    #: the CA certificate that signed every region's certificate (`presenced certs`).
+    tls_cert: Path | None = attrs.field(default=None, converter=_optional_path)
+    tls_key: Path | None = attrs.field(default=None, converter=_optional_path)
+    tls_ca: Path | None = attrs.field(default=None, converter=_optional_path)
+    #: Seconds without a heartbeat before a peer replica is down (its users kept, marked
+    #: away) and then purged (its users dropped).
+    down_after: float = attrs.field(
+        default=DEFAULT_DOWN_AFTER, validator=_validate_field(_check_seconds)
+    )
+    purge_after: float = attrs.field(
+        default=DEFAULT_PURGE_AFTER, validator=_validate_field(_check_seconds)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.token_secret is None and not self.allow_anonymous:
+            raise ConfigError(
+                "no way for clients to authenticate: give --token-secret-file or --allow-anonymous"
+            )
+        if not self.down_after < self.purge_after:
+            raise ConfigError(
+                f"down_after ({self.down_after}) must be less than purge_after ({self.purge_after})"
+            )
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file and check its keys, so a misspelt key is an error, not ignored.
+
+    Relative file paths (`token_secret_file`, `tls_*`) are resolved against the config
+    file's directory, so a config and its secrets can sit side by side whatever the working
+    directory is.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r}: invalid TOML: {e}") from None
+    limit_fields = {f.name for f in attrs.fields(Limits)}
+    for key in data:
+        if key not in FILE_KEYS:
+            hint = ""
+            if key in limit_fields or key in LIMIT_FLAGS:
+                hint = " (limits go in a [limits] table, by Limits field name)"
+            raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}{hint}")
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigError(f"config file {str(path)!r}: 'limits' must be a table")
+    for key in limits:
+        if key not in limit_fields:
+            known = ", ".join(sorted(limit_fields))
+            raise ConfigError(
+                f"config file {str(path)!r}: unknown key 'limits.{key}' (known: {known})"
+            )
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            data[key] = str(path.parent / Path(value).expanduser())
+    return data
+
+
+def _build_limits(options: Mapping[str, Any], where: Mapping[str, str]) -> Limits:
+    """Limits from the `limits` table overridden by the limit flags.
+
+    The burst follows the rate (2x) unless a burst was set, so raising only the rate does
+    not leave a burst smaller than one second of traffic.
+    """
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for field_name, value in dict(options.get("limits") or {}).items():
+        values[field_name] = value
+        origin[field_name] = where.get(f"limits.{field_name}", f"limits.{field_name}")
+    for key, field_name in LIMIT_FLAGS.items():
+        if options.get(key) is not None:
+            values[field_name] = options[key]
+            origin[field_name] = where.get(key, key)
+    converted: dict[str, Any] = {}
+    defaults = Limits()
+    for field_name, value in values.items():
+        what = origin[field_name]
+        if not hasattr(defaults, field_name):
+            raise ConfigError(f"{what}: unknown limit")
+        if isinstance(getattr(defaults, field_name), float):
+            number: float = _as_float(value, what)
+        else:
+            number = _as_int(value, what)
+        if not number > 0:
+            raise ConfigError(f"{what}: must be positive, got {value!r}")
+        converted[field_name] = number
+    if "max_messages_per_second" in converted and "message_burst" not in converted:
+        converted["message_burst"] = max(1, math.ceil(2 * converted["max_messages_per_second"]))
+    try:
+        return Limits(**converted)
+    except ValueError as e:  # pragma: no cover - every field was checked above
+        raise ConfigError(str(e)) from None
+
+
+def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = None) -> Config:
+    """Build a `Config` from merged option values, raising `ConfigError` on any bad value.
+
+    `options` uses the file/CLI keys (`region`, `listen`, `peers`, `token_secret_file`, ...,
+    `limits` as a table of `Limits` fields, plus the limit flag keys of `LIMIT_FLAGS`, which
+    win over the table). Missing or None values take their defaults. Values may be strings
+    (flags, environment) or TOML types. `where` maps a key to how the user gave it (like
+    `--listen` or `PRESENCED_LISTEN`) so that an error names the thing to fix.
+    """
+    where = where or {}
+    known = FILE_KEYS | set(LIMIT_FLAGS)
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"{where.get(key, key)}: unknown option")
+
+    def given(key: str) -> bool:
+        return options.get(key) is not None
+
+    def what(key: str) -> str:
+        return where.get(key, key)
+
+    kwargs: dict[str, Any] = {}
+    if given("region"):
+        kwargs["region"] = check_name(options["region"], what("region"))
+    if given("node") and options["node"] != "":
+        kwargs["node"] = check_name(options["node"], what("node"))
+    if given("listen"):
+        kwargs["listen"] = parse_host_port(options["listen"], what("listen"))
+    if given("peers"):
+        kwargs["peers"] = parse_peers(options["peers"], what("peers"))
+    if given("peer_listen") and options["peer_listen"] != "":
+        kwargs["peer_listen"] = parse_host_port(options["peer_listen"], what("peer_listen"))
+    if given("token_secret_file") and options["token_secret_file"] != "":
+        secret_file = options["token_secret_file"]
+        if not isinstance(secret_file, str | Path):
+            raise ConfigError(f"{what('token_secret_file')}: expected a file path")
+        kwargs["token_secret"] = read_secret_file(secret_file, what("token_secret_file"))
+    if given("allow_anonymous"):
+        kwargs["allow_anonymous"] = _as_bool(options["allow_anonymous"], what("allow_anonymous"))
+    if given("log_level"):
+        kwargs["log_level"] = _check_log_level(options["log_level"], what("log_level"))
+    if given("tick_ms"):
+        kwargs["tick_ms"] = _check_tick_ms(options["tick_ms"], what("tick_ms"))
+    if given("limits") and not isinstance(options["limits"], Mapping):
+        raise ConfigError(f"{what('limits')}: must be a table")
+    kwargs["limits"] = _build_limits(options, where)
+    for key in TLS_KEYS:
+        if given(key) and options[key] != "":
+            kwargs[key] = _readable_file(options[key], what(key))
+    tls_given = [key for key in TLS_KEYS if key in kwargs]
+    if tls_given and len(tls_given) < len(TLS_KEYS):
+        missing = [what(key) for key in TLS_KEYS if key not in kwargs]
+        raise ConfigError(f"{what(tls_given[0])} also needs {' and '.join(missing)}")
+    if (kwargs.get("peers") or kwargs.get("peer_listen")) and not tls_given:
+        raise ConfigError(
+            "peer links (peers, peer_listen) are mutual TLS: give --tls-cert, --tls-key and"
+            " --tls-ca (make them with `presenced certs`)"
+        )
+    for key in ("down_after", "purge_after"):
+        if given(key):
+            seconds = _as_float(options[key], what(key))
+            if seconds <= 0:
+                raise ConfigError(f"{what(key)}: must be positive, got {options[key]!r}")
+            kwargs[key] = seconds
+    down = kwargs.get("down_after", DEFAULT_DOWN_AFTER)
+    purge = kwargs.get("purge_after", DEFAULT_PURGE_AFTER)
+    if not down < purge:
+        raise ConfigError(
+            f"{what('down_after')} ({down:g}s) must be less than {what('purge_after')} ({purge:g}s)"
+        )
+    return Config(**kwargs)
+
+
+def _readable_file(value: object, what: str) -> Path:
+    """A path that names a readable file now, so a typo fails at start, not at first use."""
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{what}: expected a file path, got {value!r}")
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{what}: {str(path)!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what}: {str(path)!r} is not readable")
+    return path

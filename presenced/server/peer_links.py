@@ -1,0 +1,446 @@
+"""Peer links: persistent channels to other daemons, and the gossip that runs over them.
+
+One :class:`PeerLink` per connected peer. Each link has a reader (merges what the peer sends)
+and a writer that, whenever it is woken, builds one gossip message with everything the peer
+lacks: for every replica, the records newer than what the peer is believed to hold
+(``sent``). Extraction happens when the writer is free, so a link that is slow or busy
+coalesces: a burst of cursor moves crosses the ocean as the latest value per entry.
+
+Timing, chosen for latency:
+
+* local changes wake links at the leading edge (a link idle for a tick sends at once),
+  otherwise at the next tick;
+* changes merged from one peer are relayed to the others immediately (two hops cost two
+  link delays, not two ticks);
+* a daemon flushes rooms touched by a peer's gossip immediately (the peer already coalesced).
+
+Repair: every ``digest_interval`` each side sends its digest; the other side resets ``sent``
+to it and wakes its writer, which then sends exactly what is missing (a whole partition if
+the peer is behind the tombstone floor). A delta that cannot apply (a gap) triggers an early
+digest. The first digest after the hello is what starts deltas flowing on a new link.
+
+Liveness: heartbeats ride on gossip messages every ``heartbeat_interval``; a link that hears
+nothing for ``link_timeout`` is closed and redialed (if we dialed it).
+
+Duplicates: if both sides dial each other, the link dialed by the node whose name sorts
+first survives, on both sides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from presenced.core import peer_wire as wire
+from presenced.core.crdt import DeltaError, ReplicaId
+from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
+
+if TYPE_CHECKING:
+    from presenced.server.node import Node
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class GossipSettings:
+    """Timings of the peer layer (seconds)."""
+
+    heartbeat_interval: float = 0.5
+    digest_interval: float = 2.0
+    link_timeout: float = 2.5
+    handshake_timeout: float = 5.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+
+
+class LinkRefused(Exception):
+    """The handshake failed: wrong version, wrong certificate, or a link to ourselves."""
+
+
+class PeerLink:
+    """One live link to one peer replica."""
+
+    def __init__(
+        self, manager: PeerManager, channel: PeerChannel, hello: wire.Hello, dialed: bool
+    ) -> None:
+        self.manager = manager
+        self.node = manager.node
+        self.channel = channel
+        self.remote = hello.replica
+        self.region = hello.region
+        #: True if this daemon dialed the link (the dialer redials when it breaks).
+        self.dialed = dialed
+        #: Per replica, the clock the peer is believed to hold; None until its first digest.
+        self.sent: dict[ReplicaId, int] | None = None
+        self.rtt: float | None = None
+        self.last_received = self.node.clock()
+        self.last_sent = float("-inf")
+        self._wakeup = trio.Event()
+        self._beat_due = True
+        self._digest_due = True
+        self._pings: dict[int, float] = {}
+        self._ping_ids = itertools.count(1)
+        self._cancel = trio.CancelScope()
+        self._send_lock = trio.StrictFIFOLock()
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.error: ChannelClosed | wire.PeerProtocolError | None = None
+
+    @property
+    def dialer_name(self) -> str:
+        return self.node.replica.node if self.dialed else self.remote.node
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Run the link until it breaks; re-raises what broke it (ChannelClosed, a protocol
+        error), unwrapped, so the manager can log it in one line."""
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                for part in (self._reader, self._writer, self._timers):
+                    nursery.start_soon(self._until_broken, part, nursery.cancel_scope)
+        if self.error is not None:
+            raise self.error
+
+    async def _until_broken(
+        self, part: Callable[[], Awaitable[None]], scope: trio.CancelScope
+    ) -> None:
+        try:
+            await part()
+        except (ChannelClosed, wire.PeerProtocolError) as exc:
+            self.error = self.error or exc
+        finally:
+            scope.cancel()
+
+    def close(self) -> None:
+        self._cancel.cancel()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def want_digest(self) -> None:
+        self._digest_due = True
+        self._wakeup.set()
+
+    def poke(self, now: float) -> None:
+        """Local state changed: send at once if idle for a tick, else at the next tick."""
+        if now - self.last_sent >= self.node.tick:
+            self._wakeup.set()
+
+    # ------------------------------------------------------------------ writing
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            message = self._build()
+            if message is not None:
+                await self._send(message)
+
+    async def _send(self, message: wire.PeerMessage) -> None:
+        data = wire.encode(message)
+        self.last_sent = self.node.clock()
+        self.bytes_out += len(data)
+        async with self._send_lock:
+            await self.channel.send(data)
+
+    def _build(self) -> wire.Gossip | None:
+        node = self.node
+        now = node.clock()
+        beats = node.liveness.beats(now) if self._beat_due else []
+        digest = node.state.digest() if self._digest_due else None
+        self._beat_due = self._digest_due = False
+        deltas = []
+        if self.sent is not None:
+            sent = self.sent
+            for replica, part in node.state.partitions.items():
+                known = sent.get(replica, 0)
+                if part.clock > known and replica != self.remote:
+                    delta = node.state.extract(replica, known)
+                    if delta is not None:
+                        deltas.append(delta)
+                    sent[replica] = part.clock
+        if not (beats or deltas or digest is not None):
+            return None
+        return wire.Gossip(tuple(beats), tuple(deltas), digest)
+
+    async def _timers(self) -> None:
+        """Heartbeats, digests, RTT pings, and the dead-link check."""
+        settings = self.manager.settings
+        next_digest = self.node.clock() + settings.digest_interval
+        while True:
+            await trio.sleep(settings.heartbeat_interval)
+            now = self.node.clock()
+            if now - self.last_received > settings.link_timeout:
+                log.warning("peer link to %s timed out; closing it", self.remote)
+                self.close()
+                return
+            self._beat_due = True
+            if now >= next_digest:
+                self._digest_due = True
+                next_digest = now + settings.digest_interval
+            ping_id = next(self._ping_ids)
+            self._pings = {ping_id: now}
+            await self._send(wire.PeerPing(ping_id))
+            self.wake()
+
+    # ------------------------------------------------------------------ reading
+
+    async def _reader(self) -> None:
+        while True:
+            data = await self.channel.receive()
+            self.last_received = self.node.clock()
+            self.bytes_in += len(data)
+            message = wire.decode(data)
+            if isinstance(message, wire.Gossip):
+                self._on_gossip(message)
+            elif isinstance(message, wire.PeerPing):
+                await self._send(wire.PeerPong(message.id))
+            elif isinstance(message, wire.PeerPong):
+                started = self._pings.pop(message.id, None)
+                if started is not None:
+                    self.rtt = self.node.clock() - started
+            elif isinstance(message, wire.RoomBroadcast):
+                self.manager.on_broadcast(message, self)
+            elif isinstance(message, wire.Bye):
+                self.manager.on_bye(message.replica, self)
+            else:
+                raise wire.PeerProtocolError("hello sent twice")
+
+    def _on_gossip(self, message: wire.Gossip) -> None:
+        node = self.node
+        now = node.clock()
+        for beat in message.beats:
+            node.on_transitions(node.liveness.observe(beat, now))
+        merged = False
+        gap = False
+        changes = []
+        for delta in message.deltas:
+            if self.sent is not None:
+                self.sent[delta.replica] = max(self.sent.get(delta.replica, 0), delta.clock)
+            if not node.liveness.is_up(delta.replica):
+                continue
+            try:
+                result = node.state.merge(delta)
+            except DeltaError as exc:
+                raise wire.PeerProtocolError(str(exc)) from None
+            changes.extend(result.changes)
+            if result.outcome == "applied":
+                merged = True
+            elif result.outcome == "gap":
+                gap = True
+        if changes:
+            node.apply(changes, immediate=True)
+        if merged:
+            self.manager.relay(exclude=self)
+        if gap:
+            self.want_digest()
+        if message.digest is not None:
+            # The peer's own account of what it holds: send exactly what it lacks.
+            self.sent = dict(message.digest)
+            self.wake()
+
+
+class PeerManager:
+    """Accepts and dials peer links, and keeps one link per peer node."""
+
+    def __init__(
+        self,
+        node: Node,
+        transport: PeerTransport,
+        peers: tuple[str, ...],
+        settings: GossipSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.transport = transport
+        self.peers = peers
+        self.settings = settings or GossipSettings()
+        self.links: dict[str, PeerLink] = {}
+        self._rng = rng or random.Random()
+        self._seen_broadcasts: dict[str, None] = {}
+        self._link_gone: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        node.gossip = self
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept and dial links until cancelled; started() gets the bound peer port."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            port = await nursery.start(self.transport.serve, self._accept)
+            for url in self.peers:
+                nursery.start_soon(self._dial_forever, url)
+            nursery.start_soon(self._heartbeat)
+            task_status.started(port)
+
+    # ------------------------------------------------------------------ link set-up
+
+    async def _accept(self, channel: PeerChannel) -> None:
+        await self._run_link(channel, dialed=False)
+
+    async def _dial_forever(self, url: str) -> None:
+        delay = self.settings.backoff_initial
+        remote_node: str | None = None
+        while True:
+            if remote_node is not None and remote_node in self.links:
+                # Already linked (the peer dialed us): wait until that link ends.
+                await self._link_gone.setdefault(remote_node, trio.Event()).wait()
+                continue
+            started = self.node.clock()
+            try:
+                channel = await self.transport.dial(url)
+            except (OSError, ChannelClosed, trio.TooSlowError) as exc:
+                log.info("cannot reach peer %s: %s", url, exc or type(exc).__name__)
+            else:
+                remote_node = await self._run_link(channel, dialed=True) or remote_node
+                if self.node.clock() - started > 10 * self.settings.backoff_max:
+                    delay = self.settings.backoff_initial
+            await trio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, self.settings.backoff_max)
+
+    async def _run_link(self, channel: PeerChannel, *, dialed: bool) -> str | None:
+        """Handshake and run one link until it ends; returns the peer's node name."""
+        node = self.node
+        link: PeerLink | None = None
+        try:
+            with trio.fail_after(self.settings.handshake_timeout):
+                await channel.send(
+                    wire.encode(
+                        wire.Hello(node.replica.node, node.region, node.replica.incarnation)
+                    )
+                )
+                hello = wire.decode(await channel.receive())
+            self._check_hello(hello, channel)
+            assert isinstance(hello, wire.Hello)
+            link = PeerLink(self, channel, hello, dialed)
+            if not self._admit(link):
+                return hello.node
+            log.info(
+                "peer link up: %s (%s) via %s", hello.replica, hello.region, channel.remote_label
+            )
+            await link.run()
+            return hello.node
+        except LinkRefused as exc:
+            log.warning("refused peer link %s: %s", channel.remote_label, exc)
+        except wire.PeerProtocolError as exc:
+            log.warning(
+                "peer %s broke the protocol: %s; closing the link", channel.remote_label, exc
+            )
+        except (ChannelClosed, trio.TooSlowError):
+            pass
+        finally:
+            if link is not None and self.links.get(link.remote.node) is link:
+                del self.links[link.remote.node]
+                log.info("peer link down: %s", link.remote)
+                gone = self._link_gone.pop(link.remote.node, None)
+                if gone is not None:
+                    gone.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await channel.aclose()
+        return None
+
+    def _check_hello(self, hello: wire.PeerMessage, channel: PeerChannel) -> None:
+        if not isinstance(hello, wire.Hello):
+            raise LinkRefused("the first message was not a hello")
+        if hello.version != wire.PEER_PROTOCOL_VERSION:
+            raise LinkRefused(f"peer protocol version {hello.version} is not supported")
+        if hello.node == self.node.replica.node:
+            raise LinkRefused("that is this node itself")
+        names = channel.remote_names
+        if names is not None and hello.node not in names:
+            raise LinkRefused(
+                f"claims node {hello.node!r} but its certificate names {sorted(names)}"
+            )
+
+    def _admit(self, link: PeerLink) -> bool:
+        """Keep one link per peer node; on a duplicate, both sides keep the same one."""
+        name = link.remote.node
+        current = self.links.get(name)
+        if current is not None:
+            preferred = min(self.node.replica.node, name)
+            if current.dialer_name == preferred and link.dialer_name != preferred:
+                log.info("duplicate link to %s: keeping the existing one", name)
+                return False
+            current.close()
+        self.links[name] = link
+        return True
+
+    # ------------------------------------------------------------------ gossip
+
+    def local_changed(self) -> None:
+        now = self.node.clock()
+        for link in self.links.values():
+            link.poke(now)
+
+    def tick(self) -> None:
+        """Called every node tick: links with unsent local changes send now."""
+        for link in self.links.values():
+            link.wake()
+
+    def request_digests(self) -> None:
+        """Ask every link to exchange digests now (a replica came back up: repair fast)."""
+        for link in self.links.values():
+            link.want_digest()
+
+    def relay(self, exclude: PeerLink) -> None:
+        for link in self.links.values():
+            if link is not exclude:
+                link.wake()
+
+    def on_broadcast(self, message: wire.RoomBroadcast, source: PeerLink | None) -> None:
+        """A room broadcast: deliver it to local members once, flood it to other peers."""
+        if message.id in self._seen_broadcasts:
+            return
+        self._seen_broadcasts[message.id] = None
+        if len(self._seen_broadcasts) > 100_000:
+            for stale in list(itertools.islice(self._seen_broadcasts, 50_000)):
+                del self._seen_broadcasts[stale]
+        if source is not None:
+            self.node.deliver_broadcast(message)
+        for link in self.links.values():
+            if link is not source and self._nursery is not None:
+                self._nursery.start_soon(self._send_quietly, link, message)
+
+    async def _send_quietly(self, link: PeerLink, message: wire.PeerMessage) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await link._send(message)
+
+    def on_bye(self, replica: ReplicaId, source: PeerLink | None) -> None:
+        node = self.node
+        if node.liveness.status(replica) == "retired" and source is not None:
+            return
+        node.on_transitions([node.liveness.retire(replica)])
+        for link in self.links.values():
+            if link is not source and self._nursery is not None:
+                self._nursery.start_soon(self._send_quietly, link, wire.Bye(replica))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.node.liveness.beat()
+            self.node.on_transitions(self.node.liveness.check(self.node.clock()))
+            await trio.sleep(self.settings.heartbeat_interval)
+
+    async def say_goodbye(self) -> None:
+        """Graceful shutdown: send our removals and a bye on every link, then close them."""
+        for link in list(self.links.values()):
+            link.wake()
+        await trio.sleep(0)
+        with trio.move_on_after(1):
+            for link in list(self.links.values()):
+                with contextlib.suppress(ChannelClosed):
+                    message = link._build()
+                    if message is not None:
+                        await link._send(message)
+                    await link._send(wire.Bye(self.node.replica))
+        for link in list(self.links.values()):
+            link.close()

@@ -1,0 +1,223 @@
+"""Whole clusters of real daemons on a simulated network, for tests and benchmarks.
+
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, SimNetwork(seed=1))
+        await cluster.start("eu", peers=["us"])
+        await cluster.start("us")
+        ann = cluster.client("eu", "ann")
+        ann.join("lobby", {"x": 1})
+
+Each daemon is the production :class:`~presenced.server.daemon.Daemon` with the simulated
+transport injected and no client listener; clients are :class:`FakeClient` objects that
+call the node exactly as a WebSocket connection does and decode every frame the node
+pushes to them, keeping a presence map from ``state`` and ``diff`` frames. Comparing those
+maps with a model checks the CRDT, gossip and fan-out end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from presenced.config import Config, HostPort
+from presenced.core import protocol
+from presenced.core.crdt import Meta
+from presenced.server.daemon import Daemon
+from presenced.server.node import Node
+from presenced.server.peer_links import GossipSettings
+from presenced.testing.simnet import SimNetwork
+
+#: room -> user -> session -> (meta, region), as a client sees it.
+View = dict[str, dict[str, dict[str, tuple[Any, str]]]]
+
+_sessions = itertools.count(1)
+
+
+def decode_frame(frame: bytes) -> dict[str, Any]:
+    """The JSON message inside one unmasked server text frame."""
+    length = frame[1] & 0x7F
+    offset = 2
+    if length == 126:
+        offset = 4
+    elif length == 127:
+        offset = 10
+    return dict(json.loads(frame[offset:].decode()))
+
+
+class FakeClient:
+    """A client session attached directly to a node (no socket), seeing what a socket would."""
+
+    def __init__(self, node: Node, user: str) -> None:
+        self.node = node
+        self.user = user
+        self.session = f"{node.replica.node}-s{next(_sessions)}"
+        self.rooms: dict[str, None] = {}
+        self.messages: list[dict[str, Any]] = []
+        self.view: View = {}
+        self.closed: tuple[int, str] | None = None
+        node.connections.add(self)  # type: ignore[arg-type]
+
+    # What the node calls on a connection:
+    def push(self, frame: bytes, room: str | None = None) -> None:
+        self._receive(decode_frame(frame))
+
+    def send(self, message: dict[str, Any], room: str | None = None) -> None:
+        self._receive(json.loads(protocol.encode(message)))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+        self.disconnect()
+
+    # What a client does:
+    def join(self, room: str, meta: Meta | None = None) -> None:
+        self.rooms[room] = None
+        self.node.join(self, room, dict(meta or {}), None)  # type: ignore[arg-type]
+
+    def update(self, room: str, patch: Meta) -> None:
+        current = self.node.current_meta(self, room)  # type: ignore[arg-type]
+        assert current is not None, f"{self.user} is not in {room}"
+        self.node.update(self, room, protocol.apply_meta_patch(dict(current), dict(patch)))  # type: ignore[arg-type]
+
+    def leave(self, room: str) -> None:
+        del self.rooms[room]
+        self.node.leave(self, room)  # type: ignore[arg-type]
+        self.view.pop(room, None)
+
+    def broadcast(self, room: str, event: str, data: Any = None) -> None:
+        self.node.broadcast(self, room, event, data, False)  # type: ignore[arg-type]
+
+    def disconnect(self) -> None:
+        self.node.disconnect(self)  # type: ignore[arg-type]
+        self.view.clear()
+
+    def _receive(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        kind = message["type"]
+        if kind == "state":
+            self.view[message["room"]] = {}
+            self._merge(message["room"], message["presences"])
+        elif kind == "diff" and message["room"] in self.view:
+            room = self.view[message["room"]]
+            self._merge(message["room"], message["joins"])
+            self._merge(message["room"], message["updates"])
+            for user, sessions in message["leaves"].items():
+                for entry in sessions:
+                    room.get(user, {}).pop(entry["session"], None)
+                if user in room and not room[user]:
+                    del room[user]
+
+    def _merge(self, room: str, presences: dict[str, list[dict[str, Any]]]) -> None:
+        target = self.view.setdefault(room, {})
+        for user, sessions in presences.items():
+            for entry in sessions:
+                target.setdefault(user, {})[entry["session"]] = (entry["meta"], entry["region"])
+
+    def sees(self, room: str) -> dict[tuple[str, str], Any]:
+        """(user, session) -> meta of everyone this client sees in a room."""
+        return {
+            (user, session): meta
+            for user, sessions in self.view.get(room, {}).items()
+            for session, (meta, _region) in sessions.items()
+        }
+
+
+@attrs.define
+class SimDaemon:
+    name: str
+    daemon: Daemon
+    scope: trio.CancelScope
+
+    @property
+    def node(self) -> Node:
+        return self.daemon.node
+
+
+class Cluster:
+    """Daemons on a :class:`SimNetwork`, started and crashed at will."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        net: SimNetwork,
+        *,
+        tick_ms: int = 25,
+        down_after: float = 3.0,
+        purge_after: float = 30.0,
+        settings: GossipSettings | None = None,
+    ) -> None:
+        self.nursery = nursery
+        self.net = net
+        self.tick_ms = tick_ms
+        self.down_after = down_after
+        self.purge_after = purge_after
+        self.settings = settings or GossipSettings()
+        self.daemons: dict[str, SimDaemon] = {}
+        self._incarnations = itertools.count(1)
+
+    @staticmethod
+    def address(name: str) -> str:
+        return f"sim://{name}"
+
+    async def start(self, name: str, peers: Iterable[str] = ()) -> SimDaemon:
+        """Start (or restart, with a new incarnation) the daemon ``name``."""
+        config = Config(
+            region=name,
+            listen=HostPort("127.0.0.1", 0),
+            allow_anonymous=True,
+            tick_ms=self.tick_ms,
+            down_after=self.down_after,
+            purge_after=self.purge_after,
+            peers=tuple(self.address(p) for p in peers),
+        )
+        if self.net.is_crashed(name):
+            self.net.restart(name)
+        transport = self.net.transport(name, self.address(name))
+        daemon = Daemon(
+            config,
+            incarnation=next(self._incarnations),
+            transport=transport,
+            gossip_settings=self.settings,
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await daemon.serve(listen_clients=False, task_status=task_status)
+
+        await self.nursery.start(run)
+        sim = self.daemons[name] = SimDaemon(name, daemon, scope)
+        return sim
+
+    def crash(self, name: str) -> None:
+        """Kill a daemon abruptly: no goodbye, its channels break."""
+        sim = self.daemons.pop(name)
+        self.net.crash(name)
+        sim.scope.cancel()
+
+    async def stop(self, name: str) -> None:
+        """Graceful shutdown (SIGTERM): entries removed and peers told before links close."""
+        sim = self.daemons.pop(name)
+        sim.daemon.shutdown()
+        with trio.move_on_after(5):
+            while not sim.scope.cancel_called and sim.daemon.running:
+                await trio.sleep(0.01)
+        sim.scope.cancel()
+
+    def client(self, name: str, user: str) -> FakeClient:
+        return FakeClient(self.daemons[name].node, user)
+
+    def visible(self, name: str) -> dict[tuple[str, str, str], Any]:
+        """(room, user, session) -> meta of everything daemon ``name`` shows."""
+        return {key: meta for key, (meta, _region) in self.node(name).state.visible().items()}
+
+    def node(self, name: str) -> Node:
+        return self.daemons[name].node
+
+    async def settle(self, seconds: float = 5.0) -> None:
+        """Let virtual time pass (gossip ticks, digests, heartbeats)."""
+        await trio.sleep(seconds)
