@@ -51,6 +51,8 @@ class PresenceClient:
         self.rooms: dict[str, Presences] = {}
         self.welcome: dict[str, Any] = {}
         self.closed: ConnectionClosed | None = None
+        #: Unsolicited messages dropped because the application did not read them.
+        self.dropped = 0
         nursery.start_soon(self._read)
 
     @property
@@ -97,7 +99,10 @@ class PresenceClient:
         return self.welcome
 
     async def join(self, room: str, meta: Mapping[str, Any] | None = None) -> Presences:
-        """Join a room; returns (and keeps) its presences: user -> session -> info."""
+        """Join a room; returns the live presence map of the room: user -> session -> info.
+
+        The map keeps changing as diffs arrive; copy it for a snapshot.
+        """
         await self.request({"type": "join", "room": room, "meta": dict(meta or {})})
         return self.rooms[room]
 
@@ -148,7 +153,12 @@ class PresenceClient:
                     waiter[1].append(message)
                     waiter[0].set()
                 else:
-                    self._send_inbox.send_nowait(message)
+                    try:
+                        self._send_inbox.send_nowait(message)
+                    except trio.WouldBlock:
+                        # The application is not reading messages(); the presence maps
+                        # stay exact regardless (they are synced above), so drop and count.
+                        self.dropped += 1
         except ConnectionClosed as exc:
             self.closed = exc
         finally:

@@ -53,6 +53,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
+#: Most frames one message may be split into (each is held until the message is complete).
+MAX_FRAGMENTS = 64
+
 #: What a stream raises once the peer is gone or we closed it.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -94,11 +97,10 @@ class ClientConnection:
     async def serve(self) -> None:
         """Run the connection to its end; never raises (one client cannot hurt another)."""
         node = self.node
-        busy = len(node.connections) >= self.limits.max_connections
         try:
             with self._scope:
                 with trio.move_on_after(self.limits.hello_timeout):
-                    self.ws, _request = await accept_websocket(self.stream, busy=busy)
+                    self.ws, _request = await accept_websocket(self.stream, admit=self._admit)
                 if self.ws is None:
                     log.info("client %s: no WebSocket handshake in time", self.peer)
                     return
@@ -122,6 +124,13 @@ class ClientConnection:
             self._fd = None  # never write to a descriptor number the kernel may reuse
             node.disconnect(self)
             await self._close_transport()
+
+    def _admit(self) -> bool:
+        """Claim a connection slot, at the moment the upgrade request is answered."""
+        if len(self.node.connections) >= self.limits.max_connections:
+            return False
+        self.node.connections.add(self)
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Ask the connection to end with a close code (takes effect at its next checkpoint)."""
@@ -190,6 +199,10 @@ class ClientConnection:
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     self.push(ws.send(event.response()))
+                elif ws.state is ConnectionState.OPEN:
+                    # wsproto reports a framing error (bad UTF-8, unmasked or unknown frame)
+                    # as a CloseConnection it did not receive: fail the connection with its code.
+                    self.close(event.code, event.reason or "protocol error")
                 return False
             if self._close is not None:
                 return False
@@ -203,6 +216,10 @@ class ClientConnection:
             self.close(CLOSE_TOO_BIG, "frame too large")
             return False
         if not finished:
+            if len(self._fragments) >= MAX_FRAGMENTS:
+                self.send(protocol.error(protocol.TOO_LARGE, "too many fragments", None))
+                self.close(CLOSE_TOO_BIG, "too many fragments")
+                return False
             self._fragments.append(data)
             return True
         if self._fragments:

@@ -11,6 +11,8 @@ every connection: a room diff is encoded once and the same bytes are written to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
@@ -40,12 +42,13 @@ class HandshakeFailed(Exception):
 
 
 async def accept_websocket(
-    stream: trio.abc.Stream, *, busy: bool = False
+    stream: trio.abc.Stream, *, admit: Callable[[], bool] = lambda: True
 ) -> tuple[WSConnection, Request]:
     """Read the HTTP upgrade request and answer it.
 
     Returns the wsproto connection (which may already hold frames the client pipelined after
-    its request) and the request. A daemon at its connection limit (``busy``) answers 503.
+    its request) and the request. ``admit`` is asked when the request is complete; if it
+    refuses (the daemon is at its connection limit) the answer is HTTP 503.
     """
     ws = WSConnection(ConnectionType.SERVER)
     while True:
@@ -56,7 +59,7 @@ async def accept_websocket(
             ws.receive_data(bytes(data))
             for event in ws.events():
                 if isinstance(event, Request):
-                    return await _answer(stream, ws, event, busy)
+                    return await _answer(stream, ws, event, not admit())
         except RemoteProtocolError as exc:
             await _reject(stream, ws, exc.event_hint, str(exc))
             raise HandshakeFailed(str(exc)) from exc
