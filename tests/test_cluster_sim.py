@@ -124,7 +124,9 @@ async def test_partition_and_heal_converge(autojump_clock: object) -> None:
 
 async def test_graceful_stop_removes_users_everywhere_at_once(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
-        cluster = await line(nursery, SimNetwork(seed=5, latency=0.02), down_after=30.0, purge_after=60.0)
+        cluster = await line(
+            nursery, SimNetwork(seed=5, latency=0.02), down_after=30.0, purge_after=60.0
+        )
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")
         ann.join("r")

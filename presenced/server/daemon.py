@@ -7,6 +7,7 @@ period to write the close frames, then stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -55,9 +56,24 @@ class Daemon:
         self._stopping = trio.Event()
         if transport is None and (config.peers or config.peer_listen is not None):
             transport = _tls_transport(config)
+        self.transport = transport
         self.peers: PeerManager | None = None
         if transport is not None:
-            self.peers = PeerManager(self.node, transport, config.peers, gossip_settings)
+            self.peers = PeerManager(
+                self.node,
+                transport,
+                config.peers,
+                gossip_settings,
+                accept=config.peer_listen is not None or not config.peers,
+            )
+
+    def _transport_running(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """The TLS transport keeps dialled channels' tasks in a nursery of its own."""
+        from presenced.server.peer_tls import TlsWebSocketTransport
+
+        if isinstance(self.transport, TlsWebSocketTransport):
+            return self.transport.running()
+        return contextlib.nullcontext()
 
     async def serve(
         self,
@@ -78,7 +94,7 @@ class Daemon:
             self.client_port = listeners[0].socket.getsockname()[1]
         self.running = True
         try:
-            async with trio.open_nursery() as nursery:
+            async with self._transport_running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self.node.run_ticker)
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
@@ -154,8 +170,8 @@ def _tls_transport(config: Config) -> PeerTransport:
         raise ValueError("peer links need --tls-cert, --tls-key and --tls-ca")
     listen = config.peer_listen
     return TlsWebSocketTransport(
-        listen_host=listen.host if listen else None,
-        listen_port=listen.port if listen else None,
+        listen_host=listen.host if listen else "127.0.0.1",
+        listen_port=listen.port if listen else 0,
         server_ctx=server_context(config.tls_cert, config.tls_key, config.tls_ca),
         client_ctx=client_context(config.tls_cert, config.tls_key, config.tls_ca),
     )

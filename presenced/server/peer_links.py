@@ -258,9 +258,12 @@ class PeerManager:
         peers: tuple[str, ...],
         settings: GossipSettings | None = None,
         *,
+        accept: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         self.node = node
+        #: Whether to accept inbound links (only dial when False: no --peer-listen).
+        self.accept = accept
         self.transport = transport
         self.peers = peers
         self.settings = settings or GossipSettings()
@@ -277,7 +280,9 @@ class PeerManager:
         """Accept and dial links until cancelled; started() gets the bound peer port."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            port = await nursery.start(self.transport.serve, self._accept)
+            port = None
+            if self.accept:
+                port = await nursery.start(self.transport.serve, self._accept)
             for url in self.peers:
                 nursery.start_soon(self._dial_forever, url)
             nursery.start_soon(self._heartbeat)

@@ -214,7 +214,7 @@ class TlsWebSocketTransport:
         self,
         *,
         listen_host: str | None = "127.0.0.1",
-        listen_port: int = 0,
+        listen_port: int | None = 0,
         server_ctx: ssl.SSLContext | None = None,
         client_ctx: ssl.SSLContext | None = None,
         subprotocol: str = SUBPROTOCOL,
@@ -230,7 +230,7 @@ class TlsWebSocketTransport:
         if not allow_plain and server_ctx is None and client_ctx is None:
             raise ValueError("give server_ctx and/or client_ctx, or allow_plain=True")
         self.listen_host = listen_host
-        self.listen_port = listen_port
+        self.listen_port = listen_port or 0
         self.server_ctx = server_ctx
         self.client_ctx = client_ctx
         self.subprotocol = subprotocol
@@ -379,7 +379,8 @@ class TlsWebSocketTransport:
         self,
         handler: ChannelHandler,
         *,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+        # Typed like PeerTransport.serve's (``object``) would be, but usable: a trio.TaskStatus.
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept peers on ``listen_host:listen_port`` forever, running ``handler(channel)``
         for each in its own task (the channel is closed when it returns).

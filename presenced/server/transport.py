@@ -10,7 +10,7 @@ code above this seam is the same in both.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ChannelClosed(Exception):
@@ -49,7 +49,7 @@ class PeerTransport(Protocol):
         """Open a channel to the peer at ``url``; raises OSError or ChannelClosed on failure."""
         ...
 
-    async def serve(self, handler: ChannelHandler, *, task_status: object = ...) -> None:
+    async def serve(self, handler: ChannelHandler, *, task_status: Any = ...) -> None:
         """Accept channels forever, running ``handler`` for each in its own task.
 
         Calls ``task_status.started(port)`` (the bound port, or None) once accepting.

@@ -1,0 +1,205 @@
+"""Three real daemon processes with dev certificates, linked eu — us — ap over mutual TLS.
+
+Everything runs on 127.0.0.1 through the CLI, as an operator would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from presenced.certs import init_ca, issue_node_cert
+from presenced.client import PresenceClient, connect
+
+DOWN_AFTER = 1.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Region:
+    def __init__(self, name: str, certs: Path, logs: Path) -> None:
+        self.name = name
+        self.certs = certs
+        self.log = logs / f"{name}.log"
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"wss://127.0.0.1:{self.peer_port}"
+
+    def start(
+        self, peers: list[Region], *, cert: str | None = None, ca: Path | None = None
+    ) -> None:
+        cert = cert or self.name
+        args = [
+            sys.executable, "-m", "presenced", "run",
+            "--region", self.name,
+            "--listen", f"127.0.0.1:{self.client_port}",
+            "--peer-listen", f"127.0.0.1:{self.peer_port}",
+            "--tls-cert", str(self.certs / f"{cert}.pem"),
+            "--tls-key", str(self.certs / f"{cert}.key"),
+            "--tls-ca", str(ca or self.certs / "ca.pem"),
+            "--allow-anonymous",
+            "--tick-ms", "20",
+            "--down-after", str(DOWN_AFTER),
+            "--purge-after", "20",
+        ]  # fmt: skip
+        if peers:
+            args += ["--peers", ",".join(p.peer_url for p in peers)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(5)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return -9
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> Iterator[dict[str, Region]]:
+    certs = tmp_path / "certs"
+    init_ca(certs)
+    for name in ("eu", "us", "ap"):
+        issue_node_cert(certs, name, hosts=("127.0.0.1",))
+    made = {name: Region(name, certs, tmp_path) for name in ("eu", "us", "ap")}
+    try:
+        yield made
+    finally:
+        for region in made.values():
+            region.stop()
+
+
+async def wait_listening(port: int) -> None:
+    with trio.fail_after(15):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+            else:
+                await stream.aclose()
+                return
+
+
+async def wait_for(client: PresenceClient, room: str, users: set[str], timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while set(client.presences(room)) != users:
+            await trio.sleep(0.02)
+
+
+@asynccontextmanager
+async def client(url: str, user: str, room: str) -> AsyncIterator[PresenceClient]:
+    async with connect(url, user=user) as c:
+        await c.join(room, {"name": user})
+        yield c
+
+
+@contextmanager
+def no_tracebacks(*regions: Region) -> Iterator[None]:
+    yield
+    for region in regions:
+        assert "Traceback" not in region.logs(), region.logs()
+
+
+async def test_line_of_three_regions_survives_the_middle_being_killed(
+    regions: dict[str, Region],
+) -> None:
+    eu, us, ap = regions["eu"], regions["us"], regions["ap"]
+    us.start([])
+    eu.start([us])
+    ap.start([us])
+    for region in (eu, us, ap):
+        await wait_listening(region.client_port)
+    async with client(eu.url, "ann", "hq") as ann, client(ap.url, "bob", "hq") as bob:
+        await wait_for(ann, "hq", {"ann", "bob"})
+        await wait_for(bob, "hq", {"ann", "bob"})
+        assert next(iter(bob.presences("hq")["ann"].values()))["region"] == "eu"
+        await ann.update("hq", {"x": 42})
+        with trio.fail_after(5):
+            while next(iter(bob.presences("hq")["ann"].values()))["meta"].get("x") != 42:
+                await trio.sleep(0.02)
+
+        async with client(us.url, "cat", "hq") as cat:
+            await wait_for(ann, "hq", {"ann", "bob", "cat"})
+            await wait_for(cat, "hq", {"ann", "bob", "cat"})
+            us.kill()
+            # cat's daemon is gone and eu, ap lost their only link: within the down period
+            # each side shows only its own users.
+            await wait_for(ann, "hq", {"ann"}, timeout=DOWN_AFTER + 3)
+            await wait_for(bob, "hq", {"bob"}, timeout=DOWN_AFTER + 3)
+
+        us.start([])
+        await wait_listening(us.client_port)
+        # eu and ap redial us and see each other again (cat's old session is gone for good).
+        await wait_for(ann, "hq", {"ann", "bob"}, timeout=20)
+        await wait_for(bob, "hq", {"ann", "bob"}, timeout=20)
+    for region in (eu, ap):
+        assert region.stop() == 0
+    assert "refused peer" not in eu.logs()
+
+
+async def test_a_peer_with_a_certificate_from_another_ca_is_refused(
+    regions: dict[str, Region], tmp_path: Path
+) -> None:
+    eu, us = regions["eu"], regions["us"]
+    rogue = tmp_path / "rogue"
+    init_ca(rogue)
+    issue_node_cert(rogue, "eu", hosts=("127.0.0.1",))
+    us.start([])
+    await wait_listening(us.client_port)
+    eu.certs = rogue  # same node name, certificate from the wrong CA
+    eu.start([us], ca=regions["us"].certs / "ca.pem")
+    await wait_listening(eu.client_port)
+    async with client(eu.url, "ann", "hq") as ann, client(us.url, "cat", "hq") as cat:
+        await trio.sleep(2 * DOWN_AFTER)
+        assert set(ann.presences("hq")) == {"ann"}
+        assert set(cat.presences("hq")) == {"cat"}
+    with trio.fail_after(5):
+        while "refused peer" not in us.logs():
+            await trio.sleep(0.05)
+    assert us.stop() == 0
+
+
+def test_peers_need_tls_files(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "presenced", "run", "--peers", "wss://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PRESENCED_ALLOW_ANONYMOUS": "1"},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "tls" in result.stderr.lower()
