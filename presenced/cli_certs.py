@@ -34,7 +34,7 @@ def certs() -> None:
     """
 
 
-@certs.command("init")
+@certs.command("init", short_help="Create the CA (ca.pem, ca.key).")
 @click.option(
     "--dir",
     "directory",
@@ -69,7 +69,7 @@ def init_command(directory: Path, name: str, days: int, force: bool) -> None:
     click.echo(f"  presenced certs issue NODE --dir {_q(directory)} --host NODE.example.com")
 
 
-@certs.command("issue")
+@certs.command("issue", short_help="Issue a certificate for a node, signed by the CA.")
 @click.argument("node")
 @click.option(
     "--dir",

@@ -1,0 +1,417 @@
+"""The production peer transport: WebSocket over mutually authenticated TLS, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from presenced.certs import CertError, init_ca, issue_node_cert
+from presenced.server.peer_tls import (
+    SUBPROTOCOL,
+    TlsWebSocketTransport,
+    client_context,
+    server_context,
+)
+from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
+
+LOGGER = "presenced.server.peer_tls"
+
+
+@attrs.define
+class Pki:
+    root: Path
+
+    def node(self, name: str, ca: str = "main") -> tuple[Path, Path, Path]:
+        folder = self.root / ca
+        return folder / f"{name}.pem", folder / f"{name}.key", folder / "ca.pem"
+
+    def transport(
+        self, name: str, *, ca: str = "main", trust: str = "main", **kwargs: object
+    ) -> TlsWebSocketTransport:
+        """The transport of node ``name`` with a cert from CA ``ca``, trusting CA ``trust``."""
+        cert, key, _ = self.node(name, ca)
+        trusted = self.root / trust / "ca.pem"
+        kwargs.setdefault("listen_host", "127.0.0.1")
+        kwargs.setdefault("listen_port", 0)
+        kwargs.setdefault("handshake_timeout", 5.0)
+        return TlsWebSocketTransport(
+            server_ctx=server_context(cert, key, trusted),
+            client_ctx=client_context(cert, key, trusted),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    init_ca(root / "main", name="main CA")
+    for node in ("eu", "us"):
+        issue_node_cert(root / "main", node, hosts=("localhost", "127.0.0.1"))
+    issue_node_cert(root / "main", "nameonly", hosts=("localhost",))  # no 127.0.0.1 SAN
+    # Another CA whose certificates claim the same node names.
+    init_ca(root / "evil", name="evil CA")
+    for node in ("eu", "us"):
+        issue_node_cert(root / "evil", node, hosts=("localhost", "127.0.0.1"))
+    return Pki(root)
+
+
+@attrs.define
+class Server:
+    port: int
+    channels: trio.MemoryReceiveChannel[PeerChannel]
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/peer"
+
+
+@asynccontextmanager
+async def serving(
+    transport: TlsWebSocketTransport,
+    on_channel: Callable[[PeerChannel], object] | None = None,
+) -> AsyncIterator[Server]:
+    """Run ``transport.serve``; each accepted channel is handed to the test, which drives it
+    (the handler keeps it open until the channel is closed)."""
+    send, receive = trio.open_memory_channel[PeerChannel](10)
+
+    async def handler(channel: PeerChannel) -> None:
+        closed = trio.Event()
+        original_aclose = channel.aclose
+
+        async def aclose() -> None:
+            await original_aclose()
+            closed.set()
+
+        channel.aclose = aclose  # type: ignore[method-assign]
+        await send.send(channel)
+        await closed.wait()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(transport.serve, handler)
+        assert transport.bound_port == port
+        yield Server(port, receive)
+        nursery.cancel_scope.cancel()
+
+
+async def test_is_a_peer_transport(pki: Pki) -> None:
+    transport: PeerTransport = pki.transport("eu")
+    assert transport is not None
+
+
+async def test_messages_both_ways_with_proven_names(pki: Pki) -> None:
+    us, eu = pki.transport("us"), pki.transport("eu")
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+
+            assert dialled.remote_names is not None and "us" in dialled.remote_names
+            assert accepted.remote_names is not None and "eu" in accepted.remote_names
+            assert dialled.remote_label == f"127.0.0.1:{server.port}"
+            assert accepted.remote_label.startswith("127.0.0.1:")
+
+            await dialled.send(b"\x00hello from eu")
+            assert await accepted.receive() == b"\x00hello from eu"
+            await accepted.send(b"hi from us")
+            await accepted.send(bytes(range(256)) * 1000)
+            assert await dialled.receive() == b"hi from us"
+            assert await dialled.receive() == bytes(range(256)) * 1000
+
+            await dialled.aclose()
+            with pytest.raises(ChannelClosed):
+                await accepted.receive()
+            with pytest.raises(ChannelClosed):
+                await dialled.send(b"after close")
+            await dialled.aclose()  # idempotent
+
+
+async def test_server_closing_ends_the_dialled_channel(pki: Pki) -> None:
+    us, eu = pki.transport("us"), pki.transport("eu")
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            await accepted.send(b"last words")
+            await accepted.aclose()
+            assert await dialled.receive() == b"last words"
+            with pytest.raises(ChannelClosed):
+                await dialled.receive()
+
+
+async def test_client_from_another_ca_is_refused(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    us, eu = pki.transport("us"), pki.transport("eu")
+    mallory = pki.transport("eu", ca="evil", trust="main")  # trusts us, but us won't trust it
+    with trio.fail_after(4):  # well under the handshake timeout: refusal must be prompt
+        async with serving(us) as server, mallory.running(), eu.running():
+            with pytest.raises(ChannelClosed, match="cannot connect"):
+                await mallory.dial(server.url)
+            # The listener survived and still takes good peers.
+            good = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            assert accepted.remote_names is not None and "eu" in accepted.remote_names
+            await good.send(b"ok")
+            assert await accepted.receive() == b"ok"
+    refusals = [r for r in caplog.records if "refused peer connection from 127.0.0.1:" in r.message]
+    assert len(refusals) == 1
+    assert refusals[0].levelno == logging.WARNING
+    assert "\n" not in refusals[0].getMessage()
+
+
+async def test_client_without_certificate_is_refused(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    _, _, ca = pki.node("us")
+    anonymous_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    anonymous = TlsWebSocketTransport(client_ctx=anonymous_ctx, handshake_timeout=5.0)
+    with trio.fail_after(4):
+        async with serving(pki.transport("us")) as server, anonymous.running():
+            with pytest.raises(ChannelClosed):
+                await anonymous.dial(server.url)
+    assert any("refused peer connection" in r.message for r in caplog.records)
+
+
+async def test_server_from_another_ca_is_refused(pki: Pki) -> None:
+    impostor = pki.transport("us", ca="evil", trust="main")
+    eu = pki.transport("eu")
+    with trio.fail_after(4):
+        async with serving(impostor) as server, eu.running():
+            with pytest.raises(ChannelClosed, match="certificate verify failed"):
+                await eu.dial(server.url)
+
+
+async def test_server_cert_must_name_the_dialled_host(pki: Pki) -> None:
+    eu = pki.transport("eu")
+    with trio.fail_after(4):
+        async with serving(pki.transport("nameonly")) as server, eu.running():
+            with pytest.raises(ChannelClosed, match="certificate verify failed"):
+                await eu.dial(server.url)  # 127.0.0.1 is not in its SANs
+            dialled = await eu.dial(f"wss://localhost:{server.port}/")
+            assert dialled.remote_names == {"nameonly", "localhost"}
+
+
+async def test_wrong_subprotocol_is_refused(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    other = pki.transport("eu", subprotocol="presenced-peer.v999")
+    with trio.fail_after(4):
+        async with serving(pki.transport("us")) as server, other.running():
+            with pytest.raises(ChannelClosed, match="HTTP 400: expected subprotocol"):
+                await other.dial(server.url)
+    assert any("subprotocol" in r.message for r in caplog.records)
+
+
+async def test_silent_connection_times_out_without_blocking_others(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    us = pki.transport("us", handshake_timeout=0.3)
+    eu = pki.transport("eu")
+    with trio.fail_after(5):
+        async with serving(us) as server, eu.running():
+            silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+            good = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            await good.send(b"still here")
+            assert await accepted.receive() == b"still here"
+            await trio.sleep(0.6)
+            assert any("timed out" in r.message for r in caplog.records)
+            await silent.aclose()
+
+
+async def test_tls_then_hang_up_is_refused_promptly(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cert, key, ca = pki.node("eu")
+    with trio.fail_after(3):
+        async with serving(pki.transport("us")) as server:
+            tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
+            tls = trio.SSLStream(tcp, client_context(cert, key, ca), server_hostname="127.0.0.1")
+            await tls.do_handshake()
+            await tls.aclose()  # no WebSocket upgrade
+            while not any("refused" in r.message for r in caplog.records):
+                await trio.sleep(0.01)
+    assert any("WebSocket handshake" in r.message for r in caplog.records)
+
+
+async def test_text_message_closes_the_channel(pki: Pki) -> None:
+    cert, key, ca = pki.node("eu")
+    with trio.fail_after(5):
+        async with serving(pki.transport("us")) as server, trio.open_nursery() as nursery:
+            tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
+            tls = trio.SSLStream(tcp, client_context(cert, key, ca), server_hostname="127.0.0.1")
+            try:
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, tls, "127.0.0.1", "/", subprotocols=[SUBPROTOCOL]
+                )
+                accepted = await server.channels.receive()
+                await ws.send_message("not binary")
+                with pytest.raises(ChannelClosed, match="text message"):
+                    await accepted.receive()
+            finally:
+                await trio.aclose_forcefully(tls)
+
+
+async def test_message_size_limit(pki: Pki) -> None:
+    us = pki.transport("us", max_message_bytes=1024)
+    eu = pki.transport("eu")
+    with trio.fail_after(5):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            with pytest.raises(ValueError, match="exceeds"):
+                await accepted.send(b"x" * 1025)
+            await accepted.send(b"x" * 1024)  # still usable
+            assert await dialled.receive() == b"x" * 1024
+            await dialled.send(b"y" * 2048)  # within eu's limit, over us's
+            with pytest.raises(ChannelClosed):
+                await accepted.receive()
+
+
+async def test_leaving_running_closes_dialled_channels(pki: Pki) -> None:
+    eu = pki.transport("eu")
+    with trio.fail_after(5):
+        async with serving(pki.transport("us")) as server:
+            async with eu.running():
+                await eu.dial(server.url)
+                accepted = await server.channels.receive()
+            with pytest.raises(ChannelClosed):
+                await accepted.receive()
+
+
+async def test_plain_mode(caplog: pytest.LogCaptureFixture) -> None:
+    plain_server = TlsWebSocketTransport(listen_host="127.0.0.1", allow_plain=True)
+    plain_client = TlsWebSocketTransport(allow_plain=True)
+    with trio.fail_after(5):
+        async with serving(plain_server) as server, plain_client.running():
+            dialled = await plain_client.dial(f"ws://127.0.0.1:{server.port}")
+            accepted = await server.channels.receive()
+            assert dialled.remote_names is None and accepted.remote_names is None
+            await dialled.send(b"plain")
+            assert await accepted.receive() == b"plain"
+
+
+async def test_dial_misuse(pki: Pki) -> None:
+    eu = pki.transport("eu")
+    with pytest.raises(RuntimeError, match="running"):
+        await eu.dial("wss://127.0.0.1:1/")
+    async with eu.running():
+        with pytest.raises(ValueError, match="allow_plain"):
+            await eu.dial("ws://127.0.0.1:1/")
+        for url in ("https://127.0.0.1:1/", "wss://127.0.0.1/", "wss://:5/", "nonsense"):
+            with pytest.raises(ValueError, match="bad peer URL"):
+                await eu.dial(url)
+        with pytest.raises(OSError):
+            await eu.dial(f"wss://127.0.0.1:{await _closed_port()}/")
+    with pytest.raises(ValueError):
+        TlsWebSocketTransport()
+
+
+async def _closed_port() -> int:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = int(listeners[0].socket.getsockname()[1])
+    await listeners[0].aclose()
+    return port
+
+
+def test_context_errors(pki: Pki, tmp_path: Path) -> None:
+    cert, key, ca = pki.node("eu")
+    with pytest.raises(CertError, match="not found"):
+        server_context(tmp_path / "missing.pem", key, ca)
+    with pytest.raises(CertError, match="not found"):
+        client_context(cert, key, tmp_path / "missing-ca.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(CertError, match="cannot load CA"):
+        client_context(cert, key, garbage)
+    with pytest.raises(CertError, match="cannot load certificate"):
+        server_context(garbage, key, ca)
+    _, other_key, _ = pki.node("us")
+    with pytest.raises(CertError, match="cannot load certificate") as info:
+        server_context(cert, other_key, ca)
+    assert "\n" not in str(info.value)
+
+
+def test_contexts(pki: Pki) -> None:
+    cert, key, ca = pki.node("eu")
+    server = server_context(cert, key, ca)
+    client = client_context(cert, key, ca)
+    for ctx in (server, client):
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+        assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "main CA"),),)]
+    assert client.check_hostname
+
+
+async def test_handler_letting_channel_closed_escape_is_fine(pki: Pki) -> None:
+    us, eu = pki.transport("us"), pki.transport("eu")
+    accepted: list[PeerChannel] = []
+
+    async def echo(channel: PeerChannel) -> None:
+        accepted.append(channel)
+        while True:  # ends with ChannelClosed, which serve() swallows
+            await channel.send(await channel.receive())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery, eu.running():
+            port = await nursery.start(us.serve, echo)
+            for _ in range(2):
+                channel = await eu.dial(f"wss://127.0.0.1:{port}")
+                await channel.send(b"ping")
+                assert await channel.receive() == b"ping"
+                await channel.aclose()
+            nursery.cancel_scope.cancel()
+    assert len(accepted) == 2
+
+
+async def test_dial_times_out_on_a_silent_server(pki: Pki) -> None:
+    eu = pki.transport("eu", handshake_timeout=0.3)
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery, eu.running():
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, hold, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(ChannelClosed, match="timed out"):
+                await eu.dial(f"wss://127.0.0.1:{port}/")
+            nursery.cancel_scope.cancel()
+
+
+async def test_dial_times_out_when_the_upgrade_is_not_answered(pki: Pki) -> None:
+    eu = pki.transport("eu", handshake_timeout=0.3)
+    cert, key, ca = pki.node("us")
+    ctx = server_context(cert, key, ca)
+
+    async def tls_then_silence(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, ctx, server_side=True)
+        await tls.do_handshake()
+        await tls.receive_some()  # the HTTP upgrade request, never answered
+        await trio.sleep_forever()
+
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery, eu.running():
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, tls_then_silence, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(ChannelClosed, match="timed out"):
+                await eu.dial(f"wss://127.0.0.1:{port}/")
+            nursery.cancel_scope.cancel()
