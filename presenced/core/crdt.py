@@ -306,6 +306,13 @@ class PresenceState:
 
     def _admit(self, replica: ReplicaId, changes: list[Change]) -> bool:
         """A new replica: retire older incarnations of its node, or refuse it if it is older."""
+        if any(
+            other.node == replica.node and other.incarnation > replica.incarnation
+            for other in self.retired
+        ):
+            # A newer incarnation of its node said goodbye or replaced it: this one is dead.
+            self.retired.add(replica)
+            return False
         for other in list(self.partitions):
             if other.node != replica.node:
                 continue
