@@ -155,8 +155,8 @@ def _env(name: str) -> str:
     metavar="SECONDS",
     envvar=_env("down_after"),
     show_envvar=True,
-    help="Seconds without a heartbeat before a peer region's node is marked down (its users"
-    " stay, marked away). Default: 3.",
+    help="Seconds without a heartbeat before a peer region's node is marked down: its users"
+    " leave every room everywhere (they return if it comes back in time). Default: 3.",
 )
 @click.option(
     "--purge-after",

@@ -144,13 +144,15 @@ def check_name(value: object, what: str) -> str:
 
 
 def _check_peer(url: str, what: str) -> str:
-    problem = f"{what}: {url!r} is not a ws:// or wss:// URL with host and port"
+    problem = f"{what}: {url!r} is not a wss:// URL with host and port"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError:
         raise ConfigError(problem) from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None or port == 0:
+    if parts.scheme == "ws":
+        raise ConfigError(f"{what}: {url!r}: peer links are always TLS; use wss://")
+    if parts.scheme != "wss" or not parts.hostname or port is None or port == 0:
         raise ConfigError(f"{problem} (like wss://us.example:7443)")
     if parts.username is not None or parts.query or parts.fragment:
         raise ConfigError(f"{problem}: no user, query or fragment allowed")

@@ -104,7 +104,7 @@ def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> No
         (["--listen", "nowhere"], "Error: --listen: expected HOST:PORT"),
         (["--listen", "host:70000"], "Error: --listen: port must be 0..65535, got 70000"),
         (["--region", "no spaces"], "Error: --region: must be 1..64 characters"),
-        (["--peers", "wss://x"], "Error: --peers: 'wss://x' is not a ws:// or wss:// URL"),
+        (["--peers", "wss://x"], "Error: --peers: 'wss://x' is not a wss:// URL"),
         (["--peers", "wss://x:1"], "Error: peer links (peers, peer_listen) are mutual TLS"),
         (["--tls-key", "/nonexistent"], "Error: --tls-key: '/nonexistent' is not a file"),
         (["--tls-cert", __file__], "Error: --tls-cert also needs --tls-key and --tls-ca"),

@@ -136,11 +136,11 @@ def test_secret_file_errors(tmp_path: Path) -> None:
 
 
 def test_peers_validation(tls: dict[str, str]) -> None:
-    assert parse_peers("wss://us.example:7443, ws://10.0.0.2:7500/gossip,,") == (
+    assert parse_peers("wss://us.example:7443, wss://10.0.0.2:7500/gossip,,") == (
         "wss://us.example:7443",
-        "ws://10.0.0.2:7500/gossip",
+        "wss://10.0.0.2:7500/gossip",
     )
-    assert parse_peers(["ws://[::1]:7401", "ws://[::1]:7401"]) == ("ws://[::1]:7401",)
+    assert parse_peers(["wss://[::1]:7401", "wss://[::1]:7401"]) == ("wss://[::1]:7401",)
     assert parse_peers("") == ()
     for bad in [
         "http://us.example:7443",
@@ -155,12 +155,12 @@ def test_peers_validation(tls: dict[str, str]) -> None:
         with pytest.raises(ConfigError, match=r"^--peers: "):
             parse_peers(bad, "--peers")
     with pytest.raises(ConfigError, match="must be strings"):
-        parse_peers(["ws://a:1", 5])  # type: ignore[list-item]
+        parse_peers(["wss://a:1", 5])  # type: ignore[list-item]
     config = build_config({"peers": ["wss://eu.example:7443"], "allow_anonymous": True, **tls})
     assert config.peers == ("wss://eu.example:7443",)
     assert config.tls_cert == Path(tls["tls_cert"])
     with pytest.raises(ConfigError, match=r"^--peers: "):
-        build_config({"peers": "ws://ok:1,ftp://no:2", **tls}, {"peers": "--peers"})
+        build_config({"peers": "wss://ok:1,ftp://no:2", **tls}, {"peers": "--peers"})
 
 
 def test_value_checks(tls: dict[str, str]) -> None:
@@ -320,7 +320,7 @@ def test_cli_env_value_error_names_env_var(monkeypatch: pytest.MonkeyPatch) -> N
     )
     assert result.exit_code == 2
     assert not started
-    assert result.output.startswith("Error: PRESENCED_PEERS: 'http://x:1' is not a ws://")
+    assert result.output.startswith("Error: PRESENCED_PEERS: 'http://x:1' is not a wss://")
 
 
 def test_cli_missing_secret(monkeypatch: pytest.MonkeyPatch) -> None:

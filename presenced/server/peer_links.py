@@ -116,6 +116,9 @@ class PeerLink:
             await part()
         except (ChannelClosed, wire.PeerProtocolError) as exc:
             self.error = self.error or exc
+        except ValueError as exc:  # e.g. a message over the transport's size limit
+            log.error("peer link to %s: %s; closing it", self.remote, exc)
+            self.error = self.error or ChannelClosed(str(exc))
         finally:
             scope.cancel()
 
@@ -304,6 +307,9 @@ class PeerManager:
             started = self.node.clock()
             try:
                 channel = await self.transport.dial(url)
+            except ValueError as exc:
+                log.error("cannot dial peer %s: %s; not trying it again", url, exc)
+                return
             except (OSError, ChannelClosed, trio.TooSlowError) as exc:
                 log.info("cannot reach peer %s: %s", url, exc or type(exc).__name__)
             else:
