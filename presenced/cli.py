@@ -115,7 +115,7 @@ def _env(name: str) -> str:
     metavar="URL,...",
     envvar=_env("peers"),
     show_envvar=True,
-    help="Comma-separated ws:// or wss:// URLs (with port) of other regions to gossip with,"
+    help="Comma-separated wss:// URLs (with port) of other regions to gossip with,"
     " like wss://us.example:7443. Default: none.",
 )
 @click.option(

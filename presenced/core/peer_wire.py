@@ -8,7 +8,7 @@ types, sizes, and that metas are JSON-compatible (they are relayed to browsers a
 Shapes (arrays rather than maps inside, to keep deltas compact):
 
 * ``hello``  ``{t, v, node, region, inc}``
-* ``gossip`` ``{t, hb?, deltas?, digest?}`` where ``hb`` rows are
+* ``gossip`` ``{t, hb?, deltas?, digest?, links?}`` where ``hb`` rows are
   ``[node, inc, heartbeat, age_ms]``, ``deltas`` rows are
   ``[node, inc, region, since, clock, full, records]`` with records
   ``[room, user, session, counter, meta|null]``, and ``digest`` rows ``[node, inc, clock]``
@@ -57,6 +57,9 @@ class Gossip:
     beats: tuple[Beat, ...] = ()
     deltas: tuple[Delta, ...] = ()
     digest: dict[ReplicaId, int] | None = None
+    #: Nodes the sender has a live direct link to (sent with heartbeats): a relay does not
+    #: forward a replica's deltas to a peer that hears them from their origin directly.
+    links: tuple[str, ...] | None = None
 
 
 @attrs.frozen
@@ -108,6 +111,8 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
             wire["deltas"] = [_delta_to_wire(d) for d in message.deltas]
         if message.digest is not None:
             wire["digest"] = [[r.node, r.incarnation, c] for r, c in message.digest.items()]
+        if message.links is not None:
+            wire["links"] = list(message.links)
         return wire
     if isinstance(message, Hello):
         return {
@@ -195,7 +200,13 @@ def _gossip(wire: dict[str, Any]) -> Gossip:
             _replica(row[0], row[1]): _count(row[2], "clock")
             for row in _rows(wire["digest"], 3, "digest")
         }
-    return Gossip(beats, deltas, digest)
+    links = None
+    if "links" in wire:
+        raw = wire["links"]
+        if type(raw) is not list or len(raw) > 10_000:
+            raise PeerProtocolError("'links' must be a list of node names")
+        links = tuple(_name(name, "links") for name in raw)
+    return Gossip(beats, deltas, digest, links)
 
 
 def _delta(row: list[Any]) -> Delta:

@@ -80,6 +80,8 @@ class PeerLink:
         #: Per replica, the clock the peer is believed to hold; None until its first digest.
         self.sent: dict[ReplicaId, int] | None = None
         self.rtt: float | None = None
+        #: Nodes the peer has direct links to (from its gossip): not relayed to it.
+        self.remote_links: frozenset[str] = frozenset()
         self.last_received = self.node.clock()
         self.last_sent = float("-inf")
         self._wakeup = trio.Event()
@@ -158,13 +160,18 @@ class PeerLink:
         node = self.node
         now = node.clock()
         beats = node.liveness.beats(now) if self._beat_due else []
+        links = tuple(self.manager.links) if self._beat_due else None
         digest = node.state.digest() if self._digest_due else None
         self._beat_due = self._digest_due = False
         deltas = []
         if self.sent is not None:
             sent = self.sent
+            direct = self.remote_links
+            own = node.replica
             for replica, part in node.state.partitions.items():
                 known = sent.get(replica, 0)
+                if replica != own and replica.node in direct:
+                    continue  # the peer hears it from its origin; digests repair any gap
                 if part.clock > known and replica != self.remote:
                     delta = node.state.extract(replica, known)
                     if delta is not None:
@@ -172,7 +179,7 @@ class PeerLink:
                     sent[replica] = part.clock
         if not (beats or deltas or digest is not None):
             return None
-        return wire.Gossip(tuple(beats), tuple(deltas), digest)
+        return wire.Gossip(tuple(beats), tuple(deltas), digest, links)
 
     async def _timers(self) -> None:
         """Heartbeats, digests, RTT pings, and the dead-link check."""
@@ -222,6 +229,8 @@ class PeerLink:
         now = node.clock()
         for beat in message.beats:
             node.on_transitions(node.liveness.observe(beat, now))
+        if message.links is not None:
+            self.remote_links = frozenset(message.links)
         merged = False
         gap = False
         changes = []
