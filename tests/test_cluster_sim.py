@@ -81,7 +81,7 @@ async def test_crashed_daemon_users_vanish_and_return(autojump_clock: object) ->
         # eu lost its only link: it must drop us's users within the down period
         assert set(ann.sees("r")) == {("ann", ann.session)}
         await cluster.start("us")
-        await cluster.settle(3)
+        await cluster.settle(12)  # eu's redial backoff grew while us was down
         # ann is still visible to a new client on the restarted us
         dan = cluster.client("us", "dan")
         dan.join("r")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import signal
 import time
 
@@ -46,6 +47,7 @@ class Daemon:
         incarnation: int | None = None,
         transport: PeerTransport | None = None,
         gossip_settings: GossipSettings | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
@@ -65,6 +67,7 @@ class Daemon:
                 config.peers,
                 gossip_settings,
                 accept=config.peer_listen is not None or not config.peers,
+                rng=rng,
             )
 
     def _transport_running(self) -> contextlib.AbstractAsyncContextManager[object]:

@@ -313,7 +313,6 @@ class PeerManager:
                 # Already linked (the peer dialed us): wait until that link ends.
                 await self._link_gone.setdefault(remote_node, trio.Event()).wait()
                 continue
-            started = self.node.clock()
             try:
                 channel = await self.transport.dial(url)
             except ValueError as exc:
@@ -322,9 +321,10 @@ class PeerManager:
             except (OSError, ChannelClosed, trio.TooSlowError) as exc:
                 log.info("cannot reach peer %s: %s", url, exc or type(exc).__name__)
             else:
-                remote_node = await self._run_link(channel, dialed=True) or remote_node
-                if self.node.clock() - started > 10 * self.settings.backoff_max:
-                    delay = self.settings.backoff_initial
+                name = await self._run_link(channel, dialed=True)
+                if name is not None:
+                    remote_node = name
+                    delay = self.settings.backoff_initial  # it worked: redial quickly
             await trio.sleep(delay * (0.5 + self._rng.random()))
             delay = min(delay * 2, self.settings.backoff_max)
 
@@ -367,7 +367,7 @@ class PeerManager:
                     gone.set()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await channel.aclose()
-        return None
+        return None if link is None else link.remote.node
 
     def _check_hello(self, hello: wire.PeerMessage, channel: PeerChannel) -> None:
         if not isinstance(hello, wire.Hello):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -182,6 +183,7 @@ class Cluster:
             incarnation=next(self._incarnations),
             transport=transport,
             gossip_settings=self.settings,
+            rng=random.Random(self.net.random.random()),  # deterministic under the seed
         )
         scope = trio.CancelScope()
 
