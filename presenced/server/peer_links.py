@@ -73,6 +73,7 @@ class PeerLink:
         self.manager = manager
         self.node = manager.node
         self.channel = channel
+        self.hello = hello
         self.remote = hello.replica
         self.region = hello.region
         #: True if this daemon dialed the link (the dialer redials when it breaks).
@@ -221,6 +222,8 @@ class PeerLink:
                 self.manager.on_broadcast(message, self)
             elif isinstance(message, wire.Bye):
                 self.manager.on_bye(message.replica, self)
+            elif message == self.hello:
+                pass  # the handshake's hello again (a duplicating network): nothing new
             else:
                 raise wire.PeerProtocolError("hello sent twice")
 

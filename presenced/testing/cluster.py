@@ -174,6 +174,9 @@ class Cluster:
             down_after=self.down_after,
             purge_after=self.purge_after,
             peers=tuple(self.address(p) for p in peers),
+            # The simulated transport ignores the address, but a daemon with peers and no
+            # peer_listen only dials, and simulated links must be dialable both ways.
+            peer_listen=HostPort("127.0.0.1", 0),
         )
         if self.net.is_crashed(name):
             self.net.restart(name)
