@@ -5,6 +5,7 @@
 //   PRESENCED_PYTHON   the Python that has presenced installed (default: ../.venv/bin/python)
 //   PRESENCED_REGIONS  1 (one daemon) or 3 (eu, us, ap, full mesh of mTLS peer links). Default 3.
 //   PRESENCED_TICK_MS  the daemons' flush tick (default: the daemon's default, 25 ms)
+//   PRESENCED_TOPOLOGY mesh (default) or line: eu — us — ap, so eu↔ap updates take two hops
 // With wanDelayMs (scenario S4/WAN), every inter-region link goes through the harness's delay
 // proxy, so a cross-region update pays the one-way delay once (no hub to bounce through).
 const fs = require('fs')
@@ -46,8 +47,10 @@ module.exports = {
     // Each pair gets one link, dialed by the region listed first; with a WAN delay the dial
     // goes through a delay proxy in front of the other region's peer port.
     const peers = Object.fromEntries(REGIONS.map(r => [r, []]))
+    const line = process.env.PRESENCED_TOPOLOGY === 'line'
     for (let i = 0; i < REGIONS.length; i++) {
       for (let j = i + 1; j < REGIONS.length; j++) {
+        if (line && j !== i + 1) continue
         let port = peerPorts[REGIONS[j]]
         if (opts.wanDelayMs) port = (await startProxy(procs, port, opts.wanDelayMs, { name: `proxy-${REGIONS[i]}-${REGIONS[j]}` })).port
         peers[REGIONS[i]].push(`wss://127.0.0.1:${port}`)
