@@ -67,7 +67,7 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, "-V", "--version", prog_name="presenced")
 def cli() -> None:
     """presenced is a presence daemon: clients connect over WebSocket to join rooms, share
-    who is online with live cursors and metadata, and send direct messages. Several
+    who is online with live cursors and metadata, and broadcast events to a room. Several
     regions gossip their presence to each other as a CRDT so every region sees everyone.
     """
 
