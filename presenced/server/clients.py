@@ -209,7 +209,7 @@ class ClientConnection:
         return True
 
     def _on_fragment(self, data: str | bytes, finished: bool) -> bool:
-        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
         self._fragment_bytes += size
         if self._fragment_bytes > self.limits.max_frame_bytes:
             self.send(protocol.error(protocol.TOO_LARGE, "frame is too large", None))
