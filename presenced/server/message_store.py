@@ -1,0 +1,576 @@
+"""The durable store behind reliable direct messages: one SQLite file per daemon.
+
+Two halves, both in one file so one ``--data-dir`` holds everything:
+
+* **sender side** (``pending``): a reliable message is written here, one row per recipient,
+  before the sender hears ``stored``, and stays until a recipient daemon confirms delivery
+  (:meth:`MessageStore.mark_delivered`) or it grows older than ``max_age``
+  (:meth:`MessageStore.expire`). Every row gets a store-wide ``seq`` that only grows and is
+  never reused, not even after a restart with every earlier row deleted (``AUTOINCREMENT``
+  keeps the high-water mark in ``sqlite_sequence``), so a recipient daemon can order a
+  (sender, recipient) pair by it.
+* **recipient side** (``delivered``): per (origin node, sender, recipient) the ``seq`` of the
+  last message this daemon showed, so a retransmission is not shown twice.
+
+Durability: WAL mode with ``synchronous=NORMAL`` by default. A commit is in the WAL file (in
+the OS page cache at least) before :meth:`MessageStore.add` returns, so a crash of the
+daemon process, ``kill -9`` included, loses nothing that was acknowledged; only a power loss
+or a kernel crash can lose the last few commits (never corrupt the file). ``synchronous=
+"FULL"`` also fsyncs the WAL on every commit and closes that window, at the price of one
+fsync per :meth:`~MessageStore.add`.
+
+The daemon owns the file: it is opened with ``locking_mode=EXCLUSIVE``, so a second daemon
+pointed at the same ``--data-dir`` gets :class:`StoreError` instead of sharing (the count of
+pending rows is kept in memory and would go wrong), and WAL needs no shared-memory file.
+
+All calls are synchronous and short (a few index lookups and one commit), made inline from
+the trio thread: at this scale a worker thread would cost more than it saves. The store is
+not thread-safe; use it from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import attrs
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "SCHEMA_VERSION",
+    "MessageStore",
+    "StoreError",
+    "StoreFull",
+    "StoredMessage",
+]
+
+#: ``PRAGMA user_version`` of the schema this code writes. Bump it and add a step to
+#: ``_MIGRATIONS`` when the schema changes.
+SCHEMA_VERSION = 1
+
+#: ``PRAGMA application_id`` of a presenced message store ("PMSG"), so that any other SQLite
+#: file is refused instead of being written into.
+APPLICATION_ID = 0x504D5347
+
+#: Longest message id, user name or session id the store takes (callers validate first; the
+#: store only refuses to go further than that).
+MAX_NAME_LENGTH = 256
+
+#: Largest seq ``set_last_delivered`` takes (SQLite integers are signed 64-bit).
+_MAX_SEQ = 2**63 - 1
+
+FILE_NAME = "messages.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE pending (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sender_session TEXT NOT NULL,
+    data TEXT NOT NULL,          -- JSON text
+    grp TEXT NOT NULL,           -- JSON array of every recipient, '' for a one-to-one message
+    created_at REAL NOT NULL,    -- wall-clock seconds
+    UNIQUE (id, recipient)       -- get() and mark_delivered()
+);
+CREATE INDEX pending_by_recipient ON pending (recipient, seq);
+CREATE INDEX pending_by_pair ON pending (sender, recipient, seq);
+CREATE INDEX pending_by_age ON pending (created_at);
+
+CREATE TABLE delivered (
+    origin TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (origin, sender, recipient)
+) WITHOUT ROWID;
+CREATE INDEX delivered_by_age ON delivered (updated_at);
+"""
+
+#: user_version -> statements that bring a store at that version to the next one.
+_MIGRATIONS: dict[int, str] = {}
+
+_COLUMNS = "id, sender, sender_session, recipient, seq, data, grp, created_at"
+
+# The hot queries, named so a test can check their plans are index lookups.
+SQL_PENDING = f"SELECT {_COLUMNS} FROM pending WHERE recipient = ? ORDER BY seq LIMIT ?"
+SQL_PENDING_COUNT = "SELECT count(*) FROM pending WHERE recipient = ?"
+SQL_PREVIOUS = "SELECT max(seq) FROM pending WHERE sender = ? AND recipient = ? AND seq < ?"
+SQL_GET = f"SELECT {_COLUMNS} FROM pending WHERE id = ? AND recipient = ?"
+# No ORDER BY: SQLite would rather walk the whole table in seq order than sort; we sort.
+SQL_EXPIRED = f"SELECT {_COLUMNS} FROM pending WHERE created_at < ?"
+SQL_LAST_DELIVERED = "SELECT seq FROM delivered WHERE origin = ? AND sender = ? AND recipient = ?"
+_SQL_INSERT = (
+    "INSERT INTO pending (id, recipient, sender, sender_session, data, grp, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_SET_DELIVERED = (
+    "INSERT INTO delivered (origin, sender, recipient, seq, updated_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (origin, sender, recipient) DO UPDATE SET"
+    " seq = max(seq, excluded.seq), updated_at = max(updated_at, excluded.updated_at)"
+)
+
+
+class StoreError(Exception):
+    """The store file cannot be used (not a presenced store, corrupt, locked, I/O error)."""
+
+
+class StoreFull(Exception):
+    """A recipient's mailbox (or the whole store) is full; ``str()`` is a one-line reason.
+
+    ``recipient`` names the recipient whose mailbox is full, or is ``""`` when the whole
+    store (or its disk) is full. Nothing was written.
+    """
+
+    def __init__(self, recipient: str, reason: str) -> None:
+        super().__init__(reason)
+        self.recipient = recipient
+
+
+@attrs.frozen
+class StoredMessage:
+    """One pending copy of a reliable message: one recipient's row."""
+
+    #: Message id (the same for every recipient of a group message).
+    id: str
+    sender: str
+    sender_session: str
+    recipient: str
+    #: Store-wide, strictly increasing, never reused.
+    seq: int
+    #: The JSON value as stored (what ``json.loads`` gives back).
+    data: Any
+    #: Every recipient of a group message, ``()`` for a one-to-one message.
+    group: tuple[str, ...]
+    #: Wall-clock seconds when the sender's daemon stored it.
+    created_at: float
+
+
+def _name(value: object, what: str) -> str:
+    """``value`` if it is a string the store can hold, else ValueError (never a crash later)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _storable_name(value: object, what: str) -> str:
+    """Like :func:`_name`, and also encodable as UTF-8 (no lone surrogates), for writes."""
+    text = _name(value, what)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} is not valid Unicode text") from None
+    return text
+
+
+def _time(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number of seconds")
+    return float(value)
+
+
+def _seq(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEQ:
+        raise ValueError("seq must be an integer between 0 and 2**63-1")
+    return value
+
+
+def _encode_data(data: Any) -> str:
+    """Compact JSON text for ``data``, or ValueError (before anything is written)."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"message data is not a JSON value: {exc}") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates: escaped JSON still round-trips them exactly.
+            text = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    return text
+
+
+def _row(row: tuple[Any, ...]) -> StoredMessage:
+    id_, sender, session, recipient, seq, data, grp, created_at = row
+    try:
+        return StoredMessage(
+            id_,
+            sender,
+            session,
+            recipient,
+            seq,
+            json.loads(data),
+            tuple(json.loads(grp)) if grp else (),
+            created_at,
+        )
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"corrupt message row (seq {seq}): {exc}") from exc
+
+
+class MessageStore:
+    """Pending reliable messages (sender side) and delivery marks (recipient side).
+
+    Bounds: at most ``max_pending_per_recipient`` pending rows per recipient and
+    ``max_pending_total`` in all (:class:`StoreFull` beyond either); pending rows older than
+    ``max_age`` seconds are dropped by :meth:`expire`, and delivery marks not touched for
+    ``max_age`` are forgotten by :meth:`prune` (by then the sender has expired anything that
+    could still be retransmitted to us).
+
+    Every method raises ValueError, with nothing written, for an argument the store cannot
+    take, and :class:`StoreError` if SQLite fails (I/O error, corruption found late).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_pending_per_recipient: int = 1000,
+        max_pending_total: int = 1_000_000,
+        max_age: float = 7 * 86400,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        if max_pending_per_recipient < 1 or max_pending_total < 1:
+            raise ValueError("the pending limits must be at least 1")
+        self.path = os.fspath(path)
+        self.max_pending_per_recipient = max_pending_per_recipient
+        self.max_pending_total = max_pending_total
+        self.max_age = _time(max_age, "max_age")
+        self.synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = self._open()
+            #: Pending rows in the store: kept here, the file is ours alone (exclusive lock).
+            self._total: int = self._db.execute("SELECT count(*) FROM pending").fetchone()[0]
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(self._describe(exc)) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def in_dir(cls, data_dir: Path, **kw: Any) -> MessageStore:
+        """The store in ``data_dir/messages.sqlite3``, creating ``data_dir`` (0o700) if needed."""
+        data_dir = Path(data_dir)
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{data_dir}: cannot create the data directory: {exc}") from exc
+        return cls(data_dir / FILE_NAME, **kw)
+
+    def _describe(self, exc: sqlite3.Error) -> str:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_NOTADB:
+            return f"{self.path}: not a presenced message store (not an SQLite database)"
+        if code == sqlite3.SQLITE_CORRUPT:
+            return f"{self.path}: message store is corrupt ({exc})"
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return f"{self.path}: message store is in use by another process ({exc})"
+        return f"{self.path}: message store error: {exc}"
+
+    def _open(self) -> sqlite3.Connection:
+        memory = self.path == ":memory:"
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        try:
+            if not memory:
+                # Before anything touches the file: no shared-memory WAL index, and the lock
+                # taken below is held until close().
+                db.execute("PRAGMA locking_mode = EXCLUSIVE")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_or_create(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.rollback()
+                raise
+            if not memory:
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
+                problems = [" ".join(r[0].split()) for r in db.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise StoreError(
+                        f"{self.path}: message store is corrupt: {'; '.join(problems)}"
+                    )
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            db.execute("PRAGMA journal_size_limit = 67108864")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _check_or_create(self, db: sqlite3.Connection) -> None:
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if app_id == 0 and version == 0:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise StoreError(f"{self.path}: not a presenced message store (other tables)")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        if app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path}: not a presenced message store")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: message store has schema version {version}, newer than this"
+                f" presenced understands ({SCHEMA_VERSION})"
+            )
+        while version < SCHEMA_VERSION:
+            step = _MIGRATIONS.get(version)
+            if step is None:
+                raise StoreError(f"{self.path}: cannot upgrade schema version {version}")
+            for statement in step.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            version += 1
+            db.execute(f"PRAGMA user_version = {version}")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"{self.path}: message store is closed")
+        return self._db
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, with SQLite's errors turned into :class:`StoreError`."""
+        db = self._conn()
+        try:
+            yield db
+        except sqlite3.Error as exc:
+            raise StoreError(self._describe(exc)) from exc
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed on a clean exit and rolled back on any exception."""
+        db = self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(self._describe(exc)) from exc
+
+    # ------------------------------------------------------------------ sender side
+
+    def add(
+        self,
+        id: str,
+        sender: str,
+        sender_session: str,
+        recipients: Sequence[str],
+        data: Any,
+        created_at: float,
+        *,
+        group: Sequence[str] | None = None,
+    ) -> list[StoredMessage]:
+        """Store a message for every recipient (one row each, in order); durable on return.
+
+        All or nothing, in one committed transaction: :class:`StoreFull` if any recipient
+        already has ``max_pending_per_recipient`` pending or the rows would take the store
+        over ``max_pending_total``; ValueError for data that is not JSON, a bad name, a
+        recipient given twice or an (id, recipient) already pending.
+
+        ``group`` is what each row records as the group; by default every recipient when
+        there are several, ``()`` for one (pass it to mark a one-recipient group message).
+        """
+        id = _storable_name(id, "message id")
+        sender = _storable_name(sender, "sender")
+        sender_session = _storable_name(sender_session, "sender session")
+        if isinstance(recipients, str) or not isinstance(recipients, Sequence):
+            raise ValueError("recipients must be a sequence of user names")
+        names = [_storable_name(r, "recipient") for r in recipients]
+        if not names:
+            raise ValueError("a message needs at least one recipient")
+        if len(set(names)) != len(names):
+            raise ValueError("a recipient is named twice")
+        if group is None:
+            members = tuple(names) if len(names) > 1 else ()
+        else:
+            if isinstance(group, str) or not isinstance(group, Sequence):
+                raise ValueError("group must be a sequence of user names")
+            members = tuple(_storable_name(g, "group member") for g in group)
+        grp = json.dumps(members, ensure_ascii=False, separators=(",", ":")) if members else ""
+        created = _time(created_at, "created_at")
+        text = _encode_data(data)
+        if self._total + len(names) > self.max_pending_total:
+            raise StoreFull(
+                "",
+                f"the message store is full ({self.max_pending_total} undelivered messages);"
+                " try again later",
+            )
+        value = json.loads(text)
+        stored: list[StoredMessage] = []
+        try:
+            with self._writing() as db:
+                for name in names:
+                    count = db.execute(SQL_PENDING_COUNT, (name,)).fetchone()[0]
+                    if count >= self.max_pending_per_recipient:
+                        raise StoreFull(
+                            name,
+                            f"{name!r} already has {count} undelivered messages waiting;"
+                            " try again later",
+                        )
+                for name in names:
+                    try:
+                        cursor = db.execute(
+                            _SQL_INSERT, (id, name, sender, sender_session, text, grp, created)
+                        )
+                    except sqlite3.IntegrityError:
+                        raise ValueError(
+                            f"message {id!r} is already pending for {name!r}"
+                        ) from None
+                    seq = cursor.lastrowid
+                    assert seq is not None
+                    stored.append(
+                        StoredMessage(
+                            id, sender, sender_session, name, seq, value, members, created
+                        )
+                    )
+        except StoreError as exc:
+            cause = exc.__cause__
+            if getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreFull("", "the message store's disk is full; try again later") from exc
+            raise
+        self._total += len(stored)
+        return stored
+
+    def pending(self, recipient: str, limit: int | None = None) -> list[StoredMessage]:
+        """Pending messages for ``recipient``, oldest (smallest seq) first, at most ``limit``."""
+        recipient = _name(recipient, "recipient")
+        if limit is None:
+            limit = -1
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError("limit must be None or a non-negative integer")
+        with self._reading() as db:
+            return [_row(r) for r in db.execute(SQL_PENDING, (recipient, limit))]
+
+    def pending_count(self, recipient: str) -> int:
+        """How many messages are pending for ``recipient``."""
+        recipient = _name(recipient, "recipient")
+        with self._reading() as db:
+            count: int = db.execute(SQL_PENDING_COUNT, (recipient,)).fetchone()[0]
+        return count
+
+    def pending_total(self) -> int:
+        """How many pending rows (one per message and recipient) the store holds."""
+        self._conn()
+        return self._total
+
+    def pending_recipients(self) -> list[str]:
+        """Every recipient with at least one pending message (sorted)."""
+        with self._reading() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT recipient FROM pending ORDER BY 1")]
+
+    def previous_pending(self, message: StoredMessage) -> int:
+        """Seq of the latest still-pending message of the same (sender, recipient) with a
+        smaller seq, or 0.
+
+        The recipient daemon shows a message only once it has shown this one (or it is 0):
+        that keeps each pair in order across retransmits and several recipient daemons,
+        without making a delivered or expired message block the ones after it.
+        """
+        if not isinstance(message, StoredMessage):
+            raise ValueError("previous_pending takes a StoredMessage")
+        sender = _name(message.sender, "sender")
+        recipient = _name(message.recipient, "recipient")
+        with self._reading() as db:
+            prev = db.execute(SQL_PREVIOUS, (sender, recipient, _seq(message.seq))).fetchone()[0]
+        return prev or 0
+
+    def get(self, id: str, recipient: str) -> StoredMessage | None:
+        """The pending copy of message ``id`` for ``recipient``, if it is still pending."""
+        id = _name(id, "message id")
+        recipient = _name(recipient, "recipient")
+        with self._reading() as db:
+            row = db.execute(SQL_GET, (id, recipient)).fetchone()
+        return None if row is None else _row(row)
+
+    def mark_delivered(self, id: str, recipient: str) -> StoredMessage | None:
+        """Forget the pending copy for ``recipient`` (delivered); it, or None if not pending."""
+        id = _name(id, "message id")
+        recipient = _name(recipient, "recipient")
+        with self._writing() as db:
+            row = db.execute(SQL_GET, (id, recipient)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM pending WHERE seq = ?", (row[4],))
+        self._total -= 1
+        return _row(row)
+
+    def expire(self, now: float) -> list[StoredMessage]:
+        """Delete and return (oldest first) pending messages created before ``now - max_age``."""
+        cutoff = _time(now, "now") - self.max_age
+        with self._writing() as db:
+            rows = db.execute(SQL_EXPIRED, (cutoff,)).fetchall()
+            if rows:
+                db.execute("DELETE FROM pending WHERE created_at < ?", (cutoff,))
+        self._total -= len(rows)
+        rows.sort(key=lambda r: r[4])  # seq: oldest first
+        return [_row(r) for r in rows]
+
+    # ------------------------------------------------------------------ recipient side
+
+    def last_delivered(self, origin: str, sender: str, recipient: str) -> int:
+        """Seq of the last message from ``origin``'s store this daemon showed for the pair."""
+        key = (_name(origin, "origin"), _name(sender, "sender"), _name(recipient, "recipient"))
+        with self._reading() as db:
+            row = db.execute(SQL_LAST_DELIVERED, key).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_last_delivered(
+        self, origin: str, sender: str, recipient: str, seq: int, at: float
+    ) -> None:
+        """Record that message ``seq`` was shown (keeps the largest seq); committed on return."""
+        row = (
+            _storable_name(origin, "origin"),
+            _storable_name(sender, "sender"),
+            _storable_name(recipient, "recipient"),
+            _seq(seq),
+            _time(at, "at"),
+        )
+        with self._writing() as db:
+            db.execute(_SQL_SET_DELIVERED, row)
+
+    def prune(self, now: float) -> int:
+        """Forget delivery marks not updated for ``max_age``; how many were forgotten."""
+        cutoff = _time(now, "now") - self.max_age
+        with self._writing() as db:
+            count = db.execute("DELETE FROM delivered WHERE updated_at < ?", (cutoff,)).rowcount
+        return count
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the file (checkpointing the WAL into it). Safe to call twice."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
