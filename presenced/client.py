@@ -6,6 +6,13 @@
         async for message in client.messages():
             ...
 
+Direct messages::
+
+    sent = await client.send_direct("bob", {"text": "hi"}, mode="reliable")  # after `stored`
+    await sent.wait(lambda s: "bob" in s.delivered)
+    message = await client.next_message("message")  # on bob's side
+    await bob.mark_read(message["id"])
+
 The client keeps a local presence map per joined room, kept in sync from ``state`` and
 ``diff`` frames the way Phoenix's presence.js does (``syncState`` / ``syncDiff``), so
 ``client.presences(room)`` is always what the server has told it. Requests that have a reply
@@ -18,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,6 +46,46 @@ class RequestError(Exception):
         self.message = message
 
 
+class Sent:
+    """A direct message this client sent, and what became of it so far (updated live)."""
+
+    def __init__(self, ref: int, to: tuple[str, ...], mode: str) -> None:
+        self.ref = ref
+        self.to = to
+        self.mode = mode
+        #: The message id (from ``stored``, or the first receipt of a fast message).
+        self.id: str | None = None
+        #: recipient -> regions where it was written to the recipient's sessions
+        self.delivered: dict[str, set[str]] = {}
+        #: recipients who sent a read receipt
+        self.read_by: set[str] = set()
+        #: recipient -> error code
+        self.errors: dict[str, str] = {}
+        self._changed = trio.Event()
+
+    def _note(self, frame: dict[str, Any]) -> None:
+        self.id = self.id or frame.get("id")
+        kind = frame.get("type")
+        if kind == "delivered":
+            self.delivered.setdefault(frame["to"], set()).add(frame["region"])
+        elif kind == "read":
+            self.read_by.add(frame["by"])
+        elif kind == "error" and "to" in frame:
+            self.errors[frame["to"]] = frame["code"]
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, predicate: Callable[[Sent], bool]) -> None:
+        """Wait until ``predicate(self)`` holds (e.g. every recipient delivered or failed)."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    @property
+    def settled(self) -> bool:
+        """Every recipient has a delivered mark or an error."""
+        return all(user in self.delivered or user in self.errors for user in self.to)
+
+
 class PresenceClient:
     """A connected, greeted client. Use :func:`connect` to make one."""
 
@@ -53,6 +100,12 @@ class PresenceClient:
         self.closed: ConnectionClosed | None = None
         #: Unsolicited messages dropped because the application did not read them.
         self.dropped = 0
+        #: Direct messages sent, by ref, updated by their receipts.
+        self.sent: dict[int, Sent] = {}
+        #: Ids of direct messages already seen: a retransmission is not shown twice.
+        self._seen_ids: dict[str, None] = {}
+        #: Direct messages received again and not shown (a daemon crash can cause these).
+        self.duplicates = 0
         nursery.start_soon(self._read)
 
     @property
@@ -125,6 +178,50 @@ class PresenceClient:
         await self.request({"type": "ping", "t": time.time() * 1000})
         return time.perf_counter() - started
 
+    async def send_direct(self, to: str | Sequence[str], data: Any, *, mode: str = "fast") -> Sent:
+        """Send a direct message to a user or (a list) a group.
+
+        ``reliable`` returns once the daemon has stored it (raises :class:`RequestError`
+        otherwise, e.g. ``store_full``); ``fast`` returns once it is sent. Receipts
+        (delivered, read, per-recipient errors) keep updating the returned :class:`Sent`.
+        """
+        recipients = (to,) if isinstance(to, str) else tuple(to)
+        ref = next(self._refs)
+        sent = self.sent[ref] = Sent(ref, recipients, mode)
+        message: dict[str, Any] = {
+            "type": "send",
+            "to": to if isinstance(to, str) else list(to),
+            "data": data,
+            "mode": mode,
+            "ref": ref,
+        }
+        if mode == "reliable":
+            event = trio.Event()
+            slot: list[dict[str, Any]] = []
+            self._waiting[ref] = (event, slot)
+            try:
+                await self.send(message)
+                await event.wait()
+            finally:
+                self._waiting.pop(ref, None)
+            if not slot:
+                raise ConnectionClosed(self.closed.reason if self.closed else None)
+            if slot[0].get("type") == "error" and "to" not in slot[0]:
+                raise RequestError(str(slot[0].get("code")), str(slot[0].get("message")))
+            sent._note(slot[0])
+        else:
+            await self.send(message)
+        return sent
+
+    async def mark_read(self, message_id: str) -> None:
+        """Tell the sender of a direct message that it was read."""
+        await self.send({"type": "read", "id": message_id})
+
+    async def fetch(self, limit: int = 100) -> dict[str, Any]:
+        """Pull pending reliable messages (they arrive as ``message`` frames before this
+        returns the ``fetched`` frame with ``count`` and ``remaining``)."""
+        return await self.request({"type": "fetch", "limit": limit})
+
     def presences(self, room: str) -> Presences:
         return self.rooms.get(room, {})
 
@@ -152,6 +249,10 @@ class PresenceClient:
                 if waiter is not None:
                     waiter[1].append(message)
                     waiter[0].set()
+                elif isinstance(ref, int) and ref in self.sent:
+                    self.sent[ref]._note(message)
+                elif message.get("type") == "message" and self._seen(message.get("id")):
+                    self.duplicates += 1  # a retransmission shown before
                 else:
                     try:
                         self._send_inbox.send_nowait(message)
@@ -165,6 +266,14 @@ class PresenceClient:
             self._send_inbox.close()
             for event, _ in self._waiting.values():
                 event.set()
+
+    def _seen(self, message_id: Any) -> bool:
+        if message_id in self._seen_ids:
+            return True
+        self._seen_ids[message_id] = None
+        if len(self._seen_ids) > 10_000:
+            del self._seen_ids[next(iter(self._seen_ids))]
+        return False
 
     def _sync(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -343,6 +343,11 @@ class Config:
     purge_after: float = attrs.field(
         default=DEFAULT_PURGE_AFTER, validator=_validate_field(_check_seconds)
     )
+    #: Where the durable message store lives; None keeps reliable messages in memory only.
+    data_dir: Path | None = attrs.field(default=None, converter=_optional_path)
+    #: Pending reliable messages kept per recipient, and for how long (seconds).
+    message_max_pending: int = attrs.field(default=1000)
+    message_max_age: float = attrs.field(default=7 * 86400.0)
 
     def __attrs_post_init__(self) -> None:
         if self.token_secret is None and not self.allow_anonymous:

@@ -159,6 +159,15 @@ def check_index(state: PresenceState) -> None:
     }
     assert indexed == state.visible()
     assert all(any(True for _ in state.room_presences(room)) for room in state.rooms())
+    # The user index (where a user can be reached) agrees with visible() too.
+    expected: dict[str, set[str]] = {}
+    for part in state.partitions.values():
+        if part.up:
+            for (_, user, _), _ in part.live():
+                expected.setdefault(user, set()).add(part.replica.node)
+    users = {user for (_, user, _) in state.visible()} | set(state._users)
+    for user in users:
+        assert state.user_nodes(user) == sorted(expected.get(user, ()))
 
 
 def apply_changes(model: dict[Key, tuple[Any, str]], changes: list[Change]) -> None:

@@ -79,6 +79,11 @@ def test_error_codes_are_stable() -> None:
         "too_many_rooms",
         "server_busy",
         "internal",
+        "not_online",
+        "unreachable",
+        "hop_limit",
+        "store_full",
+        "expired",
     }
     assert expected == p.ERROR_CODES
     assert p.BAD_REQUEST == "bad_request"

@@ -174,6 +174,8 @@ class PresenceState:
         self.retired: set[ReplicaId] = set()
         #: room -> (user, session) -> replica, for visible entries only.
         self._rooms: dict[str, dict[tuple[str, str], ReplicaId]] = {}
+        #: user -> replica -> number of visible entries: where a user can be reached.
+        self._users: dict[str, dict[ReplicaId, int]] = {}
 
     # ------------------------------------------------------------------ local writes
 
@@ -194,7 +196,7 @@ class PresenceState:
             if old is not None:
                 part.tombstones -= 1
             kind = JOIN
-            self._rooms.setdefault(room, {})[(user, session)] = self.local
+            self._index(room, user, session, self.local)
         return Change(kind, room, user, session, meta, self.region)
 
     def remove(self, room: str, user: str, session: str) -> Change | None:
@@ -232,6 +234,10 @@ class PresenceState:
             record = part.records[(room, user, session)]
             assert record.meta is not None
             yield user, session, record.meta, part.region
+
+    def user_nodes(self, user: str) -> list[str]:
+        """The nodes where ``user`` has a visible presence (in any room), sorted."""
+        return sorted({replica.node for replica in self._users.get(user, ())})
 
     def rooms(self) -> Iterable[str]:
         return self._rooms.keys()
@@ -365,7 +371,7 @@ class PresenceState:
             return
         room, user, session = key
         if old_meta is None:
-            self._rooms.setdefault(room, {})[(user, session)] = part.replica
+            self._index(room, user, session, part.replica)
             changes.append(Change(JOIN, room, user, session, meta, part.region))
         else:
             changes.append(Change(UPDATE, room, user, session, meta, part.region))
@@ -376,12 +382,24 @@ class PresenceState:
             self._unindex(room, user, session, part.replica)
             changes.append(Change(LEAVE, room, user, session, meta, part.region))
 
+    def _index(self, room: str, user: str, session: str, replica: ReplicaId) -> None:
+        self._rooms.setdefault(room, {})[(user, session)] = replica
+        where = self._users.setdefault(user, {})
+        where[replica] = where.get(replica, 0) + 1
+
     def _unindex(self, room: str, user: str, session: str, replica: ReplicaId) -> None:
         members = self._rooms.get(room)
         if members is not None and members.get((user, session)) == replica:
             del members[(user, session)]
             if not members:
                 del self._rooms[room]
+            where = self._users[user]
+            if where[replica] > 1:
+                where[replica] -= 1
+            else:
+                del where[replica]
+                if not where:
+                    del self._users[user]
 
     def _collect_tombstones(self, part: Partition) -> None:
         """Drop the oldest tombstones once there are too many, raising the floor."""
@@ -407,7 +425,7 @@ class PresenceState:
         if up:
             part.up = True
             for (room, user, session), meta in part.live():
-                self._rooms.setdefault(room, {})[(user, session)] = replica
+                self._index(room, user, session, replica)
                 changes.append(Change(JOIN, room, user, session, meta, part.region))
         else:
             for key, meta in part.live():

@@ -14,6 +14,12 @@ Shapes (arrays rather than maps inside, to keep deltas compact):
   ``[room, user, session, counter, meta|null]``, and ``digest`` rows ``[node, inc, clock]``
 * ``bcast``  ``{t, id, room, event, data, user, session, region}`` (room broadcast, flooded)
 * ``ping`` / ``pong`` ``{t, id}`` (link RTT), ``bye`` ``{t, node, inc}`` (graceful leave)
+* ``gossip`` may also carry ``ls``: link-state advertisements for routing, rows
+  ``[node, inc, seq, [[neighbour, cost_us], ...]]``
+* routed messages, forwarded hop by hop towards ``dst`` with ``hops`` left:
+  ``dm`` (a direct message), ``rcpt`` (its delivered/read/error receipt, routed back to the
+  message's origin), ``pull`` and ``pulled`` (a fetch asking every daemon for a user's
+  pending reliable messages, and each daemon's answer)
 
 This module only converts between bytes and typed values; it never touches the network.
 """
@@ -21,6 +27,7 @@ This module only converts between bytes and typed values; it never touches the n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -28,12 +35,17 @@ import cbor2
 
 from presenced.core.crdt import Delta, Record, ReplicaId
 from presenced.core.liveness import Beat
+from presenced.core.routing import LinkState
 
 PEER_PROTOCOL_VERSION: Final = 1
 #: Longest name (node, region, room, user, session, event) accepted from a peer.
 MAX_NAME: Final = 256
 #: Deepest nesting accepted inside a meta or a broadcast payload.
 MAX_DEPTH: Final = 32
+#: Most recipients named in a group message.
+MAX_GROUP: Final = 32
+#: Longest message or request id.
+MAX_ID: Final = 128
 
 
 class PeerProtocolError(ValueError):
@@ -60,6 +72,8 @@ class Gossip:
     #: Nodes the sender has a live direct link to (sent with heartbeats): a relay does not
     #: forward a replica's deltas to a peer that hears them from their origin directly.
     links: tuple[str, ...] | None = None
+    #: Link-state advertisements (routing), only those the peer may not have yet.
+    link_states: tuple[LinkState, ...] = ()
 
 
 @attrs.frozen
@@ -88,7 +102,88 @@ class Bye:
     replica: ReplicaId
 
 
-PeerMessage = Hello | Gossip | RoomBroadcast | PeerPing | PeerPong | Bye
+# Routed messages: every one names its destination node (``dest``), the node that made it
+# (``origin``) and how many more hops it may take (``hops``).
+
+DELIVERED: Final = "delivered"
+READ: Final = "read"
+ERROR: Final = "error"
+#: The recipient daemon did not show the message (it is out of order, or over a fetch's
+#: limit): still pending, the origin sends it again later.
+DEFERRED: Final = "deferred"
+RECEIPT_KINDS: Final = frozenset({DELIVERED, READ, ERROR, DEFERRED})
+
+
+@attrs.frozen
+class Direct:
+    """One copy of a direct message, for recipient ``to`` on node ``dest``."""
+
+    id: str
+    origin: str
+    dest: str
+    hops: int
+    sender: str
+    session: str
+    region: str
+    to: str
+    group: tuple[str, ...]
+    data: Any
+    reliable: bool
+    #: Reliable only: the origin store's sequence number, and that of the previous message of
+    #: the same sender and recipient still pending there (0: none), which orders delivery.
+    seq: int = 0
+    prev: int = 0
+    sent_at: int = 0
+    #: Retransmission count: a retransmission is not a duplicate to the hops it crosses.
+    attempt: int = 0
+    #: The fetch request this copy answers ("" when pushed).
+    pull: str = ""
+
+
+@attrs.frozen
+class Receipt:
+    """What became of a direct message at ``origin`` (a recipient daemon), for ``dest``."""
+
+    id: str
+    origin: str
+    dest: str
+    hops: int
+    kind: str
+    to: str
+    region: str
+    code: str = ""
+    #: The sending user (so a receipt finds the sender's sessions even after a restart).
+    sender: str = ""
+    attempt: int = 0
+
+
+@attrs.frozen
+class Pull:
+    """A fetch: ``origin`` asks ``dest`` for up to ``limit`` pending messages for ``user``."""
+
+    id: str
+    origin: str
+    dest: str
+    hops: int
+    user: str
+    limit: int
+
+
+@attrs.frozen
+class Pulled:
+    """The answer to a pull, sent after the messages: how many were sent and how many are left."""
+
+    id: str
+    origin: str
+    dest: str
+    hops: int
+    sent: int
+    remaining: int
+
+
+Routed = Direct | Receipt | Pull | Pulled
+
+PeerMessage = Hello | Gossip | RoomBroadcast | PeerPing | PeerPong | Bye | Routed
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -113,7 +208,66 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
             wire["digest"] = [[r.node, r.incarnation, c] for r, c in message.digest.items()]
         if message.links is not None:
             wire["links"] = list(message.links)
+        if message.link_states:
+            wire["ls"] = [
+                [ls.node, ls.incarnation, ls.seq, [list(link) for link in ls.links]]
+                for ls in message.link_states
+            ]
         return wire
+    if isinstance(message, Direct):
+        return {
+            "t": "dm",
+            "id": message.id,
+            "o": message.origin,
+            "d": message.dest,
+            "h": message.hops,
+            "from": message.sender,
+            "ses": message.session,
+            "reg": message.region,
+            "to": message.to,
+            "grp": list(message.group),
+            "data": message.data,
+            "rel": message.reliable,
+            "seq": message.seq,
+            "prev": message.prev,
+            "at": message.sent_at,
+            "try": message.attempt,
+            "pull": message.pull,
+        }
+    if isinstance(message, Receipt):
+        return {
+            "t": "rcpt",
+            "id": message.id,
+            "o": message.origin,
+            "d": message.dest,
+            "h": message.hops,
+            "kind": message.kind,
+            "to": message.to,
+            "reg": message.region,
+            "code": message.code,
+            "from": message.sender,
+            "try": message.attempt,
+        }
+    if isinstance(message, Pull):
+        return {
+            "t": "pull",
+            "id": message.id,
+            "o": message.origin,
+            "d": message.dest,
+            "h": message.hops,
+            "user": message.user,
+            "limit": message.limit,
+        }
+    if isinstance(message, Pulled):
+        return {
+            "t": "pulled",
+            "id": message.id,
+            "o": message.origin,
+            "d": message.dest,
+            "h": message.hops,
+            "sent": message.sent,
+            "left": message.remaining,
+        }
     if isinstance(message, Hello):
         return {
             "t": "hello",
@@ -172,6 +326,8 @@ def decode(data: bytes) -> PeerMessage:
             _json_value(wire.get("data"), MAX_DEPTH)
             names = {f: _name(wire.get(f), f) for f in _BROADCAST_NAMES}
             return RoomBroadcast(data=wire.get("data"), **names)
+        if kind in _ROUTED:
+            return _ROUTED[kind](wire)
         if kind == "ping":
             return PeerPing(_count(wire.get("id"), "id"))
         if kind == "pong":
@@ -206,7 +362,96 @@ def _gossip(wire: dict[str, Any]) -> Gossip:
         if type(raw) is not list or len(raw) > 10_000:
             raise PeerProtocolError("'links' must be a list of node names")
         links = tuple(_name(name, "links") for name in raw)
-    return Gossip(beats, deltas, digest, links)
+    link_states = tuple(_link_state(row) for row in _rows(wire.get("ls", []), 4, "ls"))
+    return Gossip(beats, deltas, digest, links, link_states)
+
+
+def _routing(wire: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _name(wire.get("id"), "id", MAX_ID),
+        "origin": _name(wire.get("o"), "o"),
+        "dest": _name(wire.get("d"), "d"),
+        "hops": _count(wire.get("h"), "h"),
+    }
+
+
+def _direct(wire: dict[str, Any]) -> Direct:
+    group = wire.get("grp")
+    if type(group) is not list or len(group) > MAX_GROUP:
+        raise PeerProtocolError(f"'grp' must be a list of at most {MAX_GROUP} users")
+    reliable = wire.get("rel")
+    if type(reliable) is not bool:
+        raise PeerProtocolError("'rel' must be a boolean")
+    _json_value(wire.get("data"), MAX_DEPTH)
+    pull = wire.get("pull")
+    return Direct(
+        **_routing(wire),
+        sender=_name(wire.get("from"), "from"),
+        session=_name(wire.get("ses"), "ses"),
+        region=_name(wire.get("reg"), "reg"),
+        to=_name(wire.get("to"), "to"),
+        group=tuple(_name(user, "grp") for user in group),
+        data=wire.get("data"),
+        reliable=reliable,
+        seq=_count(wire.get("seq"), "seq"),
+        prev=_count(wire.get("prev"), "prev"),
+        sent_at=_count(wire.get("at"), "at"),
+        attempt=_count(wire.get("try"), "try"),
+        pull="" if pull == "" else _name(pull, "pull", MAX_ID),
+    )
+
+
+def _receipt(wire: dict[str, Any]) -> Receipt:
+    kind = wire.get("kind")
+    if kind not in RECEIPT_KINDS:
+        raise PeerProtocolError(f"unknown receipt kind {kind!r}")
+    code = wire.get("code")
+    return Receipt(
+        **_routing(wire),
+        kind=kind,
+        to=_name(wire.get("to"), "to"),
+        region=_name(wire.get("reg"), "reg"),
+        code="" if code == "" else _name(code, "code", 64),
+        sender=_name(wire.get("from"), "from"),
+        attempt=_count(wire.get("try"), "try"),
+    )
+
+
+def _pull(wire: dict[str, Any]) -> Pull:
+    return Pull(
+        **_routing(wire),
+        user=_name(wire.get("user"), "user"),
+        limit=_count(wire.get("limit"), "limit"),
+    )
+
+
+def _pulled(wire: dict[str, Any]) -> Pulled:
+    return Pulled(
+        **_routing(wire),
+        sent=_count(wire.get("sent"), "sent"),
+        remaining=_count(wire.get("left"), "left"),
+    )
+
+
+_ROUTED: Final[dict[str, Callable[[dict[str, Any]], PeerMessage]]] = {
+    "dm": _direct,
+    "rcpt": _receipt,
+    "pull": _pull,
+    "pulled": _pulled,
+}
+
+
+def _link_state(row: list[Any]) -> LinkState:
+    node, inc, seq, links = row
+    pairs = _rows(links, 2, "ls links")
+    if len(pairs) > 10_000:
+        raise PeerProtocolError("too many links in a link-state advertisement")
+    return LinkState(
+        _name(node, "node"),
+        _count(inc, "inc"),
+        _count(seq, "seq"),
+        tuple(sorted((_name(n, "neighbour"), max(1, _count(c, "cost"))) for n, c in pairs)),
+    )
 
 
 def _delta(row: list[Any]) -> Delta:
@@ -243,9 +488,9 @@ def _rows(value: Any, width: int, what: str) -> list[list[Any]]:
     return value
 
 
-def _name(value: Any, what: str) -> str:
-    if type(value) is not str or not 0 < len(value) <= MAX_NAME:
-        raise PeerProtocolError(f"'{what}' must be a string of 1..{MAX_NAME} characters")
+def _name(value: Any, what: str, limit: int = MAX_NAME) -> str:
+    if type(value) is not str or not 0 < len(value) <= limit:
+        raise PeerProtocolError(f"'{what}' must be a string of 1..{limit} characters")
     return value
 
 

@@ -34,44 +34,65 @@ from presenced.core.limits import Limits
 
 __all__ = [
     "BAD_REQUEST",
+    "DEFAULT_FETCH",
     "ERROR_CODES",
+    "EXPIRED",
+    "FAST",
     "FORBIDDEN",
     "HELLO_REQUIRED",
+    "HOP_LIMIT",
     "INTERNAL",
     "MAX_CLIENT_LENGTH",
     "MAX_EVENT_LENGTH",
+    "MAX_FETCH",
     "MAX_JSON_DEPTH",
+    "MAX_MESSAGE_BYTES",
+    "MAX_MESSAGE_ID",
+    "MAX_RECIPIENTS",
     "MAX_REF",
     "MAX_REF_LENGTH",
     "NOT_JOINED",
+    "NOT_ONLINE",
     "PROTOCOL_VERSION",
     "RATE_LIMITED",
+    "RELIABLE",
     "SERVER_BUSY",
+    "STORE_FULL",
     "TOO_LARGE",
     "TOO_MANY_ROOMS",
     "UNAUTHORIZED",
+    "UNREACHABLE",
     "UNSUPPORTED_VERSION",
     "Broadcast",
     "ClientMessage",
+    "Fetch",
     "Hello",
     "Join",
     "Leave",
+    "MarkRead",
     "Ping",
     "ProtocolError",
     "Ref",
+    "Send",
     "Update",
     "apply_meta_patch",
     "broadcast_event",
     "decode_client_frame",
+    "delivered",
     "diff",
+    "direct_message",
     "encode",
     "error",
     "error_from",
+    "fetched",
     "left",
+    "message_error",
     "meta_size",
     "pong",
     "presence_entry",
+    "read_receipt",
     "state",
+    "stored",
     "to_wire",
     "welcome",
 ]
@@ -91,6 +112,11 @@ NOT_JOINED: Final = "not_joined"
 TOO_MANY_ROOMS: Final = "too_many_rooms"
 SERVER_BUSY: Final = "server_busy"
 INTERNAL: Final = "internal"
+NOT_ONLINE: Final = "not_online"
+UNREACHABLE: Final = "unreachable"
+HOP_LIMIT: Final = "hop_limit"
+STORE_FULL: Final = "store_full"
+EXPIRED: Final = "expired"
 
 ERROR_CODES: Final = frozenset(
     {
@@ -105,6 +131,11 @@ ERROR_CODES: Final = frozenset(
         TOO_MANY_ROOMS,
         SERVER_BUSY,
         INTERNAL,
+        NOT_ONLINE,
+        UNREACHABLE,
+        HOP_LIMIT,
+        STORE_FULL,
+        EXPIRED,
     }
 )
 
@@ -116,6 +147,18 @@ MAX_REF: Final = 2**53 - 1
 MAX_CLIENT_LENGTH: Final = 64
 #: Longest broadcast ``event`` name.
 MAX_EVENT_LENGTH: Final = 64
+#: Most recipients of one group message.
+MAX_RECIPIENTS: Final = 32
+#: Largest encoded ``data`` of a direct message, in bytes.
+MAX_MESSAGE_BYTES: Final = 8192
+#: Longest message id a client may name in ``read``.
+MAX_MESSAGE_ID: Final = 128
+#: Largest ``limit`` of a ``fetch``.
+MAX_FETCH: Final = 500
+DEFAULT_FETCH: Final = 100
+FAST: Final = "fast"
+RELIABLE: Final = "reliable"
+
 #: Deepest nesting of objects/arrays in a frame (the frame object itself is level 1). Stored
 #: meta is re-nested a few levels deeper in ``state``/``diff`` frames, so an unbounded depth
 #: could make the server's own encoder hit the recursion limit on another client's frame.
@@ -220,7 +263,42 @@ class Ping:
     t: float | int | None = None
 
 
-ClientMessage: TypeAlias = Hello | Join | Update | Leave | Broadcast | Ping
+@attrs.frozen
+class Send:
+    """A direct message to one user or (``group``) several; ``mode`` is fast or reliable."""
+
+    TYPE: ClassVar[str] = "send"
+
+    ref: Ref
+    to: tuple[str, ...]
+    data: Any
+    mode: str = FAST
+    group: bool = False
+
+
+@attrs.frozen
+class MarkRead:
+    """The recipient read message ``id``: its sender gets a ``read`` receipt."""
+
+    TYPE: ClassVar[str] = "read"
+
+    ref: Ref
+    id: str
+
+
+@attrs.frozen
+class Fetch:
+    """Pull up to ``limit`` of this user's pending reliable messages from every region."""
+
+    TYPE: ClassVar[str] = "fetch"
+
+    ref: Ref
+    limit: int = DEFAULT_FETCH
+
+
+ClientMessage: TypeAlias = (
+    Hello | Join | Update | Leave | Broadcast | Ping | Send | MarkRead | Fetch
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +518,47 @@ def _parse_ping(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) ->
     return Ping(ref, t)
 
 
+def _parse_send(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Send:
+    to = obj.get("to")
+    group = type(to) is list
+    recipients: list[Any] = to if type(to) is list else [to]
+    if group and not 0 < len(recipients) <= MAX_RECIPIENTS:
+        raise _bad(f"'to' must name 1 to {MAX_RECIPIENTS} users", ref)
+    names = tuple(_name(user, "to", limits.max_user_id, ref) for user in recipients)
+    if len(set(names)) != len(names):
+        raise _bad("'to' names a user twice", ref)
+    mode = obj.get("mode")
+    if mode is None:
+        mode = FAST
+    elif mode != FAST and mode != RELIABLE:
+        raise _bad("'mode' must be 'fast' or 'reliable'", ref)
+    data = obj.get("data")
+    try:
+        size = len(_ENCODER.encode(data).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _bad("'data' contains an unpaired surrogate", ref) from None
+    except (ValueError, RecursionError):  # pragma: no cover - excluded by earlier checks
+        raise _bad("'data' cannot be encoded", ref) from None
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            TOO_LARGE, f"'data' is {size} bytes, over the limit of {MAX_MESSAGE_BYTES}", ref
+        )
+    return Send(ref, names, data, mode, group)
+
+
+def _parse_read(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> MarkRead:
+    return MarkRead(ref, _name(obj.get("id"), "id", MAX_MESSAGE_ID, ref))
+
+
+def _parse_fetch(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Fetch:
+    limit = obj.get("limit")
+    if limit is None:
+        return Fetch(ref)
+    if type(limit) is not int or not 0 < limit <= MAX_FETCH:
+        raise _bad(f"'limit' must be an integer from 1 to {MAX_FETCH}", ref)
+    return Fetch(ref, limit)
+
+
 _Parser: TypeAlias = Callable[[dict[str, Any], Ref, Limits, bool], ClientMessage]
 _PARSERS: Final[dict[str, _Parser]] = {
     Update.TYPE: _parse_update,
@@ -448,6 +567,9 @@ _PARSERS: Final[dict[str, _Parser]] = {
     Join.TYPE: _parse_join,
     Leave.TYPE: _parse_leave,
     Hello.TYPE: _parse_hello,
+    Send.TYPE: _parse_send,
+    MarkRead.TYPE: _parse_read,
+    Fetch.TYPE: _parse_fetch,
 }
 
 
@@ -565,6 +687,16 @@ def to_wire(msg: ClientMessage) -> dict[str, Any]:
         out["data"] = msg.data
         if msg.echo:
             out["echo"] = True
+    elif isinstance(msg, Send):
+        out["to"] = list(msg.to) if msg.group else msg.to[0]
+        out["data"] = msg.data
+        if msg.mode != FAST:
+            out["mode"] = msg.mode
+    elif isinstance(msg, MarkRead):
+        out["id"] = msg.id
+    elif isinstance(msg, Fetch):
+        if msg.limit != DEFAULT_FETCH:
+            out["limit"] = msg.limit
     elif msg.t is not None:
         out["t"] = msg.t
     return out
@@ -672,3 +804,69 @@ def error(code: str, message: str, ref: Ref = None) -> dict[str, Any]:
 def error_from(exc: ProtocolError) -> dict[str, Any]:
     """The ``error`` frame answering a rejected frame."""
     return error(exc.code, exc.message, exc.ref)
+
+
+def stored(ref: Ref, message_id: str) -> dict[str, Any]:
+    """A reliable message is in the durable store: the daemon is now responsible for it."""
+    out = _with_ref("stored", ref)
+    out["id"] = message_id
+    return out
+
+
+def delivered(ref: Ref, message_id: str, to: str, region: str) -> dict[str, Any]:
+    """A recipient's daemon wrote the message to the recipient's socket(s)."""
+    out = _with_ref("delivered", ref)
+    out["id"] = message_id
+    out["to"] = to
+    out["region"] = region
+    return out
+
+
+def read_receipt(ref: Ref, message_id: str, by: str) -> dict[str, Any]:
+    """The recipient ``by`` read the message."""
+    out = _with_ref("read", ref)
+    out["id"] = message_id
+    out["by"] = by
+    return out
+
+
+def message_error(ref: Ref, message_id: str, to: str, code: str, message: str) -> dict[str, Any]:
+    """A direct message could not reach recipient ``to``."""
+    out = error(code, message, ref)
+    out["id"] = message_id
+    out["to"] = to
+    return out
+
+
+def direct_message(
+    message_id: str,
+    from_user: str,
+    from_session: str,
+    from_region: str,
+    group: tuple[str, ...],
+    data: Any,
+    mode: str,
+    sent_at_ms: int,
+) -> dict[str, Any]:
+    """A direct message as its recipient sees it."""
+    out: dict[str, Any] = {
+        "type": "message",
+        "id": message_id,
+        "from": from_user,
+        "session": from_session,
+        "region": from_region,
+    }
+    if group:
+        out["to"] = list(group)
+    out["data"] = data
+    out["mode"] = mode
+    out["sent_at"] = sent_at_ms
+    return out
+
+
+def fetched(ref: Ref, count: int, remaining: int) -> dict[str, Any]:
+    """The end of a ``fetch``: how many messages it delivered and how many are still pending."""
+    out = _with_ref("fetched", ref)
+    out["count"] = count
+    out["remaining"] = remaining
+    return out

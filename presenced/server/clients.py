@@ -292,6 +292,7 @@ class ClientConnection:
         self.session = secrets.token_urlsafe(9)
         self._hello_scope.deadline = float("inf")
         node = self.node
+        node.identified(self)
         self.send(
             protocol.welcome(
                 message.ref,
@@ -346,6 +347,22 @@ class ClientConnection:
             raise ProtocolError(protocol.NOT_JOINED, f"not in room {message.room!r}", message.ref)
         self.node.broadcast(self, message.room, message.event, message.data, message.echo)
 
+    def _on_send(self, message: protocol.Send) -> None:
+        messenger = self.node.messenger
+        if messenger is None:
+            raise ProtocolError(protocol.INTERNAL, "direct messages are not enabled", message.ref)
+        messenger.send(self, message)
+
+    def _on_read(self, message: protocol.MarkRead) -> None:
+        if self.node.messenger is not None:
+            self.node.messenger.mark_read(self, message)
+
+    def _on_fetch(self, message: protocol.Fetch) -> None:
+        if self.node.messenger is None:
+            self.send(protocol.fetched(message.ref, 0, 0))
+            return
+        self.node.messenger.fetch(self, message)
+
     def _on_ping(self, message: protocol.Ping) -> None:
         self.send(protocol.pong(message.ref, message.t, self.node.wall_clock() * 1000.0))
 
@@ -356,6 +373,9 @@ class ClientConnection:
         protocol.Leave: _on_leave,
         protocol.Broadcast: _on_broadcast,
         protocol.Ping: _on_ping,
+        protocol.Send: _on_send,
+        protocol.MarkRead: _on_read,
+        protocol.Fetch: _on_fetch,
     }
 
     # ------------------------------------------------------------------ writing

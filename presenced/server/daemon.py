@@ -18,6 +18,8 @@ import trio
 from presenced.config import Config
 from presenced.core.crdt import ReplicaId
 from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
+from presenced.server.message_store import MessageStore
+from presenced.server.messaging import Messenger
 from presenced.server.node import Node
 from presenced.server.peer_links import GossipSettings, PeerManager
 from presenced.server.transport import PeerTransport
@@ -52,6 +54,8 @@ class Daemon:
         self.config = config
         replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
         self.node = Node(config, replica)
+        self.store = _open_store(config)
+        self.messenger = Messenger(self.node, self.store)
         self.client_port: int | None = None
         self.peer_port: int | None = None
         self.running = False
@@ -99,6 +103,7 @@ class Daemon:
         try:
             async with self._transport_running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self.node.run_ticker)
+                nursery.start_soon(self.messenger.run)
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
                 async with trio.open_nursery() as connections:
@@ -130,6 +135,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self.running = False
+            self.store.close()
         log.info("presenced stopped")
 
     async def _accept(
@@ -163,6 +169,24 @@ class Daemon:
                 log.info("received %s", signal.Signals(signum).name)
                 self.shutdown()
                 return
+
+
+def _open_store(config: Config) -> MessageStore:
+    """The reliable-message store: durable in --data-dir, else in memory (with a warning)."""
+    if config.data_dir is None:
+        log.warning(
+            "no --data-dir: reliable direct messages are kept in memory and lost on restart"
+        )
+        return MessageStore(
+            ":memory:",
+            max_pending_per_recipient=config.message_max_pending,
+            max_age=config.message_max_age,
+        )
+    return MessageStore.in_dir(
+        config.data_dir,
+        max_pending_per_recipient=config.message_max_pending,
+        max_age=config.message_max_age,
+    )
 
 
 def _tls_transport(config: Config) -> PeerTransport:

@@ -22,6 +22,13 @@ class Metrics:
     resyncs: int = 0
     errors: dict[str, int] = attrs.field(factory=dict)
     closes: dict[int, int] = attrs.field(factory=dict)
+    #: Direct messages: client sends accepted, copies forwarded to a peer, rows stored,
+    #: copies written to local recipients, and failures by error code.
+    messages_sent: int = 0
+    messages_routed: int = 0
+    messages_stored: int = 0
+    messages_delivered: int = 0
+    message_errors: dict[str, int] = attrs.field(factory=dict)
 
     def count_frames(self, count: int, size: int) -> None:
         self.frames_out += count
@@ -29,6 +36,9 @@ class Metrics:
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_message_error(self, code: str) -> None:
+        self.message_errors[code] = self.message_errors.get(code, 0) + 1
 
     def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1

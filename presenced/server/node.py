@@ -31,6 +31,7 @@ from presenced.server.websocket import text_frame
 if TYPE_CHECKING:
     from presenced.config import Config
     from presenced.server.clients import ClientConnection
+    from presenced.server.messaging import Messenger
     from presenced.server.peer_links import PeerManager
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class Node:
         #: room -> members on this daemon (a dict used as an ordered set).
         self.members: dict[str, dict[ClientConnection, None]] = {}
         self.connections: set[ClientConnection] = set()
+        #: user -> that user's connections here (a dict used as an ordered set): where direct
+        #: messages for the user are written.
+        self.users: dict[str, dict[ClientConnection, None]] = {}
         self._dirty: dict[str, RoomFeed] = {}
         self.metrics = Metrics()
         self.liveness = Liveness(
@@ -68,6 +72,8 @@ class Node:
         )
         #: The peer layer, if this daemon has peers (it sets itself here).
         self.gossip: PeerManager | None = None
+        #: Direct messages (the daemon sets it; a bare node in unit tests has none).
+        self.messenger: Messenger | None = None
         self._local_dirty = False
 
     # ------------------------------------------------------------------ client operations
@@ -149,9 +155,22 @@ class Node:
     def current_meta(self, conn: ClientConnection, room: str) -> Meta | None:
         return self.state.get(room, conn.user, conn.session)
 
+    def identified(self, conn: ClientConnection) -> None:
+        """A connection said hello: direct messages for its user may now be written to it."""
+        self.users.setdefault(conn.user, {})[conn] = None
+
+    def user_connections(self, user: str) -> list[ClientConnection]:
+        """This daemon's connections of ``user`` (every tab and device)."""
+        return list(self.users.get(user, ()))
+
     def disconnect(self, conn: ClientConnection) -> None:
         """A connection ended: it leaves every room it was in."""
         self.connections.discard(conn)
+        sessions = self.users.get(conn.user)
+        if sessions is not None:
+            sessions.pop(conn, None)
+            if not sessions:
+                del self.users[conn.user]
         for room in list(conn.rooms):
             self.leave(conn, room)
         conn.rooms.clear()
@@ -174,11 +193,15 @@ class Node:
         """
         now = self.clock()
         touched: dict[str, RoomFeed] = {}
+        waiting = self.messenger.pending_users if self.messenger is not None else None
         for change in changes:
             feed = self.feeds.get(change.room)
             if feed is not None:
                 feed.note(change)
                 touched[change.room] = feed
+            if waiting and change.kind == "join" and change.user in waiting:
+                assert self.messenger is not None
+                self.messenger.user_appeared(change.user)
         for room, feed in touched.items():
             if immediate or now - feed.last_flush >= self.tick:
                 self._dirty.pop(room, None)
@@ -204,6 +227,8 @@ class Node:
             elif status == RETIRED:
                 log.info("replica %s retired", replica)
                 self.apply(self.state.retire(replica), immediate=True)
+            if status != UP and self.gossip is not None:
+                self.gossip.replica_gone(replica)
 
     def flush(self, feed: RoomFeed, now: float) -> None:
         """Send a room's pending changes to its members as one frame."""

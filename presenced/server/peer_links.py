@@ -24,6 +24,12 @@ nothing for ``link_timeout`` is closed and redialed (if we dialed it).
 
 Duplicates: if both sides dial each other, the link dialed by the node whose name sorts
 first survives, on both sides.
+
+Routing: each daemon advertises its live links and their RTT (link-state, see
+:mod:`presenced.core.routing`); advertisements ride on gossip messages, each link sending the
+ones its peer may lack, and are flooded on as soon as they are learned. Routed messages
+(direct messages, receipts, fetches) are queued on the next hop's link and sent ahead of the
+gossip.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import contextlib
 import itertools
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -40,6 +47,8 @@ import trio
 
 from presenced.core import peer_wire as wire
 from presenced.core.crdt import DeltaError, ReplicaId
+from presenced.core.liveness import DOWN, PURGED, RETIRED
+from presenced.core.routing import LinkState, RouteTable
 from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
 
 if TYPE_CHECKING:
@@ -58,6 +67,8 @@ class GossipSettings:
     handshake_timeout: float = 5.0
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
+    #: Routed messages queued on one link before more are dropped (retransmission repairs).
+    max_queued: int = 10_000
 
 
 class LinkRefused(Exception):
@@ -95,6 +106,11 @@ class PeerLink:
         self.bytes_out = 0
         self.bytes_in = 0
         self.error: ChannelClosed | wire.PeerProtocolError | None = None
+        #: Routed messages waiting for the writer.
+        self._queue: deque[wire.PeerMessage] = deque()
+        self.dropped = 0
+        #: Per advertising node, the (incarnation, seq) of the link state sent on this link.
+        self._states_sent: dict[str, tuple[int, int]] = {}
 
     @property
     def dialer_name(self) -> str:
@@ -135,6 +151,15 @@ class PeerLink:
         self._digest_due = True
         self._wakeup.set()
 
+    def enqueue(self, message: wire.PeerMessage) -> bool:
+        """Queue a routed message for the writer; False if the queue is full (dropped)."""
+        if len(self._queue) >= self.manager.settings.max_queued:
+            self.dropped += 1
+            return False
+        self._queue.append(message)
+        self._wakeup.set()
+        return True
+
     def poke(self, now: float) -> None:
         """Local state changed: send at once if idle for a tick, else at the next tick."""
         if now - self.last_sent >= self.node.tick:
@@ -146,6 +171,9 @@ class PeerLink:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
+            queue = self._queue
+            while queue:
+                await self._send(queue.popleft())
             message = self._build()
             if message is not None:
                 await self._send(message)
@@ -163,7 +191,15 @@ class PeerLink:
         beats = node.liveness.beats(now) if self._beat_due else []
         links = tuple(self.manager.links) if self._beat_due else None
         digest = node.state.digest() if self._digest_due else None
+        if self._digest_due:
+            self._states_sent = {}  # resend every link state now and then: repairs any loss
         self._beat_due = self._digest_due = False
+        states = []
+        for state in self.manager.routes.states():
+            version = (state.incarnation, state.seq)
+            if state.node != self.remote.node and self._states_sent.get(state.node) != version:
+                states.append(state)
+                self._states_sent[state.node] = version
         deltas = []
         if self.sent is not None:
             sent = self.sent
@@ -178,9 +214,9 @@ class PeerLink:
                     if delta is not None:
                         deltas.append(delta)
                     sent[replica] = part.clock
-        if not (beats or deltas or digest is not None):
+        if not (beats or deltas or states or digest is not None):
             return None
-        return wire.Gossip(tuple(beats), tuple(deltas), digest, links)
+        return wire.Gossip(tuple(beats), tuple(deltas), digest, links, tuple(states))
 
     async def _timers(self) -> None:
         """Heartbeats, digests, RTT pings, and the dead-link check."""
@@ -218,6 +254,10 @@ class PeerLink:
                 started = self._pings.pop(message.id, None)
                 if started is not None:
                     self.rtt = self.node.clock() - started
+                    self.manager.advertise()
+            elif isinstance(message, wire.Direct | wire.Receipt | wire.Pull | wire.Pulled):
+                if self.node.messenger is not None:
+                    self.node.messenger.on_routed(message, self.remote.node)
             elif isinstance(message, wire.RoomBroadcast):
                 self.manager.on_broadcast(message, self)
             elif isinstance(message, wire.Bye):
@@ -234,6 +274,8 @@ class PeerLink:
             node.on_transitions(node.liveness.observe(beat, now))
         if message.links is not None:
             self.remote_links = frozenset(message.links)
+        if message.link_states:
+            self.manager.learn_link_states(message.link_states, self)
         merged = False
         gap = False
         changes = []
@@ -287,6 +329,7 @@ class PeerManager:
         self._seen_broadcasts: dict[str, None] = {}
         self._link_gone: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        self.routes = RouteTable(node.replica.node, node.replica.incarnation)
         node.gossip = self
 
     async def run(
@@ -365,6 +408,7 @@ class PeerManager:
             if link is not None and self.links.get(link.remote.node) is link:
                 del self.links[link.remote.node]
                 log.info("peer link down: %s", link.remote)
+                self.advertise()
                 gone = self._link_gone.pop(link.remote.node, None)
                 if gone is not None:
                     gone.set()
@@ -396,7 +440,47 @@ class PeerManager:
                 return False
             current.close()
         self.links[name] = link
+        self.advertise()
         return True
+
+    # ------------------------------------------------------------------ routing
+
+    def advertise(self) -> None:
+        """Links or their RTTs changed: advertise anew if it matters for routes."""
+        state = self.routes.advertise({name: link.rtt for name, link in self.links.items()})
+        if state is not None:
+            self._routes_changed(None)
+
+    def learn_link_states(self, states: tuple[LinkState, ...], source: PeerLink) -> None:
+        """Link states from a peer: keep the newer ones and flood them on."""
+        liveness = self.node.liveness
+        changed = False
+        for state in states:
+            status = liveness.status(ReplicaId(state.node, state.incarnation))
+            if status in (DOWN, PURGED, RETIRED):
+                continue  # a dead replica's links: stale news
+            changed |= self.routes.learn(state)
+        if changed:
+            self._routes_changed(source)
+
+    def replica_gone(self, replica: ReplicaId) -> None:
+        """A replica is down, purged or retired: routes no longer go through it."""
+        state = self.routes.get(replica.node)
+        if state is not None and state.incarnation <= replica.incarnation:
+            self.routes.forget(replica.node)
+            self._routes_changed(None)
+
+    def _routes_changed(self, source: PeerLink | None) -> None:
+        for link in self.links.values():
+            if link is not source:
+                link.wake()
+        if self.node.messenger is not None:
+            self.node.messenger.routes_changed()
+
+    def send_routed(self, hop: str, message: wire.PeerMessage) -> bool:
+        """Queue a routed message on the link to ``hop``; False if there is none or it is full."""
+        link = self.links.get(hop)
+        return link is not None and link.enqueue(message)
 
     # ------------------------------------------------------------------ gossip
 

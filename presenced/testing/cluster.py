@@ -20,6 +20,7 @@ import itertools
 import json
 import random
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -61,7 +62,9 @@ class FakeClient:
         self.messages: list[dict[str, Any]] = []
         self.view: View = {}
         self.closed: tuple[int, str] | None = None
+        self._refs = itertools.count(1)
         node.connections.add(self)  # type: ignore[arg-type]
+        node.identified(self)  # type: ignore[arg-type]
 
     # What the node calls on a connection:
     def push(self, frame: bytes, room: str | None = None) -> None:
@@ -91,6 +94,34 @@ class FakeClient:
 
     def broadcast(self, room: str, event: str, data: Any = None) -> None:
         self.node.broadcast(self, room, event, data, False)  # type: ignore[arg-type]
+
+    def send_to(self, to: str | list[str], data: Any, mode: str = "fast") -> int:
+        """Send a direct message; returns the ``ref`` its confirmations will carry."""
+        ref = next(self._refs)
+        group = isinstance(to, list)
+        recipients = tuple(to) if isinstance(to, list) else (to,)
+        message = protocol.Send(ref, recipients, data, mode, group)
+        assert self.node.messenger is not None
+        self.node.messenger.send(self, message)  # type: ignore[arg-type]
+        return ref
+
+    def mark_read(self, message_id: str) -> None:
+        assert self.node.messenger is not None
+        self.node.messenger.mark_read(self, protocol.MarkRead(None, message_id))  # type: ignore[arg-type]
+
+    def fetch(self, limit: int = 100) -> int:
+        ref = next(self._refs)
+        assert self.node.messenger is not None
+        self.node.messenger.fetch(self, protocol.Fetch(ref, limit))  # type: ignore[arg-type]
+        return ref
+
+    def received(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
+        """Frames of one type this client got, optionally matching some fields."""
+        return [
+            m
+            for m in self.messages
+            if m["type"] == kind and all(m.get(k) == v for k, v in fields.items())
+        ]
 
     def disconnect(self) -> None:
         self.node.disconnect(self)  # type: ignore[arg-type]
@@ -150,6 +181,7 @@ class Cluster:
         down_after: float = 3.0,
         purge_after: float = 30.0,
         settings: GossipSettings | None = None,
+        data_root: Path | None = None,
     ) -> None:
         self.nursery = nursery
         self.net = net
@@ -157,6 +189,8 @@ class Cluster:
         self.down_after = down_after
         self.purge_after = purge_after
         self.settings = settings or GossipSettings()
+        #: If set, each daemon keeps its message store in data_root/<name> (survives crashes).
+        self.data_root = data_root
         self.daemons: dict[str, SimDaemon] = {}
         self._incarnations = itertools.count(1)
 
@@ -177,6 +211,7 @@ class Cluster:
             # The simulated transport ignores the address, but a daemon with peers and no
             # peer_listen only dials, and simulated links must be dialable both ways.
             peer_listen=HostPort("127.0.0.1", 0),
+            data_dir=None if self.data_root is None else self.data_root / name,
         )
         if self.net.is_crashed(name):
             self.net.restart(name)

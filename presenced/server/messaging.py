@@ -1,0 +1,613 @@
+"""Direct messages: accept them from clients, route them hop by hop, deliver and confirm them.
+
+Every daemon plays three roles, often for the same message:
+
+* **origin** (the sender's daemon): gives the message its id; a *reliable* one is written to
+  the durable store first (the sender then gets ``stored``). For each recipient it sends one
+  copy to every node where the recipient has a presence (the gossiped presence map says
+  where), and it relays the receipts that come back to the sender.
+* **forwarder**: a copy not addressed to this node goes to the next hop of the shortest live
+  route (:class:`presenced.core.routing.RouteTable`, fed by link-state gossip). A copy seen
+  twice from different links is a routing loop, and one out of hops is stopped: both become
+  an ``error`` receipt back to the origin, never a storm.
+* **recipient daemon**: writes the message to every local session of the recipient and
+  answers with a ``delivered`` receipt.
+
+Reliable messages stay pending in the origin's store until a recipient daemon confirms one
+copy. Until then the origin retransmits: when the recipient appears (a presence join), when
+routes change, and after :data:`ACK_TIMEOUT` without a receipt. Order per sender and
+recipient is kept by ``prev`` (the previous message of the pair still pending at the
+origin): a recipient daemon shows a message only once it has itself shown ``prev``, else it
+answers ``deferred`` and the origin sends it again after ``prev`` is confirmed. The
+recipient daemon stores the last sequence number it showed per (origin, sender, recipient),
+so a retransmission is confirmed again but never shown twice.
+
+Everything here is synchronous except :meth:`Messenger.run` (retransmissions, expiry, fetch
+timeouts): handlers run on the event loop thread and never wait, like the rest of the node.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from presenced.core import peer_wire as wire
+from presenced.core import protocol
+from presenced.server.message_store import MessageStore, StoredMessage, StoreFull
+from presenced.server.websocket import text_frame
+
+if TYPE_CHECKING:
+    from presenced.server.clients import ClientConnection
+    from presenced.server.node import Node
+
+log = logging.getLogger(__name__)
+
+#: Hops a routed message may take (more than any sane region graph's diameter).
+HOP_LIMIT = 16
+#: Seconds between retransmission sweeps.
+SWEEP_INTERVAL = 0.5
+#: Seconds a reliable copy may stay unconfirmed before it is sent again.
+ACK_TIMEOUT = 3.0
+#: Seconds the origin remembers who sent a message, to route receipts back to that session.
+SENDER_MEMORY = 600.0
+#: Most senders remembered (beyond it the oldest are forgotten: receipts then go to the
+#: sending user's sessions, without the ``ref``).
+MAX_SENDERS = 100_000
+#: Delivered message ids remembered for read receipts.
+MAX_RECENT = 100_000
+#: Routed-message keys remembered to drop duplicates and detect loops.
+MAX_SEEN = 200_000
+#: Reliable copies in flight per recipient (the rest follow as these are confirmed).
+WINDOW = 256
+#: Seconds a fetch waits for the other daemons' answers.
+PULL_TIMEOUT = 3.0
+#: Seconds between expiry passes over the store.
+EXPIRE_INTERVAL = 60.0
+
+
+@attrs.define
+class _Sender:
+    """Who sent a message (at its origin): where its receipts go."""
+
+    conn: ClientConnection | None
+    ref: protocol.Ref
+    user: str
+    expires: float
+    #: (recipient, region) pairs already confirmed: one ``delivered`` each.
+    confirmed: set[tuple[str, str]] = attrs.field(factory=set)
+
+
+@attrs.define
+class _Delivered:
+    """A message shown here: where a read receipt goes."""
+
+    origin: str
+    sender: str
+    recipients: set[str]
+    read_by: set[str] = attrs.field(factory=set)
+
+
+@attrs.define
+class _Fetch:
+    """A fetch in progress on this daemon."""
+
+    conn: ClientConnection
+    ref: protocol.Ref
+    user: str
+    limit: int
+    waiting: set[str]
+    deadline: float
+    count: int = 0
+    remaining: int = 0
+
+
+def _evict_oldest(table: dict[Any, Any], limit: int) -> None:
+    if len(table) > limit:
+        for key in list(itertools.islice(table, len(table) - limit * 3 // 4)):
+            del table[key]
+
+
+class Messenger:
+    """Direct messages of one daemon: origin, forwarder and recipient daemon at once."""
+
+    def __init__(
+        self,
+        node: Node,
+        store: MessageStore,
+        *,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.name = node.replica.node
+        self.region = node.region
+        self.wall_clock = wall_clock or node.wall_clock
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{self.name}.{_base36(node.replica.incarnation)}"
+        self._senders: dict[str, _Sender] = {}
+        #: (message id, recipient) -> when to send again if still unconfirmed.
+        self._inflight: dict[tuple[str, str], float] = {}
+        self._attempts: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple[Any, ...], str] = {}
+        self._recent: dict[str, _Delivered] = {}
+        self._fetches: dict[str, _Fetch] = {}
+        #: Recipients with pending messages in the store (mirrors it; checked per presence join).
+        self.pending_users: set[str] = set(store.pending_recipients())
+        self._to_pump: set[str] = set(self.pending_users)
+        self._wakeup = trio.Event()
+        node.messenger = self
+
+    # ------------------------------------------------------------------ client requests
+
+    def send(self, conn: ClientConnection, message: protocol.Send) -> None:
+        """A client's ``send``: store it (reliable) and start delivering every copy."""
+        node = self.node
+        message_id = f"{self._id_prefix}.{next(self._ids)}"
+        now = node.clock()
+        node.metrics.messages_sent += 1
+        group = message.to if message.group else ()
+        if message.mode == protocol.RELIABLE:
+            try:
+                stored = self.store.add(
+                    message_id,
+                    conn.user,
+                    conn.session,
+                    message.to,
+                    message.data,
+                    self.wall_clock(),
+                    group=group,
+                )
+            except StoreFull as exc:
+                node.metrics.count_message_error(protocol.STORE_FULL)
+                conn.send(protocol.error(protocol.STORE_FULL, str(exc), message.ref))
+                return
+            node.metrics.messages_stored += len(stored)
+            self._remember_sender(message_id, conn, message.ref, now)
+            conn.send(protocol.stored(message.ref, message_id))
+            for item in stored:
+                self.pending_users.add(item.recipient)
+                self._push(item)
+            return
+        self._remember_sender(message_id, conn, message.ref, now)
+        sent_at = round(self.wall_clock() * 1000)
+        for user in message.to:
+            nodes = node.state.user_nodes(user)
+            if not nodes:
+                self._tell_sender_error(
+                    message_id, conn.user, user, protocol.NOT_ONLINE, f"{user} is not online"
+                )
+                continue
+            for dest in nodes:
+                self._route(
+                    wire.Direct(
+                        message_id,
+                        self.name,
+                        dest,
+                        HOP_LIMIT,
+                        conn.user,
+                        conn.session,
+                        self.region,
+                        user,
+                        group,
+                        message.data,
+                        False,
+                        sent_at=sent_at,
+                    ),
+                    None,
+                )
+
+    def mark_read(self, conn: ClientConnection, message: protocol.MarkRead) -> None:
+        """The recipient read a message shown here: tell its sender (once per user)."""
+        shown = self._recent.get(message.id)
+        if shown is None or conn.user not in shown.recipients:
+            raise protocol.ProtocolError(
+                protocol.BAD_REQUEST,
+                f"no message {message.id!r} was delivered to you on this daemon",
+                message.ref,
+            )
+        if conn.user in shown.read_by:
+            return  # another tab read it already: one receipt per user
+        shown.read_by.add(conn.user)
+        self._route(
+            wire.Receipt(
+                message.id,
+                self.name,
+                shown.origin,
+                HOP_LIMIT,
+                wire.READ,
+                conn.user,
+                self.region,
+                sender=shown.sender,
+            ),
+            None,
+        )
+
+    def fetch(self, conn: ClientConnection, message: protocol.Fetch) -> None:
+        """Ask every reachable daemon (this one too) for this user's pending messages."""
+        request = f"{self._id_prefix}.f{next(self._ids)}"
+        peers = self.node.gossip
+        others = set(peers.routes.reachable()) if peers is not None else set()
+        state = _Fetch(
+            conn,
+            message.ref,
+            conn.user,
+            message.limit,
+            others | {self.name},
+            self.node.clock() + PULL_TIMEOUT,
+        )
+        self._fetches[request] = state
+        for dest in sorted(others | {self.name}):
+            self._route(
+                wire.Pull(request, self.name, dest, HOP_LIMIT, conn.user, message.limit), None
+            )
+
+    # ------------------------------------------------------------------ presence and routes
+
+    def user_appeared(self, user: str) -> None:
+        """A user with pending messages joined a room somewhere: deliver them now."""
+        self._to_pump.add(user)
+        self._wakeup.set()
+
+    def routes_changed(self) -> None:
+        """Links or routes changed: retry every pending recipient now."""
+        self._to_pump.update(self.pending_users)
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------ routing
+
+    def on_routed(self, message: wire.Routed, link: str) -> None:
+        """A routed message arrived from the peer ``link``."""
+        key = _dedupe_key(message)
+        first_link = self._seen.get(key)
+        if first_link is not None:
+            if first_link != link and isinstance(message, wire.Direct):
+                log.warning("routing loop: message %s came back through %s", message.id, link)
+                self._undeliverable(message, protocol.HOP_LIMIT)
+            return  # a duplicate (the same link twice): already handled
+        self._seen[key] = link
+        _evict_oldest(self._seen, MAX_SEEN)
+        if message.dest != self.name and message.hops <= 1:
+            self._undeliverable(message, protocol.HOP_LIMIT)
+            return
+        self._route(message, link)
+
+    def _route(self, message: wire.Routed, came_from: str | None) -> None:
+        if message.dest == self.name:
+            self._handle(message)
+            return
+        peers = self.node.gossip
+        hop = peers.routes.next_hop(message.dest) if peers is not None else None
+        if came_from is not None:
+            message = attrs.evolve(message, hops=message.hops - 1)
+        if hop is None or peers is None or not peers.send_routed(hop, message):
+            self._undeliverable(message, protocol.UNREACHABLE)
+            return
+        if isinstance(message, wire.Direct):
+            self.node.metrics.messages_routed += 1
+
+    def _undeliverable(self, message: wire.Routed, code: str) -> None:
+        """A message cannot go on: a direct message's origin hears why; the rest is dropped
+        (receipts and fetch answers are repaired by retransmission and timeouts)."""
+        if isinstance(message, wire.Direct):
+            self._route(self._receipt(message, wire.ERROR, code), None)
+        else:
+            log.debug(
+                "dropping %s %s for %s: %s", type(message).__name__, message.id, message.dest, code
+            )
+
+    def _handle(self, message: wire.Routed) -> None:
+        if isinstance(message, wire.Direct):
+            self._deliver(message)
+        elif isinstance(message, wire.Receipt):
+            self._on_receipt(message)
+        elif isinstance(message, wire.Pull):
+            self._on_pull(message)
+        else:
+            self._on_pulled(message)
+
+    def _receipt(self, message: wire.Direct, kind: str, code: str = "") -> wire.Receipt:
+        return wire.Receipt(
+            message.id,
+            self.name,
+            message.origin,
+            HOP_LIMIT,
+            kind,
+            message.to,
+            self.region,
+            code,
+            sender=message.sender,
+            attempt=message.attempt,
+        )
+
+    # ------------------------------------------------------------------ recipient daemon
+
+    def _deliver(self, message: wire.Direct) -> None:
+        node = self.node
+        conns = node.user_connections(message.to)
+        if not conns:
+            self._route(self._receipt(message, wire.ERROR, protocol.NOT_ONLINE), None)
+            return
+        fetch = self._fetches.get(message.pull) if message.pull else None
+        if message.reliable:
+            last = self.store.last_delivered(message.origin, message.sender, message.to)
+            if message.seq <= last:  # shown before: confirm again, do not show twice
+                self._route(self._receipt(message, wire.DELIVERED), None)
+                return
+            if message.prev > last:  # the pair's previous message must be shown first
+                self._route(self._receipt(message, wire.DEFERRED), None)
+                return
+            if fetch is not None and fetch.count >= fetch.limit:
+                fetch.remaining += 1
+                self._route(self._receipt(message, wire.DEFERRED), None)
+                return
+        mode = protocol.RELIABLE if message.reliable else protocol.FAST
+        frame = text_frame(
+            protocol.encode(
+                protocol.direct_message(
+                    message.id,
+                    message.sender,
+                    message.session,
+                    message.region,
+                    message.group,
+                    message.data,
+                    mode,
+                    message.sent_at,
+                )
+            )
+        )
+        for conn in conns:
+            conn.push(frame)
+        node.metrics.count_frames(len(conns), len(frame))
+        node.metrics.messages_delivered += 1
+        if message.reliable:
+            self.store.set_last_delivered(
+                message.origin, message.sender, message.to, message.seq, self.wall_clock()
+            )
+        if fetch is not None:
+            fetch.count += 1
+        shown = self._recent.get(message.id)
+        if shown is None:
+            shown = self._recent[message.id] = _Delivered(message.origin, message.sender, set())
+            _evict_oldest(self._recent, MAX_RECENT)
+        shown.recipients.add(message.to)
+        self._route(self._receipt(message, wire.DELIVERED), None)
+
+    # ------------------------------------------------------------------ origin
+
+    def _remember_sender(
+        self, message_id: str, conn: ClientConnection, ref: protocol.Ref, now: float
+    ) -> None:
+        self._senders[message_id] = _Sender(conn, ref, conn.user, now + SENDER_MEMORY)
+        _evict_oldest(self._senders, MAX_SENDERS)
+
+    def _tell_sender(
+        self, message_id: str, user: str, build: Callable[[protocol.Ref], dict[str, Any]]
+    ) -> None:
+        """A receipt for the sending session if it is still here, else its user's sessions."""
+        sender = self._senders.get(message_id)
+        if sender is not None and sender.conn in self.node.connections:
+            assert sender.conn is not None
+            sender.conn.send(build(sender.ref))
+            return
+        for conn in self.node.user_connections(user):
+            conn.send(build(None))
+
+    def _tell_sender_error(
+        self, message_id: str, sender: str, to: str, code: str, text: str
+    ) -> None:
+        self.node.metrics.count_message_error(code)
+        self._tell_sender(
+            message_id, sender, lambda ref: protocol.message_error(ref, message_id, to, code, text)
+        )
+
+    def _on_receipt(self, receipt: wire.Receipt) -> None:
+        key = (receipt.id, receipt.to)
+        pending = self.store.get(receipt.id, receipt.to)
+        kind = receipt.kind
+        if kind == wire.DELIVERED:
+            if pending is not None:
+                self.store.mark_delivered(receipt.id, receipt.to)
+                self._inflight.pop(key, None)
+                self._attempts.pop(key, None)
+                if self.store.pending_count(receipt.to) == 0:
+                    self.pending_users.discard(receipt.to)
+                else:
+                    self._to_pump.add(receipt.to)
+                    self._wakeup.set()
+            sender = self._senders.get(receipt.id)
+            if sender is not None:
+                if (receipt.to, receipt.region) in sender.confirmed:
+                    return  # a retransmission confirmed again
+                sender.confirmed.add((receipt.to, receipt.region))
+            self._tell_sender(
+                receipt.id,
+                receipt.sender,
+                lambda ref: protocol.delivered(ref, receipt.id, receipt.to, receipt.region),
+            )
+        elif kind == wire.READ:
+            self._tell_sender(
+                receipt.id,
+                receipt.sender,
+                lambda ref: protocol.read_receipt(ref, receipt.id, receipt.to),
+            )
+        elif pending is not None:
+            # Deferred, or an error for a reliable message: it stays pending and is sent
+            # again (after its predecessor is confirmed, or when the recipient is back).
+            if self._attempts.get(key) == receipt.attempt:
+                self._inflight.pop(key, None)
+            if kind == wire.ERROR:
+                log.debug("reliable message %s to %s: %s", receipt.id, receipt.to, receipt.code)
+        elif kind == wire.ERROR:
+            sender = self._senders.get(receipt.id)
+            if sender is not None and any(to == receipt.to for to, _ in sender.confirmed):
+                return  # delivered elsewhere already
+            code = receipt.code if receipt.code in protocol.ERROR_CODES else protocol.INTERNAL
+            self._tell_sender_error(
+                receipt.id, receipt.sender, receipt.to, code, _ERROR_TEXT.get(code, code)
+            )
+
+    def _push(self, item: StoredMessage, *, pull: str = "", dest: str | None = None) -> bool:
+        """Send one pending reliable message towards its recipient (False: nowhere to send)."""
+        key = (item.id, item.recipient)
+        if not pull and key in self._inflight:
+            return True
+        nodes = [dest] if dest is not None else self.node.state.user_nodes(item.recipient)
+        if not nodes:
+            return False
+        attempt = self._attempts[key] = self._attempts.get(key, -1) + 1
+        self._inflight[key] = self.node.clock() + ACK_TIMEOUT
+        prev = self.store.previous_pending(item)
+        for node in nodes:
+            self._route(
+                wire.Direct(
+                    item.id,
+                    self.name,
+                    node,
+                    HOP_LIMIT,
+                    item.sender,
+                    item.sender_session,
+                    self.region,
+                    item.recipient,
+                    item.group,
+                    item.data,
+                    True,
+                    item.seq,
+                    prev,
+                    round(item.created_at * 1000),
+                    attempt,
+                    pull,
+                ),
+                None,
+            )
+        return True
+
+    def _pump(self, user: str) -> None:
+        """Keep up to WINDOW of a recipient's pending messages in flight, oldest first."""
+        if not self.node.state.user_nodes(user):
+            return
+        in_flight = 0
+        for item in self.store.pending(user, limit=WINDOW):
+            if (item.id, user) in self._inflight:
+                in_flight += 1
+                continue
+            if in_flight >= WINDOW or not self._push(item):
+                return
+            in_flight += 1
+
+    # ------------------------------------------------------------------ fetch
+
+    def _on_pull(self, pull: wire.Pull) -> None:
+        items = self.store.pending(pull.user, limit=pull.limit)
+        for item in items:
+            self._push(item, pull=pull.id, dest=pull.origin)
+        remaining = self.store.pending_count(pull.user) - len(items)
+        self._route(
+            wire.Pulled(pull.id, self.name, pull.origin, HOP_LIMIT, len(items), max(0, remaining)),
+            None,
+        )
+
+    def _on_pulled(self, pulled: wire.Pulled) -> None:
+        fetch = self._fetches.get(pulled.id)
+        if fetch is None or pulled.origin not in fetch.waiting:
+            return
+        fetch.waiting.discard(pulled.origin)
+        fetch.remaining += pulled.remaining
+        if not fetch.waiting:
+            self._finish_fetch(pulled.id)
+
+    def _finish_fetch(self, request: str) -> None:
+        fetch = self._fetches.pop(request)
+        if fetch.conn in self.node.connections:
+            fetch.conn.send(protocol.fetched(fetch.ref, fetch.count, fetch.remaining))
+
+    # ------------------------------------------------------------------ background work
+
+    async def run(self) -> None:
+        """Retransmissions, deliveries to users who appeared, fetch timeouts, expiry."""
+        next_expiry = self.node.clock()
+        while True:
+            with trio.move_on_after(SWEEP_INTERVAL):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            now = self.node.clock()
+            self.sweep(now)
+            if now >= next_expiry:
+                next_expiry = now + EXPIRE_INTERVAL
+                self.expire()
+
+    def sweep(self, now: float) -> None:
+        """One pass: resend what timed out, deliver to who appeared, end late fetches."""
+        for key, deadline in list(self._inflight.items()):
+            if deadline <= now:
+                del self._inflight[key]
+                self._to_pump.add(key[1])
+        to_pump, self._to_pump = self._to_pump, set()
+        for user in sorted(to_pump & self.pending_users):
+            self._pump(user)
+        for request, fetch in list(self._fetches.items()):
+            if fetch.deadline <= now:
+                self._finish_fetch(request)
+        for message_id, sender in list(self._senders.items()):
+            if sender.expires > now:
+                break
+            del self._senders[message_id]
+
+    def expire(self) -> None:
+        """Drop reliable messages older than the store's max age, telling their senders."""
+        wall = self.wall_clock()
+        for item in self.store.expire(wall):
+            self._inflight.pop((item.id, item.recipient), None)
+            self._attempts.pop((item.id, item.recipient), None)
+            self._tell_sender_error(
+                item.id,
+                item.sender,
+                item.recipient,
+                protocol.EXPIRED,
+                f"not delivered to {item.recipient} before it expired",
+            )
+        self.pending_users = set(self.store.pending_recipients())
+        self.store.prune(wall)
+
+    def status(self) -> dict[str, Any]:
+        """Counts for /status."""
+        return {
+            "pending_recipients": len(self.pending_users),
+            "pending_messages": self.store.pending_total(),
+            "in_flight": len(self._inflight),
+            "fetches": len(self._fetches),
+        }
+
+
+_ERROR_TEXT = {
+    protocol.NOT_ONLINE: "the recipient is not online",
+    protocol.UNREACHABLE: "no live route to the recipient's daemon",
+    protocol.HOP_LIMIT: "the message hit its hop limit (a routing loop?)",
+}
+
+
+def _dedupe_key(message: wire.Routed) -> tuple[Any, ...]:
+    if isinstance(message, wire.Direct):
+        return ("dm", message.id, message.to, message.dest, message.attempt, message.pull)
+    if isinstance(message, wire.Receipt):
+        return ("rcpt", message.id, message.to, message.origin, message.kind, message.attempt)
+    if isinstance(message, wire.Pull):
+        return ("pull", message.id, message.dest)
+    return ("pulled", message.id, message.origin)
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, digit = divmod(number, 36)
+        out = digits[digit] + out
+        if number == 0:
+            return out
+
+
+__all__ = ["HOP_LIMIT", "Messenger"]

@@ -1,0 +1,294 @@
+"""Direct messages across simulated clusters (line, ring, star) in virtual time.
+
+Real daemons (routing, message store, peer links) on the in-memory network; clients are
+attached to nodes directly and record every frame they are sent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from presenced.core import peer_wire as wire
+from presenced.server.messaging import HOP_LIMIT
+from presenced.testing.cluster import Cluster, FakeClient
+from presenced.testing.simnet import SimNetwork
+
+
+async def line(nursery: trio.Nursery, net: SimNetwork, **kwargs: object) -> Cluster:
+    """eu — us — ap: eu and ap only meet through us."""
+    cluster = Cluster(nursery, net, **kwargs)  # type: ignore[arg-type]
+    await cluster.start("us")
+    await cluster.start("eu", peers=["us"])
+    await cluster.start("ap", peers=["us"])
+    await cluster.settle(3)
+    return cluster
+
+
+async def ring(nursery: trio.Nursery, net: SimNetwork, **kwargs: object) -> Cluster:
+    """a — b — c — d — a."""
+    cluster = Cluster(nursery, net, **kwargs)  # type: ignore[arg-type]
+    await cluster.start("a")
+    await cluster.start("b", peers=["a"])
+    await cluster.start("c", peers=["b"])
+    await cluster.start("d", peers=["c", "a"])
+    await cluster.settle(3)
+    return cluster
+
+
+async def star(nursery: trio.Nursery, net: SimNetwork, **kwargs: object) -> Cluster:
+    """hub with leaves x, y, z."""
+    cluster = Cluster(nursery, net, **kwargs)  # type: ignore[arg-type]
+    await cluster.start("hub")
+    for leaf in ("x", "y", "z"):
+        await cluster.start(leaf, peers=["hub"])
+    await cluster.settle(3)
+    return cluster
+
+
+def texts(client: FakeClient) -> list[str]:
+    return [m["data"]["text"] for m in client.received("message")]
+
+
+async def test_fast_message_two_hops_with_delivered_and_read(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=1, latency=0.04))
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        bob.join("lobby")
+        await cluster.settle(1)
+        assert cluster.node("eu").gossip.routes.path("ap") == ("eu", "us", "ap")  # type: ignore[union-attr]
+        sent = trio.current_time()
+        ref = ann.send_to("bob", {"text": "hi"})
+        await trio.sleep(0.5)
+        [message] = bob.received("message")
+        assert message["from"] == "ann" and message["region"] == "eu"
+        assert message["mode"] == "fast" and "to" not in message
+        [delivered] = ann.received("delivered", ref=ref)
+        assert delivered == {
+            "type": "delivered",
+            "ref": ref,
+            "id": message["id"],
+            "to": "bob",
+            "region": "ap",
+        }
+        bob.mark_read(message["id"])
+        bob.mark_read(message["id"])  # a second read is not a second receipt
+        await trio.sleep(0.5)
+        assert ann.received("read", ref=ref, by="bob", id=message["id"])
+        assert len(ann.received("read")) == 1
+        # Two link delays each way at 40 ms: the message itself took about 80 ms.
+        assert trio.current_time() - sent < 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_fast_message_to_nobody_is_refused_at_once(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=2, latency=0.04))
+        ann = cluster.client("eu", "ann")
+        ref = ann.send_to("ghost", {"text": "anyone?"})
+        [error] = ann.received("error", ref=ref)
+        assert error["code"] == "not_online" and error["to"] == "ghost"
+        nursery.cancel_scope.cancel()
+
+
+async def test_group_message_reaches_every_session_everywhere(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await star(nursery, SimNetwork(seed=3, latency=0.02))
+        ann = cluster.client("x", "ann")
+        bob_phone = cluster.client("y", "bob")
+        bob_laptop = cluster.client("z", "bob")
+        cat = cluster.client("hub", "cat")
+        for client in (bob_phone, bob_laptop, cat):
+            client.join("r")
+        await cluster.settle(1)
+        ref = ann.send_to(["bob", "cat"], {"text": "standup"})
+        await trio.sleep(0.5)
+        for client in (bob_phone, bob_laptop, cat):
+            [message] = client.received("message")
+            assert message["to"] == ["bob", "cat"]
+        confirmations = {(m["to"], m["region"]) for m in ann.received("delivered", ref=ref)}
+        assert confirmations == {("bob", "y"), ("bob", "z"), ("cat", "hub")}
+        nursery.cancel_scope.cancel()
+
+
+async def test_reliable_message_waits_for_an_offline_recipient(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=4, latency=0.04))
+        ann = cluster.client("eu", "ann")
+        refs = [ann.send_to("bob", {"text": f"m{i}"}, mode="reliable") for i in range(20)]
+        assert [m["ref"] for m in ann.received("stored")] == refs
+        assert not ann.received("error")
+        await cluster.settle(5)
+        bob = cluster.client("ap", "bob")  # comes online in another region
+        bob.join("lobby")
+        await cluster.settle(3)
+        assert texts(bob) == [f"m{i}" for i in range(20)]
+        assert {m["ref"] for m in ann.received("delivered")} == set(refs)
+        assert cluster.node("eu").messenger.store.pending_total() == 0  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+
+
+async def test_route_fails_over_when_a_link_breaks(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=5, latency=0.02)
+        cluster = await ring(nursery, net)
+        ann = cluster.client("a", "ann")
+        bob = cluster.client("b", "bob")
+        bob.join("r")
+        await cluster.settle(1)
+        routes = cluster.node("a").gossip.routes  # type: ignore[union-attr]
+        assert routes.path("b") == ("a", "b")
+        net.partition(["a"], ["b"])  # only the a—b link: a still reaches d, c
+        ann.send_to("bob", {"text": "during"}, mode="reliable")
+        await cluster.settle(4)
+        assert routes.path("b") == ("a", "d", "c", "b")
+        ann.send_to("bob", {"text": "after"})
+        await cluster.settle(1)
+        assert texts(bob) == ["during", "after"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_partitioned_recipient_is_unreachable_for_fast_messages(
+    autojump_clock: object,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=6, latency=0.02)
+        cluster = await line(nursery, net, down_after=30.0, purge_after=60.0)
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        bob.join("r")
+        await cluster.settle(1)
+        net.partition(["eu", "us"], ["ap"])
+        await cluster.settle(4)  # bob still looks present (down_after 30 s), but no route
+        ref = ann.send_to("bob", {"text": "hello?"})
+        await trio.sleep(0.5)
+        [error] = ann.received("error", ref=ref)
+        assert error["code"] == "unreachable"
+        nursery.cancel_scope.cancel()
+
+
+async def test_hop_limit_is_an_error_back_to_the_sender(autojump_clock: object) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=7, latency=0.02))
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        bob.join("r")
+        await cluster.settle(1)
+        us = cluster.node("us").messenger
+        assert us is not None
+        # A copy that arrives at us with one hop left cannot go on to ap.
+        us.on_routed(
+            wire.Direct("eu.x.1", "eu", "ap", 1, "ann", "s", "eu", "bob", (), {}, False), "eu"
+        )
+        # A copy arriving twice over different links is a loop.
+        looping = wire.Direct(
+            "eu.x.2", "eu", "ap", HOP_LIMIT, "ann", "s", "eu", "bob", (), 1, False
+        )
+        us.on_routed(looping, "eu")
+        us.on_routed(looping, "ap")
+        await trio.sleep(0.5)
+        codes = [(m["id"], m["code"]) for m in ann.received("error")]
+        assert ("eu.x.1", "hop_limit") in codes and ("eu.x.2", "hop_limit") in codes
+        assert len(bob.received("message")) == 1  # the looping one, once
+        nursery.cancel_scope.cancel()
+
+
+async def test_origin_crash_between_stored_and_delivery_loses_nothing(
+    autojump_clock: object, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=8, latency=0.03)
+        cluster = await line(nursery, net, data_root=tmp_path)
+        ann = cluster.client("eu", "ann")
+        for i in range(5):
+            ann.send_to("bob", {"text": f"m{i}"}, mode="reliable")
+        assert len(ann.received("stored")) == 5
+        cluster.crash("eu")
+        await cluster.settle(1)
+        await cluster.start("eu", peers=["us"])
+        bob = cluster.client("ap", "bob")
+        bob.join("r")
+        await cluster.settle(5)
+        assert texts(bob) == [f"m{i}" for i in range(5)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_relay_and_recipient_crashes_neither_lose_nor_double(
+    autojump_clock: object, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=9, latency=0.03)
+        cluster = await line(nursery, net, data_root=tmp_path)
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        bob.join("r")
+        await cluster.settle(1)
+        for i in range(10):
+            ann.send_to("bob", {"text": f"a{i}"}, mode="reliable")
+        await trio.sleep(0.05)  # some are on the wire when the relay dies
+        cluster.crash("us")
+        for i in range(10):
+            ann.send_to("bob", {"text": f"b{i}"}, mode="reliable")
+        await cluster.settle(2)
+        await cluster.start("us")
+        await cluster.settle(6)
+        expected = [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+        assert texts(bob) == expected
+        # The recipient's daemon crashes after showing them; a retransmission of anything
+        # it confirmed late is not shown again by the restarted daemon.
+        cluster.crash("ap")
+        await cluster.settle(1)
+        await cluster.start("ap", peers=["us"])
+        bob2 = cluster.client("ap", "bob")
+        bob2.join("r")
+        for i in range(3):
+            ann.send_to("bob", {"text": f"c{i}"}, mode="reliable")
+        await cluster.settle(6)
+        assert texts(bob2) == [f"c{i}" for i in range(3)]
+        assert cluster.node("eu").messenger.store.pending_total() == 0  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+
+
+async def test_fetch_pulls_pending_messages_without_joining_a_room(
+    autojump_clock: object,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=10, latency=0.03))
+        ann = cluster.client("eu", "ann")
+        cat = cluster.client("us", "cat")
+        for i in range(3):
+            ann.send_to("bob", {"text": f"ann{i}"}, mode="reliable")
+        cat.send_to("bob", {"text": "cat0"}, mode="reliable")
+        await cluster.settle(1)
+        bob = cluster.client("ap", "bob")  # connected, but in no room: not "online"
+        ref = bob.fetch(limit=3)
+        await cluster.settle(2)
+        [done] = bob.received("fetched", ref=ref)
+        assert done["count"] == 3 and done["remaining"] == 1
+        got = texts(bob)
+        assert len(got) == 3
+        assert [t for t in got if t.startswith("ann")] == sorted(
+            t for t in got if t.startswith("ann")
+        )
+        ref = bob.fetch()
+        await cluster.settle(2)
+        [done] = bob.received("fetched", ref=ref)
+        assert done == {"type": "fetched", "ref": ref, "count": 1, "remaining": 0}
+        assert sorted(texts(bob)) == ["ann0", "ann1", "ann2", "cat0"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_store_full_is_a_clear_error(autojump_clock: object, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, SimNetwork(seed=11))
+        await cluster.start("eu")
+        store = cluster.node("eu").messenger.store  # type: ignore[union-attr]
+        store.max_pending_per_recipient = 2
+        ann = cluster.client("eu", "ann")
+        refs = [ann.send_to("bob", {"text": str(i)}, mode="reliable") for i in range(3)]
+        assert len(ann.received("stored")) == 2
+        [error] = ann.received("error", ref=refs[2])
+        assert error["code"] == "store_full"
+        nursery.cancel_scope.cancel()
