@@ -172,7 +172,8 @@ class RouteTable:
 
     def reachable(self) -> frozenset[str]:
         """Nodes with a live path, this node excluded."""
-        return frozenset(self._next_hops if self._paths is not None else self._routes_hops())
+        self._routes()
+        return frozenset(self._next_hops)
 
     def routes(self) -> dict[str, tuple[str, ...]]:
         """dest -> path for every reachable node (this node included, as ``(node,)``)."""
@@ -183,11 +184,8 @@ class RouteTable:
     def _invalidate(self) -> None:
         self._paths = None
 
-    def _routes_hops(self) -> dict[str, str]:
-        self._routes()
-        return self._next_hops
-
     def _routes(self) -> dict[str, tuple[str, ...]]:
+        """The cached shortest-path tree, recomputed first if an advertisement changed."""
         if self._paths is None:
             self._paths, self._distances = self._dijkstra()
             self._next_hops = {dest: path[1] for dest, path in self._paths.items() if len(path) > 1}
