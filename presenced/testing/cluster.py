@@ -163,6 +163,8 @@ class SimDaemon:
     name: str
     daemon: Daemon
     scope: trio.CancelScope
+    #: Set when the daemon's task has ended (its message store is closed).
+    done: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def node(self) -> Node:
@@ -193,6 +195,8 @@ class Cluster:
         self.data_root = data_root
         self.daemons: dict[str, SimDaemon] = {}
         self._incarnations = itertools.count(1)
+        #: Daemons crashed or stopped whose task has not ended yet.
+        self._ending: dict[str, SimDaemon] = {}
 
     @staticmethod
     def address(name: str) -> str:
@@ -200,6 +204,9 @@ class Cluster:
 
     async def start(self, name: str, peers: Iterable[str] = ()) -> SimDaemon:
         """Start (or restart, with a new incarnation) the daemon ``name``."""
+        ending = self._ending.pop(name, None)
+        if ending is not None:
+            await ending.done.wait()  # like a process exit: its files are released first
         config = Config(
             region=name,
             listen=HostPort("127.0.0.1", 0),
@@ -223,25 +230,30 @@ class Cluster:
             gossip_settings=self.settings,
             rng=random.Random(self.net.random.random()),  # deterministic under the seed
         )
-        scope = trio.CancelScope()
+        sim = SimDaemon(name, daemon, trio.CancelScope())
 
         async def run(task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await daemon.serve(listen_clients=False, task_status=task_status)
+            try:
+                with sim.scope:
+                    await daemon.serve(listen_clients=False, task_status=task_status)
+            finally:
+                sim.done.set()
 
         await self.nursery.start(run)
-        sim = self.daemons[name] = SimDaemon(name, daemon, scope)
+        self.daemons[name] = sim
         return sim
 
     def crash(self, name: str) -> None:
         """Kill a daemon abruptly: no goodbye, its channels break."""
         sim = self.daemons.pop(name)
+        self._ending[name] = sim
         self.net.crash(name)
         sim.scope.cancel()
 
     async def stop(self, name: str) -> None:
         """Graceful shutdown (SIGTERM): entries removed and peers told before links close."""
         sim = self.daemons.pop(name)
+        self._ending[name] = sim
         sim.daemon.shutdown()
         with trio.move_on_after(5):
             while not sim.scope.cancel_called and sim.daemon.running:
