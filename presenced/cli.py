@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from click.core import ParameterSource
 from presenced import __version__
 from presenced.auth import mint_token
 from presenced.config import (
+    LOG_FORMATS,
     LOG_LEVELS,
     Config,
     ConfigError,
@@ -191,6 +191,22 @@ def _env(name: str) -> str:
     help="Least severe log messages to print. Default: info.",
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    envvar=_env("log_format"),
+    show_envvar=True,
+    help="Log lines as readable text, or as one JSON object per line (ts, level, logger,"
+    " msg, exc) for log shippers. Default: text.",
+)
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    envvar=_env("http"),
+    show_envvar=True,
+    help="Address of the HTTP side port: /healthz, /readyz, /metrics (Prometheus), /status,"
+    " and the web page. ':PORT' means 127.0.0.1. Default: none (no HTTP port).",
+)
+@click.option(
     "--tick-ms",
     type=int,
     envvar=_env("tick_ms"),
@@ -241,6 +257,31 @@ def _env(name: str) -> str:
     help="Messages one connection may send in a burst above the rate. Default: twice the"
     " --max-msg-rate (400).",
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar=_env("data_dir"),
+    show_envvar=True,
+    help="Directory for the durable store of reliable direct messages (SQLite, WAL);"
+    " created if missing. Default: none, and reliable messages live in memory only.",
+)
+@click.option(
+    "--message-max-pending",
+    type=int,
+    envvar=_env("message_max_pending"),
+    show_envvar=True,
+    help="Undelivered reliable messages kept per recipient; more are refused with"
+    " store_full. Default: 1000.",
+)
+@click.option(
+    "--message-max-age",
+    type=float,
+    metavar="SECONDS",
+    envvar=_env("message_max_age"),
+    show_envvar=True,
+    help="Seconds an undelivered reliable message is kept before it expires (its sender"
+    " is told). Default: 604800 (7 days).",
+)
 def run(config_file: str | None, **params: Any) -> None:
     """Run the presence daemon until interrupted (Ctrl-C or SIGTERM)."""
     ctx = click.get_current_context()
@@ -261,7 +302,7 @@ def run(config_file: str | None, **params: Any) -> None:
         config = build_config(options, where)
     except ConfigError as e:
         raise BadConfig(str(e)) from None
-    _configure_logging(config.log_level)
+    _configure_logging(config.log_level, config.log_format)
     # Ctrl-C is how a foreground daemon is meant to stop: no traceback, exit status 0.
     with contextlib.suppress(KeyboardInterrupt):
         _start_daemon(config)
@@ -275,12 +316,11 @@ def _flag(ctx: click.Context, name: str) -> str:
     return name
 
 
-def _configure_logging(level: str) -> None:
-    """Log to stderr with time, level and logger name: enough to read a daemon's journal."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr: text lines with time, level and logger name, or JSON lines."""
+    from presenced.logs import configure_logging
+
+    configure_logging(level, fmt)
 
 
 def _start_daemon(config: Config) -> None:

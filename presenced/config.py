@@ -26,6 +26,7 @@ from presenced.core.limits import Limits
 __all__ = [
     "FILE_KEYS",
     "LIMIT_FLAGS",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "MIN_SECRET_BYTES",
     "Config",
@@ -46,6 +47,7 @@ class ConfigError(ValueError):
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7400
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 TICK_MS_RANGE = (5, 1000)
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
@@ -63,6 +65,8 @@ FILE_KEYS = frozenset(
         "token_secret_file",
         "allow_anonymous",
         "log_level",
+        "log_format",
+        "http",
         "tick_ms",
         "tls_cert",
         "tls_key",
@@ -70,10 +74,13 @@ FILE_KEYS = frozenset(
         "down_after",
         "purge_after",
         "limits",
+        "data_dir",
+        "message_max_pending",
+        "message_max_age",
     }
 )
 #: File keys holding paths, resolved against the config file's directory when relative.
-PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca")
+PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 DEFAULT_DOWN_AFTER = 3.0
 DEFAULT_PURGE_AFTER = 30.0
@@ -240,6 +247,13 @@ def _as_bool(value: object, what: str) -> bool:
     raise ConfigError(f"{what}: expected true or false, got {value!r}")
 
 
+def _check_log_format(value: object, what: str) -> str:
+    """A log format name, any case; returned lower-case."""
+    if isinstance(value, str) and value.lower() in LOG_FORMATS:
+        return value.lower()
+    raise ConfigError(f"{what}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+
+
 def _check_tick_ms(value: object, what: str) -> int:
     tick = _as_int(value, what)
     lo, hi = TICK_MS_RANGE
@@ -294,6 +308,11 @@ def _check_level_exact(value: object, what: str) -> None:
         raise ConfigError(f"{what}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
+def _check_format_exact(value: object, what: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{what}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+
+
 def _check_tick_exact(value: object, what: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{what}: expected an integer, got {value!r}")
@@ -328,6 +347,12 @@ class Config:
     )
     allow_anonymous: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     log_level: str = attrs.field(default="info", validator=_validate_field(_check_level_exact))
+    #: "text" (one readable line per record) or "json" (one JSON object per line).
+    log_format: str = attrs.field(default="text", validator=_validate_field(_check_format_exact))
+    #: The HTTP side port (health, readiness, metrics, status, the web page); None: no port.
+    http: HostPort | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
+    )
     tick_ms: int = attrs.field(default=25, validator=_validate_field(_check_tick_exact))
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
     #: Peer links are mutually authenticated TLS: this node's PEM certificate and key, and
@@ -346,8 +371,8 @@ class Config:
     #: Where the durable message store lives; None keeps reliable messages in memory only.
     data_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     #: Pending reliable messages kept per recipient, and for how long (seconds).
-    message_max_pending: int = attrs.field(default=1000)
-    message_max_age: float = attrs.field(default=7 * 86400.0)
+    message_max_pending: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    message_max_age: float = attrs.field(default=7 * 86400.0, validator=attrs.validators.gt(0))
 
     def __attrs_post_init__(self) -> None:
         if self.token_secret is None and not self.allow_anonymous:
@@ -475,6 +500,10 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         kwargs["allow_anonymous"] = _as_bool(options["allow_anonymous"], what("allow_anonymous"))
     if given("log_level"):
         kwargs["log_level"] = _check_log_level(options["log_level"], what("log_level"))
+    if given("log_format"):
+        kwargs["log_format"] = _check_log_format(options["log_format"], what("log_format"))
+    if given("http") and options["http"] != "":
+        kwargs["http"] = parse_host_port(options["http"], what("http"))
     if given("tick_ms"):
         kwargs["tick_ms"] = _check_tick_ms(options["tick_ms"], what("tick_ms"))
     if given("limits") and not isinstance(options["limits"], Mapping):
@@ -498,6 +527,19 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
             if seconds <= 0:
                 raise ConfigError(f"{what(key)}: must be positive, got {options[key]!r}")
             kwargs[key] = seconds
+    if given("data_dir") and options["data_dir"] != "":
+        kwargs["data_dir"] = _writable_dir(options["data_dir"], what("data_dir"))
+    if given("message_max_pending"):
+        count = _as_int(options["message_max_pending"], what("message_max_pending"))
+        if count < 1:
+            raise ConfigError(f"{what('message_max_pending')}: must be at least 1, got {count}")
+        kwargs["message_max_pending"] = count
+    if given("message_max_age"):
+        age = _as_float(options["message_max_age"], what("message_max_age"))
+        if not 0 < age < math.inf:
+            raise ConfigError(f"{what('message_max_age')}: must be a positive number of seconds")
+        kwargs["message_max_age"] = age
+    _check_ports_distinct(kwargs, what)
     down = kwargs.get("down_after", DEFAULT_DOWN_AFTER)
     purge = kwargs.get("purge_after", DEFAULT_PURGE_AFTER)
     if not down < purge:
@@ -505,6 +547,39 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
             f"{what('down_after')} ({down:g}s) must be less than {what('purge_after')} ({purge:g}s)"
         )
     return Config(**kwargs)
+
+
+def _check_ports_distinct(kwargs: Mapping[str, Any], what: Callable[[str], str]) -> None:
+    """The client, peer and HTTP addresses must not collide (the second bind would fail)."""
+    addresses = [
+        (key, kwargs.get(key, DEFAULT_LISTEN if key == "listen" else None))
+        for key in ("listen", "peer_listen", "http")
+    ]
+    bound = [(key, addr) for key, addr in addresses if addr is not None and addr.port != 0]
+    wildcard = ("0.0.0.0", "::", "")
+    for i, (key, addr) in enumerate(bound):
+        for other_key, other in bound[i + 1 :]:
+            same_host = addr.host == other.host or addr.host in wildcard or other.host in wildcard
+            if addr.port == other.port and same_host:
+                raise ConfigError(
+                    f"{what(other_key)} ({other}) and {what(key)} ({addr}) use the same port"
+                )
+
+
+def _writable_dir(value: object, what: str) -> Path:
+    """A directory the daemon can write (created if missing), checked before it starts."""
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{what}: expected a directory path, got {value!r}")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: {str(path)!r} is not a directory")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create {str(path)!r}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {str(path)!r} is not writable")
+    return path
 
 
 def _readable_file(value: object, what: str) -> Path:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from presenced import __version__
 from presenced import cli as cli_module
 from presenced.auth import verify_token
-from presenced.config import Config
+from presenced.config import Config, HostPort
 
 SECRET = b"f" * 64
 
@@ -32,7 +32,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def started(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     configs: list[Config] = []
     monkeypatch.setattr(cli_module, "_start_daemon", configs.append)
-    monkeypatch.setattr(cli_module, "_configure_logging", lambda level: None)
+    monkeypatch.setattr(cli_module, "_configure_logging", lambda *args: None)
     return configs
 
 
@@ -70,7 +70,8 @@ def test_run_help_lists_every_option_with_help() -> None:
         "--token-secret-file", "--allow-anonymous", "--log-level", "--tick-ms",
         "--max-connections", "--max-frame-bytes", "--max-meta-bytes",
         "--max-rooms-per-connection", "--max-msg-rate", "--msg-burst", "--tls-cert",
-        "--tls-key", "--tls-ca", "--down-after", "--purge-after",
+        "--tls-key", "--tls-ca", "--down-after", "--purge-after", "--http",
+        "--log-format", "--data-dir", "--message-max-pending", "--message-max-age",
     ]:  # fmt: skip
         assert option in result.output
     assert "PRESENCED_REGION" in result.output
@@ -87,12 +88,31 @@ def test_run_starts_daemon_with_config(started: list[Config], secret_file: Path)
     assert config.token_secret == SECRET
 
 
+def test_run_operations_options_from_flags_and_env(
+    started: list[Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["run", "--allow-anonymous", "--http", ":8400", "--log-format", "json"]
+    args += ["--data-dir", str(tmp_path / "data"), "--message-max-pending", "5"]
+    result = CliRunner().invoke(cli_module.main, args)
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("PRESENCED_HTTP", "127.0.0.1:9400")
+    monkeypatch.setenv("PRESENCED_LOG_FORMAT", "text")
+    monkeypatch.setenv("PRESENCED_MESSAGE_MAX_AGE", "60")
+    result = CliRunner().invoke(cli_module.main, ["run", "--allow-anonymous"])
+    assert result.exit_code == 0, result.output
+    flags, env = started
+    assert (flags.http, flags.log_format) == (HostPort("127.0.0.1", 8400), "json")
+    assert (flags.data_dir, flags.message_max_pending) == (tmp_path / "data", 5)
+    assert (env.http, env.log_format) == (HostPort("127.0.0.1", 9400), "text")
+    assert env.message_max_age == 60.0 and env.data_dir is None
+
+
 def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(config: Config) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "_start_daemon", interrupted)
-    monkeypatch.setattr(cli_module, "_configure_logging", lambda level: None)
+    monkeypatch.setattr(cli_module, "_configure_logging", lambda *args: None)
     result = CliRunner().invoke(cli_module.main, ["run", "--allow-anonymous"])
     assert result.exit_code == 0
     assert result.output == ""
@@ -110,6 +130,10 @@ def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> No
         (["--tls-cert", __file__], "Error: --tls-cert also needs --tls-key and --tls-ca"),
         (["--tick-ms", "1"], "Error: --tick-ms: must be 5..1000 milliseconds, got 1"),
         (["--max-connections", "0"], "Error: --max-connections: must be positive, got 0"),
+        (["--http", "x"], "Error: --http: expected HOST:PORT"),
+        (["--http", ":7400"], "Error: --http (127.0.0.1:7400) and --listen (127.0.0.1:7400)"),
+        (["--message-max-pending", "0"], "Error: --message-max-pending: must be at least 1"),
+        (["--message-max-age", "0"], "Error: --message-max-age: must be a positive number"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(

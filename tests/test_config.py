@@ -267,7 +267,7 @@ def _run_cli(
             monkeypatch.delenv(name)
     started: list[Config] = []
     monkeypatch.setattr(cli_module, "_start_daemon", started.append)
-    monkeypatch.setattr(cli_module, "_configure_logging", lambda level: None)
+    monkeypatch.setattr(cli_module, "_configure_logging", lambda *args: None)
     result = CliRunner().invoke(cli_module.main, args, env=env or {})
     return result, started
 
@@ -372,3 +372,86 @@ def test_config_accepts_simulation_peer_addresses() -> None:
     assert config.peers == ("sim://a", "sim://b")
     with pytest.raises(ConfigError, match="distinct"):
         Config(allow_anonymous=True, peers=("sim://a", "sim://a"))
+
+
+def test_message_store_options(tmp_path: Path) -> None:
+    config = build_config(
+        {
+            "allow_anonymous": True,
+            "data_dir": str(tmp_path / "new" / "dir"),
+            "message_max_pending": "50",
+            "message_max_age": "3600",
+        }
+    )
+    assert config.data_dir == tmp_path / "new" / "dir"
+    assert config.data_dir.is_dir()  # created, so a bad path fails at start
+    assert (config.message_max_pending, config.message_max_age) == (50, 3600.0)
+    defaults = build_config({"allow_anonymous": True})
+    assert defaults.data_dir is None
+    assert (defaults.message_max_pending, defaults.message_max_age) == (1000, 604800.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("message_max_pending", "0", "at least 1"),
+        ("message_max_pending", "many", "--message-max-pending"),
+        ("message_max_age", "-5", "positive"),
+        ("message_max_age", "inf", "expected a number"),
+    ],
+)
+def test_message_store_options_rejected(key: str, value: str, message: str) -> None:
+    where = {key: "--" + key.replace("_", "-")}
+    with pytest.raises(ConfigError, match=message):
+        build_config({"allow_anonymous": True, key: value}, where)
+
+
+def test_data_dir_must_be_a_directory(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        build_config({"allow_anonymous": True, "data_dir": str(a_file)})
+
+
+def test_http_and_log_format(tmp_path: Path) -> None:
+    config = build_config({"allow_anonymous": True, "http": ":8400", "log_format": "JSON"})
+    assert config.http == HostPort("127.0.0.1", 8400)
+    assert config.log_format == "json"
+    defaults = build_config({"allow_anonymous": True, "http": ""})
+    assert defaults.http is None and defaults.log_format == "text"
+    path = tmp_path / "presenced.toml"
+    path.write_text('allow_anonymous = true\nhttp = "0.0.0.0:9000"\nlog_format = "json"\n')
+    from_file = build_config(load_toml(path))
+    assert (from_file.http, from_file.log_format) == (HostPort("0.0.0.0", 9000), "json")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"http": "nowhere"}, r"^--http: expected HOST:PORT"),
+        ({"log_format": "xml"}, r"^--log-format: must be one of text, json, got 'xml'"),
+        ({"http": ":7400"}, r"^--http \(127\.0\.0\.1:7400\) and --listen .* use the same port"),
+        (
+            {"listen": "0.0.0.0:7400", "http": "127.0.0.1:7400"},
+            r"^--http .* and --listen .* use the same port",
+        ),
+    ],
+)
+def test_http_and_log_format_rejected(options: dict[str, str], message: str) -> None:
+    where = {key: "--" + key.replace("_", "-") for key in [*options, "listen"]}
+    with pytest.raises(ConfigError, match=message):
+        build_config({"allow_anonymous": True, **options}, where)
+
+
+def test_ports_may_repeat_on_other_hosts_or_as_zero() -> None:
+    config = build_config({"allow_anonymous": True, "listen": "127.0.0.1:0", "http": "127.0.0.1:0"})
+    assert config.http == HostPort("127.0.0.1", 0)
+    other = build_config({"allow_anonymous": True, "http": "127.0.0.2:7400"})
+    assert other.http == HostPort("127.0.0.2", 7400)
+
+
+def test_config_checks_new_fields_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match="log_format"):
+        Config(allow_anonymous=True, log_format="yaml")
+    with pytest.raises(TypeError):
+        Config(allow_anonymous=True, http="127.0.0.1:80")  # type: ignore[arg-type]
