@@ -181,6 +181,7 @@ class ClientConnection:
             data = await self.stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return
+            self.node.metrics.bytes_in += len(data)
             ws.receive_data(bytes(data))
             if not self._handle_events(ws):
                 return
@@ -209,6 +210,7 @@ class ClientConnection:
         return True
 
     def _on_fragment(self, data: str | bytes, finished: bool) -> bool:
+        self.node.metrics.frames_in += 1
         size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
         self._fragment_bytes += size
         if self._fragment_bytes > self.limits.max_frame_bytes:

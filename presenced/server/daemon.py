@@ -58,6 +58,7 @@ class Daemon:
         self.messenger = Messenger(self.node, self.store)
         self.client_port: int | None = None
         self.peer_port: int | None = None
+        self.http_port: int | None = None
         self.running = False
         self._stopping = trio.Event()
         if transport is None and (config.peers or config.peer_listen is not None):
@@ -106,6 +107,10 @@ class Daemon:
                 nursery.start_soon(self.messenger.run)
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
+                if config.http is not None:
+                    from presenced.server.http_side import serve_http
+
+                    self.http_port = await nursery.start(serve_http, self, config.http)
                 async with trio.open_nursery() as connections:
                     accepting = trio.CancelScope()
                     if listeners:
@@ -158,6 +163,11 @@ class Daemon:
         except OSError:
             peer = "?"
         await ClientConnection(self.node, stream, peer).serve()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a shutdown has begun (the side port's /readyz then says 503)."""
+        return self._stopping.is_set()
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent)."""

@@ -13,6 +13,10 @@ import attrs
 class Metrics:
     connections_opened: int = 0
     connections_refused: int = 0
+    #: Client WebSocket data frames and bytes read (a frame split across reads counts once
+    #: per piece; bytes include framing).
+    frames_in: int = 0
+    bytes_in: int = 0
     messages_in: int = 0
     updates_in: int = 0
     frames_out: int = 0

@@ -1,0 +1,351 @@
+"""What the HTTP side port reports: Prometheus metrics and the `/status` document.
+
+Both are read from the daemon's live objects when asked (a scrape, a status request), never
+pushed: the hot path only bumps plain integers in :class:`~presenced.server.metrics.Metrics`
+and the peer links, and this module turns them into metric families at scrape time. It runs
+on the event loop thread between two events, so it sees a consistent picture without locks.
+
+Every metric is prefixed ``presenced_``. Labels are node and region names and error or close
+codes, never replica incarnations or user data, so the number of series stays bounded across
+restarts. Each daemon gets its own registry (:func:`make_registry`): several daemons may share
+one process (tests, `presenced demo`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from presenced import __version__
+from presenced.core.crdt import ReplicaId
+from presenced.core.liveness import DOWN, PURGED, RETIRED, UP
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from presenced.server.daemon import Daemon
+
+__all__ = ["DaemonCollector", "make_registry", "readiness", "status_document"]
+
+#: Liveness statuses, each reported (as 0 when none) so alerts can rely on the series.
+STATUSES = (UP, DOWN, PURGED, RETIRED)
+
+
+def readiness(daemon: Daemon) -> str | None:
+    """None when the daemon serves clients and is not shutting down, else the reason."""
+    if daemon.stopping:
+        return "shutting down"
+    if not daemon.running:
+        return "starting"
+    return None
+
+
+def uptime(daemon: Daemon) -> float:
+    """Seconds since the daemon started (its incarnation is its start time in µs)."""
+    return max(0.0, time.time() - daemon.node.replica.incarnation / 1e6)
+
+
+def _newest_per_node(replicas: Iterator[ReplicaId]) -> dict[str, ReplicaId]:
+    newest: dict[str, ReplicaId] = {}
+    for replica in replicas:
+        if replica.node not in newest or newest[replica.node].incarnation < replica.incarnation:
+            newest[replica.node] = replica
+    return newest
+
+
+def _region_of(daemon: Daemon, replica: ReplicaId) -> str:
+    partition = daemon.node.state.partitions.get(replica)
+    if partition is not None:
+        return partition.region
+    link = daemon.peers.links.get(replica.node) if daemon.peers is not None else None
+    return link.region if link is not None else ""
+
+
+class DaemonCollector(Collector):
+    """A Prometheus collector reading one daemon at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        node = daemon.node
+        metrics = node.metrics
+        replica = node.replica
+
+        info = GaugeMetricFamily(
+            "presenced_info",
+            "This daemon: its node, region, replica and version (always 1).",
+            labels=["node", "region", "replica", "version"],
+        )
+        info.add_metric([replica.node, node.region, str(replica), __version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "presenced_start_time_seconds",
+            "When this daemon incarnation started, in seconds since 1970.",
+            value=replica.incarnation / 1e6,
+        )
+        yield GaugeMetricFamily(
+            "presenced_ready",
+            "1 when the daemon serves clients and is not shutting down (see /readyz).",
+            value=0 if readiness(daemon) else 1,
+        )
+
+        # -- clients
+        yield GaugeMetricFamily(
+            "presenced_connections", "Open client connections.", value=len(node.connections)
+        )
+        for name, doc, value in (
+            ("connections_opened", "Client connections accepted.", metrics.connections_opened),
+            (
+                "connections_refused",
+                "Client connections refused (bad handshake, connection limit).",
+                metrics.connections_refused,
+            ),
+            (
+                "client_frames_in",
+                "WebSocket data frames read from clients.",
+                metrics.frames_in,
+            ),
+            ("client_bytes_in", "Bytes read from client sockets.", metrics.bytes_in),
+            (
+                "client_messages_in",
+                "Complete client messages (requests) received.",
+                metrics.messages_in,
+            ),
+            ("updates_in", "Presence updates (cursor moves, meta changes).", metrics.updates_in),
+            ("client_frames_out", "Frames queued to clients.", metrics.frames_out),
+            ("client_bytes_out", "Bytes of frames queued to clients.", metrics.bytes_out),
+            (
+                "diffs_flushed",
+                "Room diffs flushed (one frame per room per flush).",
+                metrics.diffs_flushed,
+            ),
+            (
+                "resyncs",
+                "Full room states sent to slow clients instead of a backlog.",
+                metrics.resyncs,
+            ),
+        ):
+            yield CounterMetricFamily(f"presenced_{name}", doc, value=value)
+        yield CounterMetricFamily(
+            "presenced_flush_seconds",
+            "CPU time spent in the ticker: flushing rooms and waking peer links.",
+            value=metrics.flush_seconds,
+        )
+        errors = CounterMetricFamily(
+            "presenced_client_errors", "Error frames sent to clients, by code.", labels=["code"]
+        )
+        for code, count in sorted(metrics.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        closes = CounterMetricFamily(
+            "presenced_client_closes",
+            "Client connections closed by the daemon, by WebSocket close code.",
+            labels=["code"],
+        )
+        for close_code, count in sorted(metrics.closes.items()):
+            closes.add_metric([str(close_code)], count)
+        yield closes
+
+        # -- presence
+        yield GaugeMetricFamily(
+            "presenced_rooms", "Rooms with members on this daemon.", value=len(node.members)
+        )
+        partitions = node.state.partitions
+        yield GaugeMetricFamily(
+            "presenced_presences",
+            "Visible presences (entries of replicas that are up), in every region.",
+            value=sum(p.live_count() for p in partitions.values() if p.up),
+        )
+        by_node = GaugeMetricFamily(
+            "presenced_node_presences",
+            "Stored presences per node (its newest incarnation), visible or not.",
+            labels=["node", "region"],
+        )
+        for name, newest in sorted(_newest_per_node(iter(partitions)).items()):
+            part = partitions[newest]
+            by_node.add_metric([name, part.region], part.live_count())
+        yield by_node
+
+        # -- peers
+        links = daemon.peers.links if daemon.peers is not None else {}
+        yield GaugeMetricFamily("presenced_peer_links", "Peer links that are up.", value=len(links))
+        up = GaugeMetricFamily(
+            "presenced_peer_link_up",
+            "1 for each peer node with a link up (dialed: this daemon dialed it).",
+            labels=["peer", "region", "dialed"],
+        )
+        rtt = GaugeMetricFamily(
+            "presenced_peer_rtt_seconds", "Last measured round trip to each peer.", labels=["peer"]
+        )
+        peer_in = CounterMetricFamily(
+            "presenced_peer_bytes_in", "Bytes received on the current link.", labels=["peer"]
+        )
+        peer_out = CounterMetricFamily(
+            "presenced_peer_bytes_out", "Bytes sent on the current link.", labels=["peer"]
+        )
+        for name, link in sorted(links.items()):
+            up.add_metric([name, link.region, "true" if link.dialed else "false"], 1)
+            if link.rtt is not None:
+                rtt.add_metric([name], link.rtt)
+            peer_in.add_metric([name], link.bytes_in)
+            peer_out.add_metric([name], link.bytes_out)
+        yield from (up, rtt, peer_in, peer_out)
+
+        # -- liveness
+        liveness = node.liveness
+        counts = dict.fromkeys(STATUSES, 0)
+        for health in liveness.table.values():
+            counts[health.status] += 1
+        for heartbeat in liveness.gone.values():
+            counts[RETIRED if heartbeat == float("inf") else PURGED] += 1
+        replicas = GaugeMetricFamily(
+            "presenced_replicas",
+            "Other daemon incarnations this one knows of, by liveness status.",
+            labels=["status"],
+        )
+        for status in STATUSES:
+            replicas.add_metric([status], counts[status])
+        yield replicas
+        lag = GaugeMetricFamily(
+            "presenced_gossip_lag_seconds",
+            "Seconds since each other node's heartbeat last advanced, as heard here.",
+            labels=["node", "region"],
+        )
+        now = node.clock()
+        for name, newest in sorted(_newest_per_node(iter(liveness.table)).items()):
+            seen = liveness.table[newest].seen_at
+            lag.add_metric([name, _region_of(daemon, newest)], max(0.0, now - seen))
+        yield lag
+
+        # -- direct messages
+        for name, doc, value in (
+            (
+                "messages_sent",
+                "Direct messages accepted from local clients.",
+                metrics.messages_sent,
+            ),
+            (
+                "messages_routed",
+                "Direct message copies forwarded to a peer.",
+                metrics.messages_routed,
+            ),
+            ("messages_stored", "Reliable messages written to the store.", metrics.messages_stored),
+            (
+                "messages_delivered",
+                "Direct message copies written to local recipients.",
+                metrics.messages_delivered,
+            ),
+        ):
+            yield CounterMetricFamily(f"presenced_{name}", doc, value=value)
+        message_errors = CounterMetricFamily(
+            "presenced_message_errors", "Direct message failures, by error code.", labels=["code"]
+        )
+        for code, count in sorted(metrics.message_errors.items()):
+            message_errors.add_metric([code], count)
+        yield message_errors
+
+
+def make_registry(daemon: Daemon) -> CollectorRegistry:
+    """A registry of its own for one daemon (not the process-wide default one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    return registry
+
+
+def _address(host: str, port: int | None) -> str | None:
+    if port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def status_document(daemon: Daemon) -> dict[str, Any]:
+    """The `/status` JSON: who this daemon is, its links, the replicas it knows, its counts."""
+    node = daemon.node
+    config = daemon.config
+    metrics = node.metrics
+    replica = node.replica
+    liveness = node.liveness
+    now = node.clock()
+    links = daemon.peers.links if daemon.peers is not None else {}
+    peer_listen = config.peer_listen
+    http = config.http
+    partitions = node.state.partitions
+    reason = readiness(daemon)
+
+    peers = [
+        {
+            "node": name,
+            "region": link.region,
+            "replica": str(link.remote),
+            "state": "up",
+            "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
+            "dialed": link.dialed,
+            "bytes_in": link.bytes_in,
+            "bytes_out": link.bytes_out,
+        }
+        for name, link in sorted(links.items())
+    ]
+    replicas: list[dict[str, Any]] = [
+        {
+            "replica": str(replica),
+            "node": replica.node,
+            "region": node.region,
+            "status": UP,
+            "local": True,
+            "seconds_since_heard": 0.0,
+            "entries": partitions[replica].live_count(),
+        }
+    ]
+    for other, health in sorted(liveness.table.items()):
+        part = partitions.get(other)
+        replicas.append(
+            {
+                "replica": str(other),
+                "node": other.node,
+                "region": _region_of(daemon, other),
+                "status": health.status,
+                "local": False,
+                "seconds_since_heard": round(max(0.0, now - health.seen_at), 3),
+                "entries": part.live_count() if part is not None else 0,
+            }
+        )
+    document: dict[str, Any] = {
+        "node": replica.node,
+        "region": node.region,
+        "replica": str(replica),
+        "incarnation": replica.incarnation,
+        "version": __version__,
+        "uptime_s": round(uptime(daemon), 3),
+        "ready": reason is None,
+        "not_ready_reason": reason,
+        "listen": {
+            "client": _address(config.listen.host, daemon.client_port),
+            "peer": _address(peer_listen.host, daemon.peer_port) if peer_listen else None,
+            "http": _address(http.host, daemon.http_port) if http else None,
+        },
+        "configured_peers": list(config.peers),
+        "connections": len(node.connections),
+        "rooms": len(node.members),
+        "presences": sum(p.live_count() for p in partitions.values() if p.up),
+        "peers": peers,
+        "replicas": replicas,
+        "messages": {
+            "sent": metrics.messages_sent,
+            "routed": metrics.messages_routed,
+            "stored": metrics.messages_stored,
+            "delivered": metrics.messages_delivered,
+            "errors": dict(sorted(metrics.message_errors.items())),
+        },
+    }
+    router = getattr(node, "router", None)
+    if router is None and daemon.peers is not None:
+        router = getattr(daemon.peers, "routes", None)
+    if router is not None:
+        document["routes"] = {dest: list(path) for dest, path in router.routes().items()}
+    return document
