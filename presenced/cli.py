@@ -35,6 +35,7 @@ __all__ = ["LAZY_COMMANDS", "cli", "main"]
 #: command module can import this one without a cycle.
 LAZY_COMMANDS: dict[str, str] = {
     "certs": "presenced.cli_certs:certs",
+    "demo": "presenced.cli_demo:demo",
     "status": "presenced.cli_status:status",
 }
 
