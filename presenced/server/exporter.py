@@ -79,10 +79,10 @@ class DaemonCollector(Collector):
 
         info = GaugeMetricFamily(
             "presenced_info",
-            "This daemon: its node, region, replica and version (always 1).",
-            labels=["node", "region", "replica", "version"],
+            "This daemon: its node, region and version (always 1).",
+            labels=["node", "region", "version"],
         )
-        info.add_metric([replica.node, node.region, str(replica), __version__], 1)
+        info.add_metric([replica.node, node.region, __version__], 1)
         yield info
         yield GaugeMetricFamily(
             "presenced_start_time_seconds",
