@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -80,3 +84,29 @@ async def test_each_task_tree_logs_its_own_region(root_logger: logging.Logger) -
         "ap from a child task",
         "eu from a child task",
     ]
+
+
+def test_daemon_logs_json_lines_in_a_real_process() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCED_")}
+    args = [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--listen", ":0"]
+    args += ["--http", ":0", "--log-format", "json"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stderr is not None
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if " up: clients on " in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    assert process.returncode == 0
+    records = [json.loads(line) for line in [*lines, *rest.splitlines()] if line.strip()]
+    messages = [record["msg"] for record in records]
+    assert any(m.startswith("http side port on http://127.0.0.1:") for m in messages)
+    assert "received SIGTERM" in messages and messages[-1] == "presenced stopped"
+    assert all({"ts", "level", "logger", "msg"} <= set(record) for record in records)

@@ -116,7 +116,9 @@ class Daemon:
                     if listeners:
                         nursery.start_soon(self._accept, listeners, connections, accepting)
                     if handle_signals:
-                        nursery.start_soon(self._watch_signals)
+                        # Handlers in place before "up" is logged: a SIGTERM right after
+                        # it is a graceful shutdown, not the default kill.
+                        await nursery.start(self._watch_signals)
                     log.info(
                         "presenced %s (region %s) up: clients on %s:%s, peers on %s",
                         self.node.replica,
@@ -173,8 +175,9 @@ class Daemon:
         """Begin a graceful shutdown (idempotent)."""
         self._stopping.set()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 self.shutdown()
