@@ -240,13 +240,16 @@ def demo(
         log_level, log_format, text_format=DEMO_FORMAT, datefmt="%H:%M:%S", regions=True
     )
     if data_dir is not None:
-        for name in REGIONS:
-            (data_dir / name).mkdir(parents=True, exist_ok=True)
+        try:
+            for name in REGIONS:
+                (data_dir / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(f"--data-dir: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="presenced-demo-") as folder:
         certs = Path(folder)
         log.info("demo certificates in %s (removed on exit)", certs)
-        _make_certs(certs)
         try:
+            _make_certs(certs)
             trio.run(
                 lambda: _run(
                     certs,
@@ -259,7 +262,7 @@ def demo(
                 )
             )
         except* KeyboardInterrupt:
-            pass  # Ctrl-C before the signal handler was in place
+            pass  # Ctrl-C before the signal handlers were in place
         except* OSError as group:
             reason = "; ".join(str(exc) for exc in _leaves(group))
             raise click.ClickException(
