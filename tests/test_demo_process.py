@@ -71,6 +71,8 @@ async def test_demo_runs_three_linked_regions_and_stops_cleanly_on_ctrl_c() -> N
         pages = {m.group(1): (m.group(2), m.group(3)) for m in await output.wait_for(URL_LINE, 3)}
         assert set(pages) == {"eu", "us", "ap"}
         assert certs.is_dir() and (certs / "ca.pem").is_file()
+        html = await trio.to_thread.run_sync(get_text, pages["eu"][0])
+        assert html.lstrip().lower().startswith("<!doctype html")  # the page is served
         for page, _ in pages.values():
             assert await trio.to_thread.run_sync(get_text, page + "healthz") == "ok\n"
             client = await trio.to_thread.run_sync(get_json, page + "client.json")
