@@ -766,3 +766,432 @@ def test_reencoding_never_grows_past_bound(value: Any, indent: Any) -> None:
     """The bound the meta shortcut relies on, for values as other encoders would write them."""
     source = json.dumps(value, indent=indent, ensure_ascii=True)
     assert len(p.encode(value).encode()) <= p._MAX_REENCODE_GROWTH * len(source.encode())
+
+
+# ------------------------------------------------------------------------------------------
+# Direct messages: send, read, fetch (docs/protocol.md, "Direct messages" and "fetch")
+# ------------------------------------------------------------------------------------------
+
+NEW_TYPES = ("send", "read", "fetch")
+
+
+def test_direct_message_constants() -> None:
+    assert (p.MAX_RECIPIENTS, p.MAX_MESSAGE_BYTES, p.MAX_MESSAGE_ID) == (32, 8192, 128)
+    assert (p.MAX_FETCH, p.DEFAULT_FETCH) == (500, 100)
+    assert (p.FAST, p.RELIABLE) == ("fast", "reliable")
+    codes = (p.NOT_ONLINE, p.UNREACHABLE, p.HOP_LIMIT, p.STORE_FULL, p.EXPIRED)
+    assert codes == ("not_online", "unreachable", "hop_limit", "store_full", "expired")
+    assert set(codes) <= p.ERROR_CODES
+    assert (p.Send.TYPE, p.MarkRead.TYPE, p.Fetch.TYPE) == NEW_TYPES
+
+
+def test_send_documented_examples() -> None:
+    single = '{"type": "send", "ref": 7, "to": "bob", "data": {"text": "hi"}, "mode": "fast"}'
+    assert dec(single) == p.Send(7, ("bob",), {"text": "hi"}, p.FAST, False)
+    group = (
+        '{"type": "send", "ref": 8, "to": ["bob", "carol"], "data": {"text": "standup?"},'
+        ' "mode": "reliable"}'
+    )
+    assert dec(group) == p.Send(8, ("bob", "carol"), {"text": "standup?"}, p.RELIABLE, True)
+
+
+def test_send_defaults_and_group_flag() -> None:
+    # No mode (or null) is fast; a list of one is still a group message.
+    assert dec({"type": "send", "to": "bob", "data": 1}) == p.Send(None, ("bob",), 1)
+    assert dec({"type": "send", "to": "bob", "data": 1, "mode": None}).mode == p.FAST  # type: ignore[union-attr]
+    assert dec({"type": "send", "to": ["bob"], "data": 1}) == p.Send(None, ("bob",), 1, group=True)
+    # Missing data is null (any JSON value is a valid message body).
+    assert dec({"type": "send", "to": "bob"}) == p.Send(None, ("bob",), None)
+    bodies: tuple[Any, ...] = (0, "s", 1.5, True, None, [], {}, [1, {"a": [None]}], "é\U0001f600")
+    for data in bodies:
+        assert dec({"type": "send", "to": "bob", "data": data}).data == data  # type: ignore[union-attr]
+    # Recipients keep their order; unknown fields are ignored.
+    frame = {"type": "send", "ref": "s", "to": ["c", "a", "b"], "data": 0, "x": [1]}
+    assert dec(frame) == p.Send("s", ("c", "a", "b"), 0, p.FAST, True)
+
+
+def test_send_recipient_limits() -> None:
+    many = [f"u{i}" for i in range(p.MAX_RECIPIENTS)]
+    assert dec({"type": "send", "to": many, "data": 0}).to == tuple(many)  # type: ignore[union-attr]
+    user = "x" * LIMITS.max_user_id
+    assert dec({"type": "send", "to": user, "data": 0}).to == (user,)  # type: ignore[union-attr]
+    assert dec({"type": "send", "to": [user, "y"], "data": 0}).to == (user, "y")  # type: ignore[union-attr]
+    small = Limits(max_user_id=3)
+    assert dec({"type": "send", "to": ["abc"], "data": 0}, small).to == ("abc",)  # type: ignore[union-attr]
+    assert_err({"type": "send", "ref": 1, "to": ["abcd"], "data": 0}, p.BAD_REQUEST, 1, small)
+    assert_err({"type": "send", "ref": 1, "to": "abcd", "data": 0}, p.BAD_REQUEST, 1, small)
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        [],
+        [f"u{i}" for i in range(p.MAX_RECIPIENTS + 1)],
+        ["bob", "bob"],
+        ["bob", "carol", "bob"],
+        "",
+        "x" * 129,
+        "a\nb",
+        "a\x00",
+        "a\x7f",
+        "a\x85",
+        "\t",
+        5,
+        1.5,
+        True,
+        {"bob": 1},
+        {},
+        [1],
+        ["bob", None],
+        ["bob", ""],
+        ["bob", "x" * 129],
+        ["bob", "a\x1f"],
+        [["bob"]],
+    ],
+)
+def test_send_bad_recipients(to: Any) -> None:
+    assert_err({"type": "send", "ref": 7, "to": to, "data": 0}, p.BAD_REQUEST, 7)
+
+
+def test_send_missing_recipient() -> None:
+    e = err({"type": "send", "ref": 7, "data": 0})
+    assert (e.code, e.ref) == (p.BAD_REQUEST, 7)
+    assert "'to'" in e.message
+    assert_err({"type": "send", "ref": 7, "to": None, "data": 0}, p.BAD_REQUEST, 7)
+
+
+def test_send_duplicate_recipient_message() -> None:
+    e = err({"type": "send", "ref": 1, "to": ["a", "b", "a"], "data": 0})
+    assert (e.code, e.ref) == (p.BAD_REQUEST, 1)
+    assert "twice" in e.message
+
+
+@pytest.mark.parametrize("mode", ["", "FAST", "Reliable", "slow", 1, 0, True, ["fast"], {}])
+def test_send_bad_mode(mode: Any) -> None:
+    frame = {"type": "send", "ref": "m", "to": "bob", "data": 0, "mode": mode}
+    assert_err(frame, p.BAD_REQUEST, "m")
+
+
+def json_size(value: Any) -> bytes:
+    """The compact UTF-8 encoding the data limit is defined on."""
+    encoded: bytes = p.encode(value).encode("utf-8")
+    return encoded
+
+
+def _data_of_size(n: int, char: str = "x") -> str:
+    """A string whose compact JSON encoding is ``n`` UTF-8 bytes (``char``: 1 or 2 bytes)."""
+    width = len(char.encode())
+    body = n - 2
+    value = char * (body // width) + "x" * (body % width)
+    assert len(json_size(value)) == n
+    return value
+
+
+@pytest.mark.parametrize("char", ["x", "é"])
+def test_send_data_size_limit(char: str) -> None:
+    limit = p.MAX_MESSAGE_BYTES
+    # The data limit is not the frame limit: ascii-escaped "é" takes 6 bytes in the frame.
+    limits = Limits(max_frame_bytes=1 << 16)
+    ok = {"type": "send", "ref": 3, "to": "bob", "data": _data_of_size(limit, char)}
+    assert dec(ok, limits).data == ok["data"]  # type: ignore[union-attr]
+    big = {"type": "send", "ref": 3, "to": "bob", "data": _data_of_size(limit + 1, char)}
+    e = err(big, limits)
+    assert (e.code, e.ref) == (p.TOO_LARGE, 3)
+    assert "'data'" in e.message
+    # The same through a group and a binary frame.
+    group = json.dumps({**big, "to": ["a", "b"]}, ensure_ascii=False).encode()
+    assert_err(group, p.TOO_LARGE, 3, limits)
+
+
+def test_send_data_size_is_the_compact_encoding() -> None:
+    """Whitespace and escapes in the client's frame do not count; re-encoded floats do."""
+    limits = Limits(max_frame_bytes=1 << 16)
+    data = [0] * 4094 + [10]  # "[0,0,...,10]": exactly the limit, compact
+    assert len(json_size(data)) == p.MAX_MESSAGE_BYTES
+    spaced = json.dumps({"type": "send", "to": "bob", "data": data}, indent=4)
+    assert len(spaced) > 2 * p.MAX_MESSAGE_BYTES
+    assert dec(spaced, limits).data == data  # type: ignore[union-attr]
+    # 4095 escaped "é": 24 KB in the frame, 8192 bytes of UTF-8 once re-encoded.
+    escaped = '{"type":"send","to":"bob","data":"' + "\\u00e9" * 4095 + '"}'
+    assert dec(escaped, limits).data == "é" * 4095  # type: ignore[union-attr]
+    assert_err(escaped.replace('"data":"', '"data":"x'), p.TOO_LARGE, limits=limits)
+    floats = "[" + ",".join(["1e15"] * 1000) + "]"  # 5 KB here, 19 KB re-encoded
+    assert_err('{"type":"send","ref":2,"to":"bob","data":' + floats + "}", p.TOO_LARGE, 2)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"send","ref":1,"to":"bob","data":"\\ud800"}',
+        '{"type":"send","ref":1,"to":"bob","data":["ok","\\udfff"]}',
+        '{"type":"send","ref":1,"to":"bob","data":{"\\ud800":1}}',
+        '{"type":"send","ref":1,"to":"bob","data":{"a":{"b":"x\\ude00"}}}',
+        '{"type":"send","ref":1,"to":"\\ud800","data":0}',
+        '{"type":"send","ref":1,"to":["bob","\\ud83d"],"data":0}',
+        '{"type":"send","ref":1,"to":"bob","data":0,"mode":"\\ud800"}',
+        '{"type":"read","ref":1,"id":"\\ud800"}',
+    ],
+)
+def test_direct_message_unpaired_surrogates_rejected(frame: str) -> None:
+    assert_err(frame, p.BAD_REQUEST, 1)
+
+
+def test_send_escaped_surrogate_pair_is_fine() -> None:
+    frame = '{"type":"send","to":"\\ud83d\\ude00","data":["\\ud83d\\ude00"]}'
+    assert dec(frame) == p.Send(None, ("\U0001f600",), ["\U0001f600"])
+
+
+def test_send_not_json_data_rejected() -> None:
+    for literal in ("NaN", "Infinity", "1e999"):
+        assert_err('{"type":"send","to":"bob","data":' + literal + "}", p.BAD_REQUEST)
+
+
+def test_read() -> None:
+    assert dec({"type": "read", "id": "eu.k3J9.17"}) == p.MarkRead(None, "eu.k3J9.17")
+    assert dec({"type": "read", "ref": 4, "id": "x" * p.MAX_MESSAGE_ID}) == p.MarkRead(
+        4, "x" * p.MAX_MESSAGE_ID
+    )
+    e = err({"type": "read", "ref": 4})
+    assert (e.code, e.ref) == (p.BAD_REQUEST, 4)
+    assert "'id'" in e.message
+
+
+@pytest.mark.parametrize(
+    "message_id", [None, "", "x" * (p.MAX_MESSAGE_ID + 1), 17, 1.5, True, ["a"], {}, "a\nb", "\x00"]
+)
+def test_read_bad_id(message_id: Any) -> None:
+    assert_err({"type": "read", "ref": "r", "id": message_id}, p.BAD_REQUEST, "r")
+
+
+def test_fetch() -> None:
+    assert dec({"type": "fetch", "ref": 3, "limit": 50}) == p.Fetch(3, 50)
+    assert dec({"type": "fetch"}) == p.Fetch(None, p.DEFAULT_FETCH)
+    assert dec({"type": "fetch", "limit": None}) == p.Fetch(None, 100)
+    assert dec({"type": "fetch", "limit": 1}) == p.Fetch(None, 1)
+    assert dec({"type": "fetch", "limit": p.MAX_FETCH}) == p.Fetch(None, 500)
+
+
+@pytest.mark.parametrize(
+    "limit", [0, -1, p.MAX_FETCH + 1, 2**70, True, False, 1.0, 50.0, "50", [50], {}]
+)
+def test_fetch_bad_limit(limit: Any) -> None:
+    e = err({"type": "fetch", "ref": 3, "limit": limit})
+    assert (e.code, e.ref) == (p.BAD_REQUEST, 3)
+    assert "'limit'" in e.message
+
+
+def test_new_types_to_wire_shapes() -> None:
+    assert p.to_wire(p.Send(7, ("bob",), {"text": "hi"})) == {
+        "type": "send",
+        "ref": 7,
+        "to": "bob",
+        "data": {"text": "hi"},
+    }
+    assert p.to_wire(p.Send(None, ("bob",), None, p.RELIABLE, True)) == {
+        "type": "send",
+        "to": ["bob"],
+        "data": None,
+        "mode": "reliable",
+    }
+    assert p.to_wire(p.MarkRead("r", "eu.1")) == {"type": "read", "ref": "r", "id": "eu.1"}
+    assert p.to_wire(p.Fetch(None)) == {"type": "fetch"}
+    assert p.to_wire(p.Fetch(3, 50)) == {"type": "fetch", "ref": 3, "limit": 50}
+
+
+# Server frames: exactly the examples of docs/protocol.md.
+
+
+def _doc(text: str) -> dict[str, Any]:
+    frame = json.loads(text)
+    assert isinstance(frame, dict)
+    return frame
+
+
+def _same_frame(built: dict[str, Any], documented: str) -> None:
+    """Equal to the documented example, key order included (it is what goes on the wire)."""
+    expected = _doc(documented)
+    assert built == expected
+    assert list(built) == list(expected)
+    assert p.encode(built) == p.encode(expected)
+
+
+def test_stored_frame() -> None:
+    _same_frame(p.stored(8, "eu.k3J9.17"), '{"type": "stored", "ref": 8, "id": "eu.k3J9.17"}')
+    assert p.stored(None, "x") == {"type": "stored", "id": "x"}
+
+
+def test_delivered_frame() -> None:
+    _same_frame(
+        p.delivered(8, "eu.k3J9.17", "bob", "us"),
+        '{"type": "delivered", "ref": 8, "id": "eu.k3J9.17", "to": "bob", "region": "us"}',
+    )
+    assert p.delivered(None, "x", "bob", "us") == {
+        "type": "delivered",
+        "id": "x",
+        "to": "bob",
+        "region": "us",
+    }
+
+
+def test_read_receipt_frame() -> None:
+    _same_frame(
+        p.read_receipt(8, "eu.k3J9.17", "bob"),
+        '{"type": "read", "ref": 8, "id": "eu.k3J9.17", "by": "bob"}',
+    )
+    assert p.read_receipt("s", "x", "bob") == {"type": "read", "ref": "s", "id": "x", "by": "bob"}
+    assert "ref" not in p.read_receipt(None, "x", "bob")
+
+
+def test_message_error_frame() -> None:
+    built = p.message_error(7, "eu.k3J9.16", "bob", p.NOT_ONLINE, "bob is not online")
+    assert built == _doc(
+        '{"type": "error", "ref": 7, "id": "eu.k3J9.16", "to": "bob", "code": "not_online",'
+        ' "message": "bob is not online"}'
+    )
+    assert p.message_error(None, "x", "bob", p.EXPIRED, "expired") == {
+        "type": "error",
+        "code": "expired",
+        "message": "expired",
+        "id": "x",
+        "to": "bob",
+    }
+    for code in (p.NOT_ONLINE, p.UNREACHABLE, p.HOP_LIMIT, p.STORE_FULL, p.EXPIRED):
+        assert p.message_error(1, "x", "bob", code, "m")["code"] == code
+    with pytest.raises(ValueError):
+        p.message_error(1, "x", "bob", "made_up", "m")
+
+
+def test_direct_message_frame() -> None:
+    _same_frame(
+        p.direct_message(
+            "eu.k3J9.17",
+            "ann",
+            "hHZKDMArXPmH",
+            "eu",
+            ("bob", "carol"),
+            {"text": "standup?"},
+            p.RELIABLE,
+            1795425640982,
+        ),
+        '{"type": "message", "id": "eu.k3J9.17", "from": "ann", "session": "hHZKDMArXPmH",'
+        ' "region": "eu", "to": ["bob", "carol"], "data": {"text": "standup?"},'
+        ' "mode": "reliable", "sent_at": 1795425640982}',
+    )
+    # Not a group message: no "to".
+    single = p.direct_message("eu.1", "ann", "s", "eu", (), [1, None], p.FAST, 5)
+    assert single == {
+        "type": "message",
+        "id": "eu.1",
+        "from": "ann",
+        "session": "s",
+        "region": "eu",
+        "data": [1, None],
+        "mode": "fast",
+        "sent_at": 5,
+    }
+    assert "ref" not in single  # pushed, never a reply
+
+
+def test_fetched_frame() -> None:
+    _same_frame(p.fetched(3, 12, 0), '{"type": "fetched", "ref": 3, "count": 12, "remaining": 0}')
+    assert p.fetched(None, 0, 7) == {"type": "fetched", "count": 0, "remaining": 7}
+
+
+# Property tests for the new frames.
+
+recipients = st.lists(names, min_size=1, max_size=p.MAX_RECIPIENTS, unique=True)
+sends = st.one_of(
+    st.builds(
+        p.Send, refs, names.map(lambda n: (n,)), json_values, st.sampled_from([p.FAST, p.RELIABLE])
+    ),
+    st.builds(
+        p.Send,
+        refs,
+        recipients.map(tuple),
+        json_values,
+        st.sampled_from([p.FAST, p.RELIABLE]),
+        st.just(True),
+    ),
+)
+new_messages: st.SearchStrategy[ClientMessage] = st.one_of(
+    sends,
+    st.builds(p.MarkRead, refs, names),
+    st.builds(p.Fetch, refs, st.integers(1, p.MAX_FETCH)),
+)
+
+
+def client_encode_new(msg: ClientMessage) -> dict[str, Any]:
+    """What a client library would send: every field spelled out."""
+    if isinstance(msg, p.Send):
+        to: Any = list(msg.to) if msg.group else msg.to[0]
+        body: dict[str, Any] = {"type": "send", "to": to, "data": msg.data, "mode": msg.mode}
+    elif isinstance(msg, p.MarkRead):
+        body = {"type": "read", "id": msg.id}
+    else:
+        assert isinstance(msg, p.Fetch)
+        body = {"type": "fetch", "limit": msg.limit}
+    if msg.ref is not None:
+        body["ref"] = msg.ref
+    return body
+
+
+@given(new_messages, st.booleans(), st.booleans())
+@settings(max_examples=300)
+def test_new_types_round_trip(msg: ClientMessage, ascii_only: bool, binary: bool) -> None:
+    body = client_encode_new(msg)
+    assume(depth(body) <= p.MAX_JSON_DEPTH)
+    if isinstance(msg, p.Send):
+        assume(len(json_size(msg.data)) <= p.MAX_MESSAGE_BYTES)
+    text = json.dumps(body, ensure_ascii=ascii_only)
+    frame: str | bytes = text.encode() if binary else text
+    assert decode_client_frame(frame, ROUNDTRIP_LIMITS) == msg
+    # The module's minimal encoding (defaults omitted) decodes to the same message.
+    assert decode_client_frame(p.encode(p.to_wire(msg)), ROUNDTRIP_LIMITS) == msg
+
+
+new_plausible: dict[str, st.SearchStrategy[Any]] = {
+    "ref": plausible["ref"],
+    "to": short_text | st.lists(short_text, max_size=35) | st.lists(st.sampled_from("abc")),
+    "data": small_values | wild_values | st.text(st.sampled_from('xé\\"\x00'), max_size=9000),
+    "mode": st.sampled_from([p.FAST, p.RELIABLE, None, "x", 1, True]),
+    "id": short_text | st.text(min_size=120, max_size=130),
+    "limit": st.integers(-2, p.MAX_FETCH + 2) | st.floats() | st.booleans(),
+}
+
+
+def check_new_frame(frame: str, limits: Limits) -> None:
+    """Only ProtocolError escapes, and whatever is accepted respects the documented bounds."""
+    try:
+        msg = decode_client_frame(frame, limits)
+    except ProtocolError as e:
+        assert e.code in (p.BAD_REQUEST, p.TOO_LARGE)
+        p.encode(p.error_from(e)).encode("utf-8")
+        return
+    if isinstance(msg, p.Send):
+        assert 1 <= len(msg.to) <= p.MAX_RECIPIENTS
+        assert len(set(msg.to)) == len(msg.to)
+        assert msg.group or len(msg.to) == 1
+        assert msg.mode in (p.FAST, p.RELIABLE)
+        assert all(0 < len(user) <= limits.max_user_id for user in msg.to)
+        assert len(json_size(msg.data)) <= p.MAX_MESSAGE_BYTES
+        # What the recipient gets can be sent as strict UTF-8 JSON.
+        out = p.direct_message("i", "u", "s", "r", msg.to, msg.data, msg.mode, 0)
+        p.encode(out).encode("utf-8")
+    elif isinstance(msg, p.MarkRead):
+        assert 0 < len(msg.id) <= p.MAX_MESSAGE_ID
+    elif isinstance(msg, p.Fetch):
+        assert type(msg.limit) is int
+        assert 1 <= msg.limit <= p.MAX_FETCH
+    p.encode(p.to_wire(msg)).encode("utf-8")
+
+
+@given(
+    st.sampled_from(NEW_TYPES),
+    st.fixed_dictionaries({}, optional=new_plausible),
+    st.booleans(),
+)
+@settings(max_examples=400)
+def test_fuzz_new_types(kind: str, fields: dict[str, Any], ascii_only: bool) -> None:
+    frame = json.dumps({**fields, "type": kind}, ensure_ascii=ascii_only)
+    check_new_frame(frame, SMALL_LIMITS)
+    check_new_frame(frame, Limits(max_frame_bytes=1 << 20))

@@ -47,7 +47,12 @@ class Region:
         return f"wss://127.0.0.1:{self.peer_port}"
 
     def start(
-        self, peers: list[Region], *, cert: str | None = None, ca: Path | None = None
+        self,
+        peers: list[Region],
+        *,
+        cert: str | None = None,
+        ca: Path | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         cert = cert or self.name
         args = [
@@ -65,6 +70,8 @@ class Region:
         ]  # fmt: skip
         if peers:
             args += ["--peers", ",".join(p.peer_url for p in peers)]
+        if data_dir is not None:
+            args += ["--data-dir", str(data_dir)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
@@ -190,6 +197,47 @@ async def test_a_peer_with_a_certificate_from_another_ca_is_refused(
         while "refused peer" not in us.logs():
             await trio.sleep(0.05)
     assert us.stop() == 0
+
+
+async def test_direct_messages_cross_a_line_and_survive_a_kill_9(
+    regions: dict[str, Region], tmp_path: Path
+) -> None:
+    eu, us, ap = regions["eu"], regions["us"], regions["ap"]
+    us.start([])
+    eu.start([us], data_dir=tmp_path / "eu-data")
+    ap.start([us])
+    for region in (eu, us, ap):
+        await wait_listening(region.client_port)
+    async with client(eu.url, "ann", "hq") as ann:
+        async with client(ap.url, "bob", "hq") as bob:
+            await wait_for(ann, "hq", {"ann", "bob"})
+            sent = await ann.send_direct("bob", {"text": "across two hops"})
+            message = await bob.next_message("message")
+            assert message["data"] == {"text": "across two hops"} and message["region"] == "eu"
+            with trio.fail_after(5):
+                await sent.wait(lambda s: "bob" in s.delivered)
+            assert sent.delivered == {"bob": {"ap"}}
+            await bob.mark_read(message["id"])
+            with trio.fail_after(5):
+                await sent.wait(lambda s: "bob" in s.read_by)
+        # bob is offline now: reliable messages wait in eu's store, which survives kill -9.
+        await wait_for(ann, "hq", {"ann"})
+        for i in range(3):
+            stored = await ann.send_direct("bob", {"n": i}, mode="reliable")
+            assert stored.id is not None
+    eu.kill()
+    eu.start([us], data_dir=tmp_path / "eu-data")
+    await wait_listening(eu.client_port)
+    async with client(ap.url, "bob", "hq") as bob:
+        got = []
+        with trio.fail_after(15):
+            while len(got) < 3:
+                got.append((await bob.next_message("message"))["data"]["n"])
+        assert got == [0, 1, 2]
+        await trio.sleep(1)
+        assert bob.duplicates == 0  # the daemons did not send anything twice
+    with no_tracebacks(eu, us, ap):
+        pass
 
 
 def test_peers_need_tls_files(tmp_path: Path) -> None:
