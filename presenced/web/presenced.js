@@ -699,9 +699,14 @@ export class PresenceClient {
       entry.timer = null;
     }
     if (this._ws) this._ws.close(1000, "bye");
-    this._lose(new PresencedError("closed", "client closed"));
+    const error = new PresencedError("closed", "client closed");
+    this._lose(error);
+    for (const entry of this._rooms.values()) {
+      for (const waiter of entry.waiters.splice(0)) waiter.reject(error);
+    }
+    for (const [, fail] of this._outbox.splice(0)) if (fail) fail(error);
     this._setStatus("closed", { reason: "client closed" });
-    this._welcomed.reject(new PresencedError("closed", "client closed"));
+    this._welcomed.reject(error);
   }
 
   // ----------------------------------------------------------------- connection

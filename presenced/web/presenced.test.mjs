@@ -407,3 +407,17 @@ test("client: pings measure the round trip; broadcasts reach onBroadcast", async
   client.close();
   await assert.rejects(client.ping(), (e) => e.code === "closed");
 });
+
+test("client: close() fails what still waits, and stops for good", async () => {
+  FakeSocket.all = [];
+  const client = connect("ws://daemon/", { user: "ann", WebSocket: FakeSocket });
+  const joining = client.join("hq", {}); // never answered
+  const sending = client.send("bob", "queued"); // not connected yet: queued
+  client.close();
+  await assert.rejects(joining, (e) => e.code === "closed");
+  await assert.rejects(sending, (e) => e.code === "closed");
+  await assert.rejects(client.join("other"), (e) => e.code === "closed");
+  assert.equal(client.status, "closed");
+  await sleep(20);
+  assert.equal(FakeSocket.all.length, 1);
+});
