@@ -69,7 +69,7 @@ class Path2D:
 
 
 def color_of(index: int, count: int) -> str:
-    r, g, b = colorsys.hls_to_rgb(index / max(count, 1), 0.45, 0.7)
+    r, g, b = colorsys.hls_to_rgb(index / max(count, 1), 0.38, 0.7)
     return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 

@@ -266,7 +266,7 @@ function round(value) {
 function colorOf(name) {
   let hash = 0;
   for (const char of String(name)) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
-  return `hsl(${hash % 360} 70% 45%)`;
+  return `hsl(${hash % 360} 65% 40%)`; // dark enough for white text
 }
 
 function rememberedName() {
