@@ -440,6 +440,9 @@ class Messenger:
             # again (after its predecessor is confirmed, or when the recipient is back).
             if self._attempts.get(key) == receipt.attempt:
                 self._inflight.pop(key, None)
+                # Retried at the next sweep: the recipient may have appeared elsewhere while
+                # this copy was travelling (its join found the message still in flight).
+                self._to_pump.add(receipt.to)
             if kind == wire.ERROR:
                 log.debug("reliable message %s to %s: %s", receipt.id, receipt.to, receipt.code)
         elif kind == wire.ERROR:
