@@ -33,6 +33,9 @@ ALGORITHM = "HS256"
 #: Longer tokens are refused before parsing, so a client cannot make us decode megabytes.
 MAX_TOKEN_CHARS = 4096
 
+#: Longest user id a token may name (the peer wire's limit on names).
+MAX_USER_ID = 256
+
 
 class AuthError(Exception):
     """A token was refused. `code` is the protocol error code, `message` says why."""
@@ -160,8 +163,12 @@ def verify_token(secret: bytes, token: str, now: float | None = None) -> Grant:
     _numeric_date(claims, "iat")
 
     user = claims.get("sub")
-    if not isinstance(user, str) or not user:
-        raise _unauthorized("missing or invalid 'sub' claim: need a non-empty string")
+    if not isinstance(user, str) or not 0 < len(user) <= MAX_USER_ID:
+        # Peers refuse longer names (core/peer_wire.py MAX_NAME): such a user would break
+        # every peer link its presence is gossiped over.
+        raise _unauthorized(
+            f"missing or invalid 'sub' claim: need a string of 1 to {MAX_USER_ID} characters"
+        )
     rooms = claims.get("rooms")
     if not isinstance(rooms, list) or not all(isinstance(p, str) and p for p in rooms):
         raise _unauthorized("missing or invalid 'rooms' claim: need a list of room patterns")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import jwt
@@ -207,3 +208,13 @@ def test_dotted_base64ish_garbage_only_raises_auth_error(parts: list[str]) -> No
         verify_token(SECRET, ".".join(parts), now=NOW)
     except AuthError as e:
         assert e.code == "unauthorized"
+
+
+def test_user_ids_longer_than_peers_accept_are_refused() -> None:
+    from presenced.auth import MAX_USER_ID, AuthError, mint_token, verify_token
+
+    secret = b"s" * 32
+    ok = verify_token(secret, mint_token(secret, "u" * MAX_USER_ID, ["*"], None, time.time()))
+    assert ok.user == "u" * MAX_USER_ID
+    with pytest.raises(AuthError, match="'sub'"):
+        verify_token(secret, mint_token(secret, "u" * (MAX_USER_ID + 1), ["*"], None, time.time()))

@@ -400,9 +400,8 @@ NOT_JSON: dict[str, Any] = {
     "bool key nested": [{True: 1}],
     "null key": {None: 1},
     "tuple key": {(1, 2): 3},
-    "too big int": 2**64,
-    "too small int": -(2**63) - 1,
-    "huge bignum": 2**200,
+    "int over JSON's 4300 digits": 2**14_001,
+    "negative int over JSON's digits": -(2**14_001),
     "too deep": nested(MAX_DEPTH),
     "much too deep": nested(300),
     "too deep in a map": {"a": {"b": nested(MAX_DEPTH - 2)}},
@@ -629,11 +628,6 @@ def test_a_message_must_be_a_map(value: Any) -> None:
     assert "must be a map" in str(rejected(value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cbor2 resolves shared-value tags 28/29 before peer_wire sees the data, so "
-    "a few hundred bytes can decode to a DAG with 2**levels leaves (CPU/memory blow-up)",
-)
 def test_shared_references_are_rejected() -> None:
     """The documentation says tags are rejected; tags 28/29 (value sharing) slip through.
 
@@ -891,12 +885,6 @@ def test_what_clients_may_send_survives_the_peer_wire(frame: dict[str, Any]) -> 
         assert decode(encode(message)) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PeerProtocolError,
-    reason="BUG: the client codec accepts JSON integers of any size, peer_wire._json_value "
-    "only -(2**63) <= n < 2**64, so such a frame closes every peer link it is relayed over",
-)
 @pytest.mark.parametrize(
     "frame",
     [

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import attrs
 
+#: Longest room or user name any daemon may allow (the peer wire's limit on names).
+MAX_NAME_LIMIT = 256
+
 
 @attrs.frozen
 class Limits:
@@ -43,6 +46,10 @@ class Limits:
             value = getattr(self, field.name)
             if not value > 0:
                 raise ValueError(f"limit {field.name} must be positive, got {value!r}")
+        for name in ("max_room_name", "max_user_id"):
+            if getattr(self, name) > MAX_NAME_LIMIT:
+                # Peers refuse longer names: one would break every link it is gossiped over.
+                raise ValueError(f"limit {name} must be at most {MAX_NAME_LIMIT}")
 
     def public(self) -> dict[str, float | int]:
         """The limits a client should know about (sent in `welcome`)."""

@@ -42,6 +42,8 @@ PEER_PROTOCOL_VERSION: Final = 1
 MAX_NAME: Final = 256
 #: Deepest nesting accepted inside a meta or a broadcast payload.
 MAX_DEPTH: Final = 32
+#: Largest integer magnitude accepted in data and metas (4300 decimal digits, Python's JSON limit).
+MAX_INT_BITS: Final = 14_000
 #: Most recipients named in a group message.
 MAX_GROUP: Final = 32
 #: Longest message or request id.
@@ -504,29 +506,41 @@ def _replica(node: Any, incarnation: Any) -> ReplicaId:
     return ReplicaId(_name(node, "node"), _count(incarnation, "incarnation"))
 
 
-def _json_value(value: Any, depth: int) -> None:
-    """Reject what JSON cannot carry (bytes, tags, NaN, non-string keys) or nests too deep."""
+def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
+    """Reject what JSON cannot carry (bytes, tags, NaN, non-string keys) or nests too deep.
+
+    Integers of any size pass: clients may send them, and CBOR carries them as bignums. A
+    container met twice is a CBOR shared reference (tags 28/29, resolved by cbor2 before we
+    see the data): refused, since a few hundred bytes of them expand to billions of values.
+    """
     if depth <= 0:
         raise PeerProtocolError("value nested too deeply")
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return
     if kind is int:
-        if not -(2**63) <= value < 2**64:
-            raise PeerProtocolError("integer out of range")
+        # Python's JSON refuses ints over 4300 digits both ways; so no client can send one.
+        if value.bit_length() > MAX_INT_BITS:
+            raise PeerProtocolError("integer too large for JSON")
         return
     if kind is float:
         if not math.isfinite(value):
             raise PeerProtocolError("NaN and infinities are not JSON")
         return
+    if kind is list or kind is dict:
+        if seen is None:
+            seen = set()
+        if id(value) in seen:
+            raise PeerProtocolError("shared references are not JSON")
+        seen.add(id(value))
     if kind is list:
         for item in value:
-            _json_value(item, depth - 1)
+            _json_value(item, depth - 1, seen)
         return
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise PeerProtocolError("map keys must be strings")
-            _json_value(item, depth - 1)
+            _json_value(item, depth - 1, seen)
         return
     raise PeerProtocolError(f"{kind.__name__} values cannot be relayed to clients")
