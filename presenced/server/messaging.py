@@ -417,8 +417,9 @@ class Messenger:
                 if self.store.pending_count(receipt.to) == 0:
                     self.pending_users.discard(receipt.to)
                 else:
+                    # Sends go out as they are stored; the next sweep tops the window up
+                    # (one query per recipient per sweep, not one per receipt).
                     self._to_pump.add(receipt.to)
-                    self._wakeup.set()
             sender = self._senders.get(receipt.id)
             if sender is not None:
                 if (receipt.to, receipt.region) in sender.confirmed:
