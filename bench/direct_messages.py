@@ -36,9 +36,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from presenced.certs import init_ca, issue_node_cert  # noqa: E402
-from presenced.client import PresenceClient, connect  # noqa: E402
-from presenced.wan_delay import serve_delay_proxy  # noqa: E402
+from presenced.certs import init_ca, issue_node_cert
+from presenced.client import PresenceClient, connect
+from presenced.wan_delay import serve_delay_proxy
 
 
 def free_port() -> int:

@@ -33,8 +33,8 @@ import trio.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from presenced.testing.cluster import Cluster  # noqa: E402
-from presenced.testing.simnet import SimNetwork  # noqa: E402
+from presenced.testing.cluster import Cluster
+from presenced.testing.simnet import SimNetwork
 
 NAMES = ["a", "b", "c", "d", "e"]
 
