@@ -24,6 +24,7 @@ import click
 import trio
 
 from presenced.config import LOG_FORMATS, LOG_LEVELS, Config, HostPort
+from presenced.server.message_store import StoreError
 
 if TYPE_CHECKING:
     from presenced.server.daemon import Daemon
@@ -268,4 +269,7 @@ def demo(
             raise click.ClickException(
                 f"cannot start the demo: {reason} (another --port-base, or 0 for free ports)"
             ) from None
+        except* StoreError as group:
+            reason = "; ".join(str(exc) for exc in _leaves(group))
+            raise click.ClickException(f"cannot start the demo: --data-dir: {reason}") from None
     log.info("demo stopped; removed %s", certs)

@@ -88,6 +88,13 @@ def _bytes(count: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _link_kind(dialed: bool | None) -> str:
+    """Who opened a direct link; "-" for a peer known without one (relayed or down)."""
+    if dialed is None:
+        return "-"
+    return "dialed" if dialed else "accepted"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     return [
@@ -131,18 +138,19 @@ def render(doc: dict[str, Any]) -> str:
                 peer.get("region", ""),
                 peer.get("state", ""),
                 "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.1f} ms",
-                "dialed" if peer.get("dialed") else "accepted",
+                _link_kind(peer.get("dialed")),
                 _bytes(peer.get("bytes_in")),
                 _bytes(peer.get("bytes_out")),
             ]
             for peer in peers
         ]
         lines += _table(["PEER", "REGION", "STATE", "RTT", "LINK", "IN", "OUT"], rows)
-    else:
-        configured = doc.get("configured_peers") or []
-        lines.append(
-            f"no peer links up (configured: {', '.join(configured)})" if configured else "no peers"
-        )
+    configured = doc.get("configured_peers") or []
+    if not any(peer.get("state") == "up" for peer in peers):
+        text = "no peer links up" if peers or configured else "no peers"
+        if configured:
+            text += f" (configured: {', '.join(configured)})"
+        lines += ["", text] if peers else [text]
 
     replicas = doc.get("replicas") or []
     if replicas:

@@ -72,6 +72,10 @@ class Sent:
             self.read_by.add(frame["by"])
         elif kind == "error" and "to" in frame:
             self.errors[frame["to"]] = frame["code"]
+        elif kind == "error":
+            # The whole request was refused (bad_request, store_full, ...): every recipient.
+            for user in self.to:
+                self.errors.setdefault(user, str(frame.get("code")))
         self._changed.set()
         self._changed = trio.Event()
 
@@ -110,10 +114,12 @@ class PresenceClient:
 
     @property
     def session(self) -> str:
+        """This connection's session id (from the ``welcome`` frame)."""
         return str(self.welcome.get("session", ""))
 
     @property
     def user(self) -> str:
+        """The user id the daemon gave this connection (from the token, or as claimed)."""
         return str(self.welcome.get("user", ""))
 
     # ------------------------------------------------------------------ requests
@@ -143,6 +149,8 @@ class PresenceClient:
     async def hello(
         self, *, token: str | None = None, user: str | None = None, client: str | None = None
     ) -> dict[str, Any]:
+        """Say hello (done by :func:`connect`); returns the ``welcome`` frame (session, user,
+        region, tick_ms, limits). Raises :class:`RequestError` (``unauthorized``) if refused."""
         message: dict[str, Any] = {"type": "hello", "client": client or "presenced-py"}
         if token is not None:
             message["token"] = token
@@ -160,14 +168,21 @@ class PresenceClient:
         return self.rooms[room]
 
     async def update(self, room: str, patch: Mapping[str, Any]) -> None:
-        """Patch this session's meta in a room (keys set; a None value deletes the key)."""
+        """Patch this session's meta in a room (keys set; a None value deletes the key).
+
+        Sent at once, not throttled (benchmarks control their own rate); the daemon coalesces
+        updates per tick, so others see at most one change per tick.
+        """
         await self.send({"type": "update", "room": room, "meta": dict(patch)})
 
     async def leave(self, room: str) -> None:
+        """Leave a room and forget its presence map (waits for the daemon's answer)."""
         await self.request({"type": "leave", "room": room})
         self.rooms.pop(room, None)
 
     async def broadcast(self, room: str, event: str, data: Any = None, echo: bool = False) -> None:
+        """Send ``event`` with ``data`` to every member of ``room`` in every region (this
+        session too if ``echo``); they get a ``broadcast`` frame with the sender in ``from``."""
         await self.send(
             {"type": "broadcast", "room": room, "event": event, "data": data, "echo": echo}
         )
@@ -223,6 +238,8 @@ class PresenceClient:
         return await self.request({"type": "fetch", "limit": limit})
 
     def presences(self, room: str) -> Presences:
+        """The room's presence map as this client knows it: user -> session -> {"meta",
+        "region"}; empty if not joined."""
         return self.rooms.get(room, {})
 
     # ------------------------------------------------------------------ receiving

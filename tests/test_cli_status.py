@@ -122,3 +122,28 @@ def test_render_peers_replicas_and_routes() -> None:
         "  ap: eu -> us -> ap",
         "  us: eu -> us",
     ]
+
+
+def test_render_peers_without_a_direct_link() -> None:
+    """Nodes known only through another region, or down, are listed with a "-" link; with no
+    link up the configured peers are named."""
+    doc = {
+        "node": "eu",
+        "replica": "eu#1",
+        "region": "eu",
+        "ready": True,
+        "configured_peers": ["wss://us.example:7443"],
+        "peers": [
+            {"node": "ap", "region": "ap", "state": "relayed", "rtt_ms": None, "dialed": None},
+            {"node": "us", "region": "us", "state": "down", "rtt_ms": None, "dialed": None},
+        ],
+    }
+    lines = render(doc).splitlines()
+    table = lines[lines.index("PEER  REGION  STATE    RTT  LINK  IN  OUT") :]
+    assert table[1:5] == [
+        "ap    ap      relayed  -    -     -   -",
+        "us    us      down     -    -     -   -",
+        "",
+        "no peer links up (configured: wss://us.example:7443)",
+    ]
+    assert render({"node": "eu", "peers": []}).splitlines()[-1] == "no peers"

@@ -139,6 +139,27 @@ def test_a_port_in_use_is_a_one_line_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_data_dir_is_a_one_line_error_and_the_certificates_go(tmp_path: Path) -> None:
+    (tmp_path / "us").mkdir()
+    (tmp_path / "us" / "messages.sqlite3").write_text("not a database")
+    result = subprocess.run(
+        [sys.executable, "-m", "presenced", "demo", "--port-base", "0", "--data-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error == (
+        f"Error: cannot start the demo: --data-dir: {tmp_path}/us/messages.sqlite3:"
+        " not a presenced message store (not an SQLite database)"
+    )
+    match = CERTS_LINE.search(result.stderr)
+    assert match, result.stderr
+    assert not Path(match.group(1)).exists()
+
+
 def test_links_of_each_topology_dial_only_earlier_regions() -> None:
     assert links_of("triangle") == {"eu": [], "us": ["eu"], "ap": ["eu", "us"]}
     assert links_of("line") == {"eu": [], "us": ["eu"], "ap": ["us"]}

@@ -318,3 +318,66 @@ async def test_unknown_path_is_404_and_http_1_0_works(start_daemon: Any) -> None
     assert (await get(port, "/nope"))[0] == 404
     answer = await raw(port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok\n")
+
+
+async def test_peers_without_a_direct_link_are_relayed_then_down(
+    start_daemon: Any, make_config: Any, tmp_path: Path
+) -> None:
+    """A line eu - us - ap: eu lists ap as relayed (heard through us, no link of its own);
+    when ap dies without a goodbye, eu lists it as down. Metrics say the same."""
+    init_ca(tmp_path)
+    tls: dict[str, dict[str, Path]] = {}
+    for name in ("eu", "us", "ap"):
+        cert, key = issue_node_cert(tmp_path, name, hosts=("127.0.0.1",))
+        tls[name] = {"tls_cert": cert, "tls_key": key, "tls_ca": tmp_path / "ca.pem"}
+    liveness = {"down_after": 1.0, "purge_after": 30.0}
+    listen = HostPort("127.0.0.1", 0)
+    us = await start_daemon(region="us", peer_listen=listen, **liveness, **tls["us"])
+    peer = (f"wss://127.0.0.1:{us.daemon.peer_port}",)
+    eu = await start_daemon(region="eu", http=HTTP, peers=peer, **liveness, **tls["eu"])
+    port = eu.daemon.http_port
+    assert port is not None
+
+    async def peers_of_eu() -> dict[str, dict[str, Any]]:
+        return {p["node"]: p for p in (await get_json(port, "/status"))["peers"]}
+
+    async def wait_for(node: str, state: str) -> dict[str, dict[str, Any]]:
+        with trio.fail_after(10):
+            while (peers := await peers_of_eu()).get(node, {}).get("state") != state:
+                await trio.sleep(0.05)
+        return peers
+
+    async with trio.open_nursery() as ap_nursery:
+        ap = Daemon(make_config(region="ap", peers=peer, **liveness, **tls["ap"]))
+        await ap_nursery.start(ap.serve)
+        # A region is learnt with the node's first presence delta.
+        async with connect(f"ws://127.0.0.1:{ap.client_port}", user="cho") as cho:
+            await cho.join("hq")
+            with trio.fail_after(10):
+                while (await peers_of_eu()).get("ap", {}).get("region") != "ap":
+                    await trio.sleep(0.05)
+        peers = await wait_for("ap", "relayed")
+        assert peers["us"]["state"] == "up" and peers["us"]["dialed"] is True
+        assert peers["ap"] == {
+            "node": "ap",
+            "region": "ap",
+            "replica": str(ap.node.replica),
+            "state": "relayed",
+            "rtt_ms": None,
+            "dialed": None,
+            "bytes_in": None,
+            "bytes_out": None,
+        }
+        values = metric_values((await get(port, "/metrics"))[2].decode())
+        ap_link = (
+            "presenced_peer_link_up",
+            (("dialed", "false"), ("peer", "ap"), ("region", "ap")),
+        )
+        assert values[ap_link] == 0
+        assert values[("presenced_peer_links", ())] == 1
+        ap_nursery.cancel_scope.cancel()  # a crash: no goodbye, its links just break
+    peers = await wait_for("ap", "down")
+    assert peers["us"]["state"] == "up"
+    values = metric_values((await get(port, "/metrics"))[2].decode())
+    assert values[ap_link] == 0
+    assert values[("presenced_replicas", (("status", "down"),))] == 1

@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 
     from presenced.server.daemon import Daemon
 
-__all__ = ["DaemonCollector", "make_registry", "readiness", "status_document"]
+__all__ = [
+    "LINK_DOWN",
+    "LINK_UP",
+    "RELAYED",
+    "DaemonCollector",
+    "make_registry",
+    "readiness",
+    "status_document",
+]
 
 #: Liveness statuses, each reported (as 0 when none) so alerts can rely on the series.
 STATUSES = (UP, DOWN, PURGED, RETIRED)
@@ -63,6 +71,26 @@ def _region_of(daemon: Daemon, replica: ReplicaId) -> str:
         return partition.region
     link = daemon.peers.links.get(replica.node) if daemon.peers is not None else None
     return link.region if link is not None else ""
+
+
+#: Peer states in `/status` and `presenced_peer_link_up`: a direct link is up; no direct
+#: link, but the node's heartbeats arrive through another region; no heartbeat for
+#: ``down_after`` (its users have left every room).
+LINK_UP, RELAYED, LINK_DOWN = "up", "relayed", "down"
+
+
+def _unlinked_nodes(daemon: Daemon) -> dict[str, tuple[ReplicaId, str]]:
+    """Other nodes this daemon knows of (newest incarnation) without a direct link, with
+    their peer state: ``relayed`` (heard through another region) or ``down``."""
+    node = daemon.node
+    links = daemon.peers.links if daemon.peers is not None else {}
+    table = node.liveness.table
+    out: dict[str, tuple[ReplicaId, str]] = {}
+    for name, newest in sorted(_newest_per_node(iter(table)).items()):
+        if name == node.replica.node or name in links:
+            continue
+        out[name] = (newest, RELAYED if table[newest].status == UP else LINK_DOWN)
+    return out
 
 
 class DaemonCollector(Collector):
@@ -177,7 +205,8 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("presenced_peer_links", "Peer links that are up.", value=len(links))
         up = GaugeMetricFamily(
             "presenced_peer_link_up",
-            "1 for each peer node with a link up (dialed: this daemon dialed it).",
+            "1 for each peer node with a direct link up (dialed: this daemon dialed it); 0 for"
+            " each other node known without one (reached through another region, or down).",
             labels=["peer", "region", "dialed"],
         )
         rtt = GaugeMetricFamily(
@@ -195,6 +224,8 @@ class DaemonCollector(Collector):
                 rtt.add_metric([name], link.rtt)
             peer_in.add_metric([name], link.bytes_in)
             peer_out.add_metric([name], link.bytes_out)
+        for name, (other, _state) in _unlinked_nodes(daemon).items():
+            up.add_metric([name, _region_of(daemon, other), "false"], 0)
         yield from (up, rtt, peer_in, peer_out)
 
         # -- liveness
@@ -278,12 +309,12 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     partitions = node.state.partitions
     reason = readiness(daemon)
 
-    peers = [
+    peers: list[dict[str, Any]] = [
         {
             "node": name,
             "region": link.region,
             "replica": str(link.remote),
-            "state": "up",
+            "state": LINK_UP,
             "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
             "dialed": link.dialed,
             "bytes_in": link.bytes_in,
@@ -291,6 +322,21 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
         }
         for name, link in sorted(links.items())
     ]
+    # Nodes known without a direct link: reached through another region, or down.
+    for name, (other, state) in _unlinked_nodes(daemon).items():
+        peers.append(
+            {
+                "node": name,
+                "region": _region_of(daemon, other),
+                "replica": str(other),
+                "state": state,
+                "rtt_ms": None,
+                "dialed": None,
+                "bytes_in": None,
+                "bytes_out": None,
+            }
+        )
+    peers.sort(key=lambda peer: str(peer["node"]))
     replicas: list[dict[str, Any]] = [
         {
             "replica": str(replica),
