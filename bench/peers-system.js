@@ -6,6 +6,7 @@
 //   PRESENCED_REGIONS  1 (one daemon) or 3 (eu, us, ap, full mesh of mTLS peer links). Default 3.
 //   PRESENCED_TICK_MS  the daemons' flush tick (default: the daemon's default, 25 ms)
 //   PRESENCED_TOPOLOGY mesh (default) or line: eu — us — ap, so eu↔ap updates take two hops
+//   PRESENCED_HTTP_BASE a port: region i also serves its HTTP side port (/metrics) on BASE + i
 // With wanDelayMs (scenario S4/WAN), every inter-region link goes through the harness's delay
 // proxy, so a cross-region update pays the one-way delay once (no hub to bounce through).
 const fs = require('fs')
@@ -66,6 +67,7 @@ module.exports = {
         if (peers[region].length) args.push('--peers', peers[region].join(','))
       }
       if (process.env.PRESENCED_TICK_MS) args.push('--tick-ms', process.env.PRESENCED_TICK_MS)
+      if (process.env.PRESENCED_HTTP_BASE) args.push('--http', `127.0.0.1:${Number(process.env.PRESENCED_HTTP_BASE) + REGIONS.indexOf(region)}`)
       return procs.spawn(`presenced-${region}`, PYTHON, args, { role: 'server', cwd: PROJECT })
     })
     await Promise.all(REGIONS.map((region, i) => waitForPort(clientPorts[region], '127.0.0.1', 20000, recs[i].child)))

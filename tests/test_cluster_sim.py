@@ -136,3 +136,55 @@ async def test_graceful_stop_removes_users_everywhere_at_once(autojump_clock: ob
         await trio.sleep(0.5)  # far less than down_after: the goodbye did it
         assert set(bob.sees("r")) == {("bob", bob.session)}
         nursery.cancel_scope.cancel()
+
+
+async def test_one_frame_per_tick_carries_every_region(autojump_clock: object) -> None:
+    """Aligned ticks: with nearby peers, a member gets one diff per tick holding the moves of
+    all three regions, not one diff per region; and the peers send one gossip message per
+    tick, however often relays wake their writers."""
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=7, latency=0.001)
+        cluster = Cluster(nursery, net, tick_ms=25)
+        await cluster.start("eu")
+        await cluster.start("us", peers=["eu"])
+        await cluster.start("ap", peers=["eu", "us"])
+        await cluster.settle(3)
+        movers = {name: cluster.client(name, f"u-{name}") for name in ("eu", "us", "ap")}
+        for client in movers.values():
+            client.join("r")
+        await cluster.settle(1)
+        watcher = movers["eu"]
+        links = cluster.node("eu").gossip.links.values()  # type: ignore[union-attr]
+        frames_before = len(watcher.messages)
+        sent_before = sum(link.messages_out for link in links)
+        ticks = 40
+        for step in range(ticks):
+            for client in movers.values():
+                client.update("r", {"x": step})
+            await trio.sleep(0.025)
+        await cluster.settle(0.2)
+        diffs = [m for m in watcher.messages[frames_before:] if m["type"] == "diff"]
+        # Every region's last move arrived...
+        assert {
+            user: sessions[0]["meta"]["x"] for m in diffs for user, sessions in m["updates"].items()
+        } == {"u-us": ticks - 1, "u-ap": ticks - 1, "u-eu": ticks - 1}
+        # ...in about one frame per tick (three regions flushed separately would be ~3 per tick).
+        assert len(diffs) <= ticks + 2
+        sent = sum(link.messages_out for link in links) - sent_before
+        assert sent <= 2 * (ticks + 2) + 4  # two links, one gossip per tick, a few pings
+        nursery.cancel_scope.cancel()
+
+
+def test_tick_boundaries_are_aligned_on_the_phase_clock() -> None:
+    from presenced.config import Config
+    from presenced.core.crdt import ReplicaId
+    from presenced.server.node import Node
+
+    wall = 1_700_000_000.0105  # 10.5 ms past a 25 ms boundary
+    config = Config(tick_ms=25, allow_anonymous=True)
+    node = Node(config, ReplicaId("eu", 1), clock=lambda: 7.0, wall_clock=lambda: wall)
+    boundary = node.next_boundary(7.0)
+    assert abs(boundary - (7.0 + 0.0145)) < 1e-6
+    # At a boundary, the next one is a whole tick away (never the same one again).
+    node.phase_clock = lambda: 1_700_000_000.025
+    assert abs(node.next_boundary(7.0) - 7.025) < 1e-6

@@ -218,15 +218,23 @@ class DaemonCollector(Collector):
         peer_out = CounterMetricFamily(
             "presenced_peer_bytes_out", "Bytes sent on the current link.", labels=["peer"]
         )
+        messages_in = CounterMetricFamily(
+            "presenced_peer_messages_in", "Messages received on the current link.", labels=["peer"]
+        )
+        messages_out = CounterMetricFamily(
+            "presenced_peer_messages_out", "Messages sent on the current link.", labels=["peer"]
+        )
         for name, link in sorted(links.items()):
             up.add_metric([name, link.region, "true" if link.dialed else "false"], 1)
             if link.rtt is not None:
                 rtt.add_metric([name], link.rtt)
             peer_in.add_metric([name], link.bytes_in)
             peer_out.add_metric([name], link.bytes_out)
+            messages_in.add_metric([name], link.messages_in)
+            messages_out.add_metric([name], link.messages_out)
         for name, (other, _state) in _unlinked_nodes(daemon).items():
             up.add_metric([name, _region_of(daemon, other), "false"], 0)
-        yield from (up, rtt, peer_in, peer_out)
+        yield from (up, rtt, peer_in, peer_out, messages_in, messages_out)
 
         # -- liveness
         liveness = node.liveness

@@ -6,13 +6,16 @@ lacks: for every replica, the records newer than what the peer is believed to ho
 (``sent``). Extraction happens when the writer is free, so a link that is slow or busy
 coalesces: a burst of cursor moves crosses the ocean as the latest value per entry.
 
-Timing, chosen for latency:
+Timing, chosen for latency and for few messages:
 
 * local changes wake links at the leading edge (a link idle for a tick sends at once),
-  otherwise at the next tick;
+  otherwise at the next tick boundary (aligned across daemons, see :mod:`presenced.server.node`):
+  this replica's own deltas, heartbeats and periodic digests go out only then, so a busy link
+  carries one gossip message per tick;
 * changes merged from one peer are relayed to the others immediately (two hops cost two
   link delays, not two ticks);
-* a daemon flushes rooms touched by a peer's gossip immediately (the peer already coalesced).
+* a daemon flushes rooms touched by a peer's gossip within the node's ``flush_lag`` (the peer
+  already coalesced; the lag folds the batches of several peers into one frame per member).
 
 Repair: every ``digest_interval`` each side sends its digest; the other side resets ``sent``
 to it and wakes its writer, which then sends exactly what is missing (a whole partition if
@@ -63,6 +66,9 @@ class GossipSettings:
 
     heartbeat_interval: float = 0.5
     digest_interval: float = 2.0
+    #: Seconds between RTT pings (for routes; liveness rides on the heartbeats). Each ping
+    #: and its pong is a message that wakes the other daemon, so not every heartbeat.
+    ping_interval: float = 2.0
     link_timeout: float = 2.5
     handshake_timeout: float = 5.0
     backoff_initial: float = 0.2
@@ -99,6 +105,11 @@ class PeerLink:
         self._wakeup = trio.Event()
         self._beat_due = True
         self._digest_due = True
+        #: Whether this replica's own changes go out at the next wake-up (the tick, the
+        #: leading edge, or a repair); relays in between carry only other replicas' deltas.
+        self._own_due = True
+        self.messages_out = 0
+        self.messages_in = 0
         self._pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
         self._cancel = trio.CancelScope()
@@ -148,7 +159,7 @@ class PeerLink:
         self._wakeup.set()
 
     def want_digest(self) -> None:
-        self._digest_due = True
+        self._digest_due = self._own_due = True
         self._wakeup.set()
 
     def enqueue(self, message: wire.PeerMessage) -> bool:
@@ -163,6 +174,14 @@ class PeerLink:
     def poke(self, now: float) -> None:
         """Local state changed: send at once if idle for a tick, else at the next tick."""
         if now - self.last_sent >= self.node.tick:
+            self._own_due = True
+            self._wakeup.set()
+
+    def tick(self, local_changed: bool) -> None:
+        """A tick boundary: send local changes, and heartbeats or digests that are due."""
+        if local_changed:
+            self._own_due = True
+        if local_changed or self._beat_due or self._digest_due:
             self._wakeup.set()
 
     # ------------------------------------------------------------------ writing
@@ -182,6 +201,7 @@ class PeerLink:
         data = wire.encode(message)
         self.last_sent = self.node.clock()
         self.bytes_out += len(data)
+        self.messages_out += 1
         async with self._send_lock:
             await self.channel.send(data)
 
@@ -193,7 +213,8 @@ class PeerLink:
         digest = node.state.digest() if self._digest_due else None
         if self._digest_due:
             self._states_sent = {}  # resend every link state now and then: repairs any loss
-        self._beat_due = self._digest_due = False
+        own_due = self._own_due
+        self._beat_due = self._digest_due = self._own_due = False
         states = []
         for state in self.manager.routes.states():
             version = (state.incarnation, state.seq)
@@ -207,7 +228,10 @@ class PeerLink:
             own = node.replica
             for replica, part in node.state.partitions.items():
                 known = sent.get(replica, 0)
-                if replica != own and replica.node in direct:
+                if replica == own:
+                    if not own_due:
+                        continue  # goes at the next tick, with whatever else changes by then
+                elif replica.node in direct:
                     continue  # the peer hears it from its origin; digests repair any gap
                 if part.clock > known and replica != self.remote:
                     delta = node.state.extract(replica, known)
@@ -222,6 +246,7 @@ class PeerLink:
         """Heartbeats, digests, RTT pings, and the dead-link check."""
         settings = self.manager.settings
         next_digest = self.node.clock() + settings.digest_interval
+        next_ping = self.node.clock()
         while True:
             await trio.sleep(settings.heartbeat_interval)
             now = self.node.clock()
@@ -229,14 +254,15 @@ class PeerLink:
                 log.warning("peer link to %s timed out; closing it", self.remote)
                 self.close()
                 return
-            self._beat_due = True
+            self._beat_due = True  # rides on the next tick's message
             if now >= next_digest:
                 self._digest_due = True
                 next_digest = now + settings.digest_interval
-            ping_id = next(self._ping_ids)
-            self._pings = {ping_id: now}
-            await self._send(wire.PeerPing(ping_id))
-            self.wake()
+            if now >= next_ping:
+                next_ping = now + settings.ping_interval
+                ping_id = next(self._ping_ids)
+                self._pings = {ping_id: now}
+                await self._send(wire.PeerPing(ping_id))
 
     # ------------------------------------------------------------------ reading
 
@@ -245,6 +271,7 @@ class PeerLink:
             data = await self.channel.receive()
             self.last_received = self.node.clock()
             self.bytes_in += len(data)
+            self.messages_in += 1
             message = wire.decode(data)
             if isinstance(message, wire.Gossip):
                 self._on_gossip(message)
@@ -276,7 +303,7 @@ class PeerLink:
             self.remote_links = frozenset(message.links)
         if message.link_states:
             self.manager.learn_link_states(message.link_states, self)
-        merged = False
+        merged: list[ReplicaId] = []
         gap = False
         changes = []
         for delta in message.deltas:
@@ -290,18 +317,19 @@ class PeerLink:
                 raise wire.PeerProtocolError(str(exc)) from None
             changes.extend(result.changes)
             if result.outcome == "applied":
-                merged = True
+                merged.append(delta.replica)
             elif result.outcome == "gap":
                 gap = True
         if changes:
-            node.apply(changes, immediate=True)
+            node.apply(changes, from_peer=True)
         if merged:
-            self.manager.relay(exclude=self)
+            self.manager.relay(merged, exclude=self)
         if gap:
             self.want_digest()
         if message.digest is not None:
             # The peer's own account of what it holds: send exactly what it lacks.
             self.sent = dict(message.digest)
+            self._own_due = True
             self.wake()
 
 
@@ -489,19 +517,24 @@ class PeerManager:
         for link in self.links.values():
             link.poke(now)
 
-    def tick(self) -> None:
-        """Called every node tick: links with unsent local changes send now."""
+    def tick(self, local_changed: bool) -> None:
+        """Called at every tick boundary: links send local changes and what else is due."""
         for link in self.links.values():
-            link.wake()
+            link.tick(local_changed)
 
     def request_digests(self) -> None:
         """Ask every link to exchange digests now (a replica came back up: repair fast)."""
         for link in self.links.values():
             link.want_digest()
 
-    def relay(self, exclude: PeerLink) -> None:
+    def relay(self, replicas: list[ReplicaId], exclude: PeerLink) -> None:
+        """Other replicas' changes were merged: wake the links that pass them on (not those
+        whose peer hears the replica from its origin)."""
         for link in self.links.values():
-            if link is not exclude:
+            if link is not exclude and any(
+                replica != link.remote and replica.node not in link.remote_links
+                for replica in replicas
+            ):
                 link.wake()
 
     def on_broadcast(self, message: wire.RoomBroadcast, source: PeerLink | None) -> None:
@@ -540,11 +573,12 @@ class PeerManager:
     async def say_goodbye(self) -> None:
         """Graceful shutdown: send our removals and a bye on every link, then close them."""
         for link in list(self.links.values()):
-            link.wake()
+            link.tick(True)
         await trio.sleep(0)
         with trio.move_on_after(1):
             for link in list(self.links.values()):
                 with contextlib.suppress(ChannelClosed):
+                    link._own_due = True
                     message = link._build()
                     if message is not None:
                         await link._send(message)

@@ -230,6 +230,7 @@ class Cluster:
             gossip_settings=self.settings,
             rng=random.Random(self.net.random.random()),  # deterministic under the seed
         )
+        daemon.node.phase_clock = trio.current_time  # tick boundaries in virtual time
         sim = SimDaemon(name, daemon, trio.CancelScope())
 
         async def run(task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
