@@ -5,9 +5,10 @@ reliable messages per second to a recipient in another region.
     python bench/direct_messages.py --delay-ms 0 --json out.json
 
 Topology: a line eu — us — ap of `presenced run` processes with mutual TLS, every peer link
-through a delay proxy in this process (each direction delayed by --delay-ms). Clients: ann
-on eu, cat on us, bob on ap (the trio client in presenced.client), all in this process, so
-one clock times both ends of every message.
+through a delay proxy (each direction delayed by --delay-ms) in a process of its own
+(bench/delay_proxies.py, on 127.0.0.1, stopped with the bench), so the proxies' work does
+not run on the bench's event loop. Clients: ann on eu, cat on us, bob on ap (the trio client
+in presenced.client), all in this process, so one clock times both ends of every message.
 
 1. Latency at light load: ann sends fast messages alternately to cat (1 hop) and bob
    (2 hops) at --rate per second; latency is send -> the recipient's `message` frame, and
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from presenced.certs import init_ca, issue_node_cert
 from presenced.client import PresenceClient, connect
-from presenced.wan_delay import serve_delay_proxy
+
+PROXIES = Path(__file__).resolve().with_name("delay_proxies.py")
 
 
 def free_port() -> int:
@@ -98,6 +100,36 @@ class Region:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class DelayProxies:
+    """bench/delay_proxies.py as a child process: one proxy per upstream port."""
+
+    def __init__(self, ports: list[int], delay_ms: float) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(PROXIES), "--delay-ms", str(delay_ms), *map(str, ports)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError("the delay proxies did not start")
+        self.ports: list[int] = json.loads(line)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # it exits when its stdin closes
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
 
 
 async def wait_listening(port: int) -> None:
@@ -170,7 +202,12 @@ async def latency_phase(
 
 
 async def throughput_phase(
-    ann: PresenceClient, bob: PresenceClient, regions: list[Region], count: int, window: int
+    ann: PresenceClient,
+    bob: PresenceClient,
+    regions: list[Region],
+    proxies: DelayProxies,
+    count: int,
+    window: int,
 ) -> dict[str, Any]:
     """Pipelined reliable sends, at most ``window`` not yet confirmed to the sender (the
     origin keeps each one pending until then, and refuses more than 1000 per recipient)."""
@@ -202,6 +239,8 @@ async def throughput_phase(
             step()
 
     cpu_before = [region.cpu() for region in regions]
+    proxies_before = proxies.cpu()
+    bench_before = time.process_time()
     started = time.perf_counter()
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
@@ -212,13 +251,23 @@ async def throughput_phase(
                     await progress.wait()
                 await ann.send({"type": "send", "to": "bob", "data": {"n": n}, "mode": "reliable"})
     elapsed = time.perf_counter() - started
-    cpu = sum(region.cpu() for region in regions) - sum(cpu_before)
+    cpu = [region.cpu() - before for region, before in zip(regions, cpu_before, strict=True)]
     return {
         "messages": count,
         "window": window,
         "seconds": round(elapsed, 2),
         "messages_per_second": round(count / elapsed),
-        "daemon_cpu_us_per_message": round(cpu / count * 1e6, 1),
+        "daemon_cpu_us_per_message": round(sum(cpu) / count * 1e6, 1),
+        "daemon_cpu_us_per_message_each": {
+            region.name: round(seconds / count * 1e6, 1)
+            for region, seconds in zip(regions, cpu, strict=True)
+        },
+        "daemon_cpu_share_of_wall": {
+            region.name: round(seconds / elapsed, 2)
+            for region, seconds in zip(regions, cpu, strict=True)
+        },
+        "proxies_cpu_us_per_message": round((proxies.cpu() - proxies_before) / count * 1e6, 1),
+        "bench_cpu_us_per_message": round((time.process_time() - bench_before) / count * 1e6, 1),
         "refused": refused,
         "in_order_exactly_once": received == list(range(count)),
         "duplicates_dropped_by_client": bob.duplicates,
@@ -233,38 +282,36 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             issue_node_cert(root / "certs", name, hosts=("127.0.0.1",))
         eu, us, ap = (Region(name, root) for name in ("eu", "us", "ap"))
         regions = [eu, us, ap]
+        proxies: DelayProxies | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                us.start([])
-                delay = args.delay_ms / 1000
-                proxies = [
-                    await nursery.start(serve_delay_proxy, "127.0.0.1", us.peer_port, delay)
-                    for _ in range(2)
-                ]
-                eu.start([proxies[0]])
-                ap.start([proxies[1]])
-                for region in regions:
-                    await wait_listening(region.client_port)
-                async with (
-                    connect(eu.url, user="ann") as ann,
-                    connect(us.url, user="cat") as cat,
-                    connect(ap.url, user="bob") as bob,
-                ):
-                    for client in (ann, cat, bob):
-                        await client.join("bench", {"name": client.user})
-                    await reachable(ann, "cat")
-                    await reachable(ann, "bob")
-                    results = {
-                        "delay_ms_one_way_per_link": args.delay_ms,
-                        "latency": await latency_phase(ann, cat, bob, args.rate, args.messages),
-                        "reliable": await throughput_phase(
-                            ann, bob, regions, args.count, args.window
-                        ),
-                    }
-                nursery.cancel_scope.cancel()
+            us.start([])
+            # Both links go to us's peer port: eu dials through one proxy, ap the other.
+            proxies = DelayProxies([us.peer_port, us.peer_port], args.delay_ms)
+            eu.start([proxies.ports[0]])
+            ap.start([proxies.ports[1]])
+            for region in regions:
+                await wait_listening(region.client_port)
+            async with (
+                connect(eu.url, user="ann") as ann,
+                connect(us.url, user="cat") as cat,
+                connect(ap.url, user="bob") as bob,
+            ):
+                for client in (ann, cat, bob):
+                    await client.join("bench", {"name": client.user})
+                await reachable(ann, "cat")
+                await reachable(ann, "bob")
+                results = {
+                    "delay_ms_one_way_per_link": args.delay_ms,
+                    "latency": await latency_phase(ann, cat, bob, args.rate, args.messages),
+                    "reliable": await throughput_phase(
+                        ann, bob, regions, proxies, args.count, args.window
+                    ),
+                }
         finally:
             for region in regions:
                 region.stop()
+            if proxies is not None:
+                proxies.stop()
     return results
 
 

@@ -424,6 +424,108 @@ def test_hot_queries_use_indexes(store: MessageStore, sql: str, params: tuple[An
     assert "TEMP B-TREE" not in plan, plan
 
 
+# ---------------------------------------------------------------------- group commit
+
+
+def deny_commit(store: MessageStore) -> None:
+    """Make SQLite refuse COMMIT on this store's connection (a real failing commit)."""
+
+    def authorize(action: int, arg1: str | None, *rest: object) -> int:
+        if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT":
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    store._conn().set_authorizer(authorize)
+
+
+def test_a_batch_is_one_commit_and_reads_see_it(tmp_path: Path) -> None:
+    with MessageStore(tmp_path / "s.db") as store:
+        [old] = store.add("m0", "ann", "s", ["bob"], 0, 1.0)
+        assert store.commits == 1
+        store.begin()
+        assert store.in_batch
+        added = [store.add(f"m{i}", "ann", "s", ["bob", "carol"], i, 1.0) for i in range(1, 51)]
+        store.set_last_delivered("eu", "dan", "ann", 7, 1.0)
+        assert store.mark_delivered("m0", "bob") == old
+        # Reads see the open batch; none of it is committed, nothing older is uncommitted.
+        assert store.pending_total() == 100 and store.pending_count("bob") == 50
+        assert store.last_delivered("eu", "dan", "ann") == 7
+        assert store.commits == 1
+        assert store.is_committed(old)
+        assert not any(store.is_committed(m) for copies in added for m in copies)
+        assert store.commit() is True
+        assert store.commits == 2 and not store.in_batch
+        assert all(store.is_committed(m) for copies in added for m in copies)
+        store.begin()
+        assert store.commit() is False  # an empty batch costs no commit
+        assert store.commits == 2
+    with MessageStore(tmp_path / "s.db") as store:
+        assert store.pending_total() == 100 and store.get("m0", "bob") is None
+        assert store.last_delivered("eu", "dan", "ann") == 7
+
+
+def test_limits_are_checked_per_message_inside_a_batch(tmp_path: Path) -> None:
+    with MessageStore(tmp_path / "s.db", max_pending_per_recipient=3) as store:
+        store.begin()
+        for i in range(3):
+            store.add(f"m{i}", "ann", "s", ["bob"], i, 1.0)
+        with pytest.raises(StoreFull) as info:
+            store.add("m3", "ann", "s", ["carol", "bob"], 3, 1.0)
+        assert info.value.recipient == "bob" and "3 undelivered" in str(info.value)
+        with pytest.raises(ValueError, match="already pending"):
+            store.add("m4", "ann", "s", ["carol", "carol2"], 4, 1.0)
+            store.add("m4", "ann", "s", ["carol"], 4, 1.0)
+        # A refused write undid only itself: the rest of the batch commits.
+        store.commit()
+        assert [m.id for m in store.pending("bob")] == ["m0", "m1", "m2"]
+        assert store.get("m3", "carol") is None
+        assert ids(store.pending("carol")) == ["m4"] and store.pending_total() == 5
+    with MessageStore(tmp_path / "t.db", max_pending_total=2) as store:
+        store.begin()
+        store.add("a", "ann", "s", ["x", "y"], 1, 1.0)
+        with pytest.raises(StoreFull, match="full"):
+            store.add("b", "ann", "s", ["z"], 1, 1.0)
+        store.rollback()
+        assert store.pending_total() == 0
+        store.add("b", "ann", "s", ["z"], 1, 1.0)
+
+
+def test_a_failed_commit_stores_nothing_of_the_batch(tmp_path: Path) -> None:
+    with MessageStore(tmp_path / "s.db") as store:
+        [kept] = store.add("m0", "ann", "s", ["bob"], 0, 1.0)
+        store.begin()
+        store.add("m1", "ann", "s", ["bob"], 1, 1.0)
+        store.set_last_delivered("eu", "dan", "ann", 9, 1.0)
+        store.mark_delivered("m0", "bob")
+        deny_commit(store)
+        with pytest.raises(StoreError, match="not authorized"):
+            store.commit()
+        store._conn().set_authorizer(None)
+        assert not store.in_batch
+        assert store.pending("bob") == [kept] and store.pending_total() == 1
+        assert store.last_delivered("eu", "dan", "ann") == 0
+        # The seq the lost row had is taken again: it never left the process.
+        [again] = store.add("m2", "ann", "s", ["bob"], 2, 1.0)
+        assert again.seq == kept.seq + 1
+
+
+def test_an_uncommitted_batch_is_gone_after_close(tmp_path: Path) -> None:
+    with MessageStore(tmp_path / "s.db") as store:
+        store.add("m0", "ann", "s", ["bob"], 0, 1.0)
+        store.begin()
+        store.add("m1", "ann", "s", ["bob"], 1, 1.0)
+        store.set_last_delivered("eu", "dan", "ann", 9, 1.0)
+    with MessageStore(tmp_path / "s.db") as store:
+        assert ids(store.pending("bob")) == ["m0"]
+        assert store.last_delivered("eu", "dan", "ann") == 0
+        with pytest.raises(StoreError, match="no batch"):
+            store.commit()
+        store.begin()
+        with pytest.raises(StoreError, match="already open"):
+            store.begin()
+        store.rollback()
+
+
 # ---------------------------------------------------------------------- crash durability
 
 _WRITER = textwrap.dedent(
@@ -432,26 +534,35 @@ _WRITER = textwrap.dedent(
     from presenced.server.message_store import MessageStore
 
     store = MessageStore(sys.argv[1], max_pending_per_recipient=10**6)
+    batch = int(sys.argv[2])  # 0: every add commits; n: n adds per batch, one commit
     out = sys.stdout
     i = 0
     while True:
-        mid = f"m{i}"
-        recipients = ["bob", "carol"] if i % 3 == 0 else [f"user{i % 5}"]
-        store.add(mid, "ann", "s1", recipients, {"n": i, "pad": "x" * 100}, 1.0)
-        out.write(f"{mid} {','.join(recipients)}\\n")
+        if batch:
+            store.begin()
+        acks = []
+        for _ in range(max(batch, 1)):
+            mid = f"m{i}"
+            recipients = ["bob", "carol"] if i % 3 == 0 else [f"user{i % 5}"]
+            store.add(mid, "ann", "s1", recipients, {"n": i, "pad": "x" * 100}, 1.0)
+            acks.append(f"{mid} {','.join(recipients)}\\n")
+            i += 1
+        if batch:
+            store.commit()  # acknowledged only once committed
+        out.write("".join(acks))
         out.flush()
-        i += 1
     """
 )
 
 
-def test_acknowledged_messages_survive_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [0, 7])
+def test_acknowledged_messages_survive_sigkill(tmp_path: Path, batch: int) -> None:
     path = tmp_path / "messages.sqlite3"
     env = dict(os.environ)
     root = str(Path(presenced.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path)],
+        [sys.executable, "-c", _WRITER, str(path), str(batch)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

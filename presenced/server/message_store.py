@@ -13,19 +13,29 @@ Two halves, both in one file so one ``--data-dir`` holds everything:
   last message this daemon showed, so a retransmission is not shown twice.
 
 Durability: WAL mode with ``synchronous=NORMAL`` by default. A commit is in the WAL file (in
-the OS page cache at least) before :meth:`MessageStore.add` returns, so a crash of the
-daemon process, ``kill -9`` included, loses nothing that was acknowledged; only a power loss
-or a kernel crash can lose the last few commits (never corrupt the file). ``synchronous=
-"FULL"`` also fsyncs the WAL on every commit and closes that window, at the price of one
-fsync per :meth:`~MessageStore.add`.
+the OS page cache at least) before it returns, so a crash of the daemon process, ``kill -9``
+included, loses nothing committed; only a power loss or a kernel crash can lose the last few
+commits (never corrupt the file). ``synchronous="FULL"`` also fsyncs the WAL on every
+commit and closes that window, at the price of one fsync per commit.
+
+Group commit: by default every write method is its own transaction, committed before it
+returns. After :meth:`MessageStore.begin`, writes join one open transaction instead (each in
+a savepoint of its own, so a write that fails, :class:`StoreFull` included, undoes only
+itself) until :meth:`MessageStore.commit` or :meth:`MessageStore.rollback`. Reads see the
+open transaction's writes, so the per-recipient and total limits count them. Nothing
+written in a batch is durable, and nothing about it may be acknowledged to anyone, until
+:meth:`~MessageStore.commit` has returned; :meth:`~MessageStore.close` (and a crash) throws
+an uncommitted batch away. The messenger opens a batch on its first write and commits it
+25 ms later (see :mod:`presenced.server.messaging`), so a burst costs one commit instead of
+one per message.
 
 The daemon owns the file: it is opened with ``locking_mode=EXCLUSIVE``, so a second daemon
 pointed at the same ``--data-dir`` gets :class:`StoreError` instead of sharing (the count of
 pending rows is kept in memory and would go wrong), and WAL needs no shared-memory file.
 
-All calls are synchronous and short (a few index lookups and one commit), made inline from
-the trio thread: at this scale a worker thread would cost more than it saves. The store is
-not thread-safe; use it from one thread.
+All calls are synchronous and short (a few index lookups and at most one commit), made
+inline from the trio thread: at this scale a worker thread would cost more than it saves.
+The store is not thread-safe; use it from one thread.
 """
 
 from __future__ import annotations
@@ -249,6 +259,14 @@ class MessageStore:
         self.max_age = _time(max_age, "max_age")
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
+        #: True between begin() and commit()/rollback(): writes share one transaction.
+        self._batch = False
+        #: True once a write in the open batch has succeeded (the batch has something to lose).
+        self._batch_dirty = False
+        #: Seq of the first row added in the open batch (every committed row's seq is lower).
+        self._uncommitted_from: int | None = None
+        #: Write transactions committed so far (one per batch, or per write outside one).
+        self.commits = 0
         try:
             self._db = self._open()
             #: Pending rows in the store: kept here, the file is ours alone (exclusive lock).
@@ -358,9 +376,38 @@ class MessageStore:
             raise StoreError(self._describe(exc)) from exc
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One transaction, committed on a clean exit and rolled back on any exception."""
+    def _writing(self, statements: int = 1) -> Iterator[sqlite3.Connection]:
+        """One write, all or nothing: its own transaction, committed on a clean exit, or (in
+        a batch) part of the batch's transaction. Either is rolled back on any exception.
+
+        In a batch, a write of several statements runs in a savepoint, so that a failure
+        undoes only it; a write of one statement (``statements=1``) needs none, as SQLite
+        undoes a failed statement by itself.
+        """
         db = self._conn()
+        if self._batch:
+            self._check_batch(db)
+            try:
+                if not db.in_transaction:
+                    db.execute("BEGIN IMMEDIATE")
+                if statements > 1:
+                    db.execute("SAVEPOINT write")
+                try:
+                    yield db
+                    if statements > 1:
+                        db.execute("RELEASE write")
+                except BaseException:
+                    # After some errors (I/O, disk full) SQLite has already rolled the whole
+                    # transaction back: then there is no savepoint left, and the batch is
+                    # lost (commit() will say so).
+                    if statements > 1 and db.in_transaction:
+                        db.execute("ROLLBACK TO write")
+                        db.execute("RELEASE write")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(self._describe(exc)) from exc
+            self._batch_dirty = True
+            return
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -372,6 +419,80 @@ class MessageStore:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(self._describe(exc)) from exc
+        self.commits += 1
+
+    # ------------------------------------------------------------------ group commit
+
+    @property
+    def in_batch(self) -> bool:
+        """True between :meth:`begin` and :meth:`commit` or :meth:`rollback`."""
+        return self._batch
+
+    def begin(self) -> None:
+        """Start a batch: the writes until :meth:`commit` share one transaction (opened by
+        the first of them). Nothing in it is durable before :meth:`commit` returns."""
+        self._conn()
+        if self._batch:
+            raise StoreError(f"{self.path}: a batch is already open")
+        self._batch = True
+        self._batch_dirty = False
+        self._uncommitted_from = None
+
+    def _check_batch(self, db: sqlite3.Connection) -> None:
+        """StoreError if SQLite rolled the open batch back behind our back (after an I/O or
+        disk-full error): its writes are gone and must not be taken for committed."""
+        if self._batch_dirty and not db.in_transaction:
+            raise StoreError(f"{self.path}: the open batch was rolled back after an error")
+
+    def commit(self) -> bool:
+        """Commit the open batch; True if it held any write (one commit), False if none.
+
+        On failure the whole batch is rolled back (as if it never happened) and
+        :class:`StoreError` is raised; either way the batch is over.
+        """
+        db = self._conn()
+        if not self._batch:
+            raise StoreError(f"{self.path}: no batch is open")
+        dirty, self._batch, self._batch_dirty = self._batch_dirty, False, False
+        self._uncommitted_from = None
+        if not db.in_transaction:
+            if dirty:  # SQLite rolled it back after an error: nothing in it is stored
+                self._undo()
+                raise StoreError(f"{self.path}: the open batch was rolled back after an error")
+            return False
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._undo()
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreError(f"{self.path}: the message store's disk is full") from exc
+            raise StoreError(self._describe(exc)) from exc
+        except BaseException:
+            self._undo()
+            raise
+        self.commits += 1
+        return True
+
+    def rollback(self) -> None:
+        """Throw the open batch away (nothing in it was ever durable). Safe with none open."""
+        self._batch = self._batch_dirty = False
+        self._uncommitted_from = None
+        if self._db is not None and self._db.in_transaction:
+            self._undo()
+
+    def _undo(self) -> None:
+        """Roll back the open transaction and recount what it had changed in memory."""
+        db = self._conn()
+        try:
+            if db.in_transaction:
+                db.rollback()
+            self._total = db.execute("SELECT count(*) FROM pending").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(self._describe(exc)) from exc
+
+    def is_committed(self, message: StoredMessage) -> bool:
+        """False for a message added in the open batch (not durable yet: send it nowhere)."""
+        return self._uncommitted_from is None or message.seq < self._uncommitted_from
 
     # ------------------------------------------------------------------ sender side
 
@@ -386,11 +507,13 @@ class MessageStore:
         *,
         group: Sequence[str] | None = None,
     ) -> list[StoredMessage]:
-        """Store a message for every recipient (one row each, in order); durable on return.
+        """Store a message for every recipient (one row each, in order); durable on return,
+        or, in a batch, once :meth:`commit` has returned.
 
-        All or nothing, in one committed transaction: :class:`StoreFull` if any recipient
-        already has ``max_pending_per_recipient`` pending or the rows would take the store
-        over ``max_pending_total``; ValueError for data that is not JSON, a bad name, a
+        All or nothing (one transaction, or one savepoint of the batch): :class:`StoreFull`
+        if any recipient already has ``max_pending_per_recipient`` pending (rows added in the
+        open batch count) or the rows would take the store over ``max_pending_total``;
+        ValueError for data that is not JSON, a bad name, a
         recipient given twice or an (id, recipient) already pending.
 
         ``group`` is what each row records as the group; by default every recipient when
@@ -424,7 +547,7 @@ class MessageStore:
         value = json.loads(text)
         stored: list[StoredMessage] = []
         try:
-            with self._writing() as db:
+            with self._writing(len(names)) as db:
                 for name in names:
                     count = db.execute(SQL_PENDING_COUNT, (name,)).fetchone()[0]
                     if count >= self.max_pending_per_recipient:
@@ -455,6 +578,8 @@ class MessageStore:
                 raise StoreFull("", "the message store's disk is full; try again later") from exc
             raise
         self._total += len(stored)
+        if self._batch and self._uncommitted_from is None:
+            self._uncommitted_from = stored[0].seq
         return stored
 
     def pending(self, recipient: str, limit: int | None = None) -> list[StoredMessage]:
@@ -543,7 +668,8 @@ class MessageStore:
     def set_last_delivered(
         self, origin: str, sender: str, recipient: str, seq: int, at: float
     ) -> None:
-        """Record that message ``seq`` was shown (keeps the largest seq); committed on return."""
+        """Record that message ``seq`` was shown (keeps the largest seq); committed on return
+        (in a batch: once :meth:`commit` has returned)."""
         row = (
             _storable_name(origin, "origin"),
             _storable_name(sender, "sender"),
@@ -564,7 +690,12 @@ class MessageStore:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the file (checkpointing the WAL into it). Safe to call twice."""
+        """Close the file (checkpointing the WAL into it). Safe to call twice.
+
+        An open batch is thrown away, not committed, as a crash would: a caller that wants
+        it kept commits first."""
+        self._batch = self._batch_dirty = False
+        self._uncommitted_from = None
         db, self._db = self._db, None
         if db is not None:
             db.close()
