@@ -417,3 +417,72 @@ async def test_not_joined(url: str, request_: dict) -> None:
             await ann.request(request_)
         assert refused.value.code == "not_joined"
         assert await ann.ping() >= 0
+
+
+# ------------------------------------------------------------------------------ paced input
+
+
+async def test_a_client_streaming_updates_is_read_once_per_tick(start_daemon) -> None:
+    """While a client streams updates the ticker reads its socket at tick boundaries: the
+    updates still arrive in order, other requests are still answered, and after a quiet spell
+    the connection is read as data arrives again."""
+    from presenced.server.clients import PACED_IDLE_TICKS
+
+    server = await start_daemon(tick_ms=20)
+    node = server.daemon.node
+    async with connect(server.url, user="ann") as ann, connect(server.url, user="bob") as bob:
+        await ann.join("doc", {"x": -1})
+        await bob.join("doc")
+        await wait_until(ann, lambda: bool(sessions(ann, "doc", "bob")))
+        assert not node.paced
+        for x in range(20):
+            await ann.update("doc", {"x": x})
+            await trio.sleep(0.005)
+        assert [conn.user for conn in node.paced] == ["ann"]
+        await wait_until(
+            bob, lambda: sessions(bob, "doc", "ann").get(ann.session, {}).get("meta") == {"x": 19}
+        )
+        # A request from the paced client is answered (at the next tick at the latest).
+        started = trio.current_time()
+        pong = await ann.request({"type": "ping", "t": 1})
+        assert pong["type"] == "pong"
+        assert trio.current_time() - started < 1
+        # Quiet for more than PACED_IDLE_TICKS ticks: back to reading as data arrives.
+        await trio.sleep((PACED_IDLE_TICKS + 3) * 0.02)
+        assert not node.paced
+        await ann.update("doc", {"x": 100})
+        await wait_until(
+            bob,
+            lambda: sessions(bob, "doc", "ann").get(ann.session, {}).get("meta") == {"x": 100},
+        )
+
+
+async def test_a_paced_client_that_disconnects_or_misbehaves_is_dropped_alone(
+    start_daemon,
+) -> None:
+    server = await start_daemon(tick_ms=20)
+    node = server.daemon.node
+    async with connect(server.url, user="bob") as bob:
+        await bob.join("doc")
+        async with open_websocket_url(server.url) as raw:
+            await raw_send(raw, {"type": "hello", "user": "mal"})
+            await raw_recv(raw)
+            await raw_send(raw, {"type": "join", "room": "doc", "ref": 1})
+            await raw_recv(raw)
+            await raw_send(raw, {"type": "update", "room": "doc", "meta": {"x": 1}})
+            await trio.sleep(0.05)
+            assert [conn.user for conn in node.paced] == ["mal"]
+            # Read by the ticker: a text frame that is not JSON is an error frame...
+            await raw.send_message("{not json")
+            error = await raw_recv(raw)
+            while error["type"] != "error":
+                error = await raw_recv(raw)
+            assert error["code"] == "bad_request"
+            # ...and a frame over the limit closes this connection alone.
+            await raw.send_message("x" * (node.config.limits.max_frame_bytes + 1))
+            assert (await raw_recv(raw))["code"] == "too_large"
+            assert await raw_close_code(raw) == 1009
+        await wait_until(bob, lambda: not sessions(bob, "doc", "mal"))
+        assert not node.paced
+        pong = await bob.request({"type": "ping", "t": 1})
+        assert pong["type"] == "pong"

@@ -78,6 +78,8 @@ class Node:
         #: user -> that user's connections here (a dict used as an ordered set): where direct
         #: messages for the user are written.
         self.users: dict[str, dict[ClientConnection, None]] = {}
+        #: Connections whose input the ticker reads at tick boundaries (they stream updates).
+        self.paced: dict[ClientConnection, None] = {}
         self._dirty: dict[str, RoomFeed] = {}
         self.metrics = Metrics()
         self.liveness = Liveness(
@@ -188,6 +190,7 @@ class Node:
     def disconnect(self, conn: ClientConnection) -> None:
         """A connection ended: it leaves every room it was in."""
         self.connections.discard(conn)
+        self.paced.pop(conn, None)
         sessions = self.users.get(conn.user)
         if sessions is not None:
             sessions.pop(conn, None)
@@ -314,6 +317,8 @@ class Node:
             if now >= boundary:
                 self._boundary = boundary
                 boundary = self.next_boundary(now)
+                for conn in list(self.paced):
+                    conn.poll_input()  # busy clients' updates make this tick's gossip
                 if self.gossip is not None:
                     self.gossip.tick(self._local_dirty)
                 self._local_dirty = False
