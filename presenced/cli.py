@@ -334,8 +334,12 @@ def _start_daemon(config: Config) -> None:
     import trio
 
     from presenced.server.daemon import run_daemon
+    from presenced.server.message_store import StoreError
 
-    trio.run(run_daemon, config)
+    try:
+        trio.run(run_daemon, config)
+    except StoreError as e:  # e.g. --data-dir holds another program's file, or is read-only
+        raise click.ClickException(f"cannot open the message store: --data-dir: {e}") from None
 
 
 @cli.command()

@@ -116,3 +116,32 @@ async def test_bad_listen_address_is_a_one_line_error() -> None:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert "--listen" in lines[0] and "nonsense" in lines[0]
+
+
+def test_a_bad_message_store_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "messages.sqlite3").write_text("not a database")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "presenced",
+            "run",
+            "--allow-anonymous",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        cwd=ROOT,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error == (
+        f"Error: cannot open the message store: --data-dir: {tmp_path}/messages.sqlite3:"
+        " not a presenced message store (not an SQLite database)"
+    )

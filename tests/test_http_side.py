@@ -143,11 +143,16 @@ async def test_metrics_read_the_live_daemon(start_daemon: Any) -> None:
         "presenced_messages_stored_total",
         "presenced_messages_delivered_total",
         "presenced_diffs_flushed_total",
-        "presenced_flush_seconds_total",
+        "presenced_flush_duration_seconds_sum",
         "presenced_resyncs_total",
         "presenced_connections_opened_total",
     ):
         assert (name, ()) in values
+    # The ticker has run (20 ms ticks): its wake-ups are in the histogram, +Inf counts all.
+    ticks = values[("presenced_flush_duration_seconds_count", ())]
+    assert ticks >= 1
+    assert values[("presenced_flush_duration_seconds_bucket", (("le", "+Inf"),))] == ticks
+    assert values[("presenced_flush_duration_seconds_bucket", (("le", "0.1"),))] <= ticks
     # A second scrape sees the connection gone: values are read at scrape time.
     with trio.fail_after(5):
         while True:

@@ -121,14 +121,19 @@ async def test_messages_both_ways_with_proven_names(pki: Pki) -> None:
 
             await dialled.send(b"\x00hello from eu")
             assert await accepted.receive() == b"\x00hello from eu"
-            await accepted.send(b"hi from us")
-            await accepted.send(bytes(range(256)) * 1000)
-            assert await dialled.receive() == b"hi from us"
-            assert await dialled.receive() == bytes(range(256)) * 1000
+            # A big message needs the other side reading (no task drains a channel for it).
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accepted.send, b"hi from us")
+                assert await dialled.receive() == b"hi from us"
+                nursery.start_soon(accepted.send, bytes(range(256)) * 1000)
+                assert await dialled.receive() == bytes(range(256)) * 1000
 
-            await dialled.aclose()
-            with pytest.raises(ChannelClosed):
-                await accepted.receive()
+            # A closing side waits for the peer's close reply, which comes from the peer's
+            # reader (channels have no task of their own): close while the other side reads.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dialled.aclose)
+                with pytest.raises(ChannelClosed, match="code 1000"):
+                    await accepted.receive()
             with pytest.raises(ChannelClosed):
                 await dialled.send(b"after close")
             await dialled.aclose()  # idempotent
@@ -141,10 +146,11 @@ async def test_server_closing_ends_the_dialled_channel(pki: Pki) -> None:
             dialled = await eu.dial(server.url)
             accepted = await server.channels.receive()
             await accepted.send(b"last words")
-            await accepted.aclose()
-            assert await dialled.receive() == b"last words"
-            with pytest.raises(ChannelClosed):
-                await dialled.receive()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accepted.aclose)
+                assert await dialled.receive() == b"last words"
+                with pytest.raises(ChannelClosed):
+                    await dialled.receive()
 
 
 async def test_client_from_another_ca_is_refused(
@@ -276,6 +282,21 @@ async def test_message_size_limit(pki: Pki) -> None:
             await accepted.send(b"x" * 1024)  # still usable
             assert await dialled.receive() == b"x" * 1024
             await dialled.send(b"y" * 2048)  # within eu's limit, over us's
+            with pytest.raises(ChannelClosed):
+                await accepted.receive()
+
+
+async def test_close_without_a_reader_on_the_other_side_gives_up_after_close_timeout(
+    pki: Pki,
+) -> None:
+    us, eu = pki.transport("us"), pki.transport("eu", close_timeout=0.3)
+    with trio.fail_after(5):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            started = trio.current_time()
+            await dialled.aclose()  # nobody reads on the other side: no close reply comes
+            assert 0.25 < trio.current_time() - started < 2
             with pytest.raises(ChannelClosed):
                 await accepted.receive()
 

@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from presenced import __version__
 from presenced.core.crdt import ReplicaId
 from presenced.core.liveness import DOWN, PURGED, RETIRED, UP
+from presenced.server.metrics import FLUSH_BUCKETS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -160,10 +161,16 @@ class DaemonCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(f"presenced_{name}", doc, value=value)
-        yield CounterMetricFamily(
-            "presenced_flush_seconds",
-            "CPU time spent in the ticker: flushing rooms and waking peer links.",
-            value=metrics.flush_seconds,
+        cumulative, buckets = 0, []
+        for bound, count in zip((*FLUSH_BUCKETS, float("inf")), metrics.flush_counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "presenced_flush_duration_seconds",
+            "Time of each ticker wake-up: reading paced clients, waking peer links, flushing"
+            " rooms.",
+            buckets=buckets,
+            sum_value=metrics.flush_seconds,
         )
         errors = CounterMetricFamily(
             "presenced_client_errors", "Error frames sent to clients, by code.", labels=["code"]

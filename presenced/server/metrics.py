@@ -6,7 +6,12 @@ nanoseconds, not a registry lookup.
 
 from __future__ import annotations
 
+import bisect
+
 import attrs
+
+#: Upper bounds (seconds) of the flush-duration histogram buckets; one more bucket is +Inf.
+FLUSH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 @attrs.define
@@ -23,6 +28,8 @@ class Metrics:
     bytes_out: int = 0
     diffs_flushed: int = 0
     flush_seconds: float = 0.0
+    #: How many ticker wake-ups took at most FLUSH_BUCKETS[i] (not cumulative; last: more).
+    flush_counts: list[int] = attrs.field(factory=lambda: [0] * (len(FLUSH_BUCKETS) + 1))
     resyncs: int = 0
     errors: dict[str, int] = attrs.field(factory=dict)
     closes: dict[int, int] = attrs.field(factory=dict)
@@ -37,6 +44,11 @@ class Metrics:
     def count_frames(self, count: int, size: int) -> None:
         self.frames_out += count
         self.bytes_out += count * size
+
+    def observe_flush(self, seconds: float) -> None:
+        """One ticker wake-up (client polls, gossip wake-ups, room flushes) took ``seconds``."""
+        self.flush_seconds += seconds
+        self.flush_counts[bisect.bisect_left(FLUSH_BUCKETS, seconds)] += 1
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

@@ -327,7 +327,7 @@ class Node:
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()
-            self.metrics.flush_seconds += time.perf_counter() - started
+            self.metrics.observe_flush(time.perf_counter() - started)
 
     def room_snapshot(self, room: str) -> dict[str, Any]:
         """A fresh `state` frame for a member that must resync (slow reader)."""

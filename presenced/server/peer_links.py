@@ -276,7 +276,9 @@ class PeerLink:
             if isinstance(message, wire.Gossip):
                 self._on_gossip(message)
             elif isinstance(message, wire.PeerPing):
-                await self._send(wire.PeerPong(message.id))
+                # Through the writer: the reader never blocks on a send, or two daemons
+                # both writing a big message could stop reading each other for good.
+                self.enqueue(wire.PeerPong(message.id))
             elif isinstance(message, wire.PeerPong):
                 started = self._pings.pop(message.id, None)
                 if started is not None:

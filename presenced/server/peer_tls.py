@@ -11,13 +11,13 @@ Structure (who owns which task):
 
 * ``serve(handler)`` is self-contained: run it in a nursery (``await nursery.start(
   transport.serve, handler)`` returns the bound port). Every accepted connection gets its own
-  task and, inside it, its own nursery for trio-websocket's reader task; ``handler(channel)``
-  runs there and the channel is closed when the handler returns. A peer that fails the TLS or
-  WebSocket handshake is logged (one WARNING line) and dropped; the listener keeps going.
-* ``dial(url)`` needs a place for the reader task of a channel that outlives the call, so it
-  only works inside ``async with transport.running():``. Each dialled channel lives in its own
-  task in that nursery until it is closed (by either side or by the network); leaving
-  ``running()`` closes every channel still open.
+  task; ``handler(channel)`` runs there and the channel is closed when the handler returns. A
+  peer that fails the TLS or WebSocket handshake is logged (one WARNING line) and dropped; the
+  listener keeps going.
+* ``dial(url)`` only works inside ``async with transport.running():``; leaving it closes every
+  dialled channel still open.
+* A channel has no task of its own: wsproto runs inline in whichever task calls ``receive`` or
+  ``send`` (see :class:`TlsPeerChannel` for why).
 
 Handshakes (TCP connect, TLS, WebSocket upgrade) are bounded by ``handshake_timeout``;
 ``aclose`` waits at most ``close_timeout`` for the peer to acknowledge the close. There is no
@@ -31,18 +31,24 @@ import logging
 import os
 import ssl
 import urllib.parse
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 import trio
-import trio_websocket
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-    wrap_server_stream,
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
 )
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from presenced.certs import CertError, cert_names
 from presenced.server.transport import ChannelClosed, ChannelHandler
@@ -61,7 +67,7 @@ log = logging.getLogger(__name__)
 #: The WebSocket subprotocol both sides must agree on; bump it for incompatible changes.
 SUBPROTOCOL = "presenced-peer.v1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Bytes asked of the stream per read by trio-websocket's reader (its default is 4 KiB).
+#: Bytes asked of the stream per read.
 _RECEIVE_BYTES = 65_536
 
 PathLike = str | os.PathLike[str]
@@ -135,22 +141,41 @@ def _ssl_reason(exc: BaseException) -> str:
 
 
 class TlsPeerChannel:
-    """One peer link: binary WebSocket messages over (usually) mutually authenticated TLS."""
+    """One peer link: binary WebSocket messages over (usually) mutually authenticated TLS.
+
+    wsproto runs inline in the calling tasks: ``receive`` reads the stream and parses frames
+    itself, ``send`` frames and writes. There is no reader task and no channel between it and
+    the caller (trio-websocket's cost ~230 µs of CPU per small message here, against ~100 µs
+    this way: see ``bench/peer_channel_cost.py``), and a peer message wakes one task, not two.
+    One task may receive while others send (sends are serialised by a lock).
+    """
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
         *,
         remote_names: frozenset[str] | None,
         remote_label: str,
         max_message_bytes: int,
         close_timeout: float,
     ) -> None:
+        self._stream = stream
         self._ws = ws
         self.remote_names = remote_names
         self.remote_label = remote_label
         self._max_message_bytes = max_message_bytes
         self._close_timeout = close_timeout
+        self._messages: deque[bytes] = deque()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._send_lock = trio.Lock()
+        self._receiving = False
+        #: Pong frames owed for WebSocket pings; they go out with the next send, so that a
+        #: receiving task never blocks on a full socket (two such peers would deadlock).
+        self._owed = b""
+        #: Why the channel is gone (None while it is open).
+        self._gone: str | None = None
 
     def __repr__(self) -> str:
         names = "unauthenticated" if self.remote_names is None else sorted(self.remote_names)
@@ -168,34 +193,117 @@ class TlsPeerChannel:
             raise ValueError(
                 f"message of {len(data)} bytes exceeds the limit of {self._max_message_bytes}"
             )
-        try:
-            await self._ws.send_message(bytes(data))
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChannelClosed(f"link to {self.remote_label} closed: {_reason(exc)}") from exc
+        self._check_open()
+        frame = self._ws.send(BytesMessage(data=bytes(data)))
+        owed, self._owed = self._owed, b""
+        await self._write(owed + frame if owed else frame)
 
     async def receive(self) -> bytes:
         """The next message; raises ChannelClosed once the channel is gone.
 
         A text message breaks the protocol: the channel is closed and ChannelClosed raised.
+        So does a message over ``max_message_bytes`` (close code 1009).
         """
+        messages = self._messages
+        if messages:
+            return messages.popleft()
+        self._receiving = True
         try:
-            message = await self._ws.get_message()
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChannelClosed(f"link to {self.remote_label} closed: {_reason(exc)}") from exc
-        if not isinstance(message, bytes):
-            await self._close(1003, "binary messages only")
-            raise ChannelClosed(f"{self.remote_label} sent a text message; link closed")
-        return message
+            while not messages:
+                self._check_open()
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise self._lost(_reason(exc)) from exc
+                if not data:
+                    raise self._lost("connection closed")
+                self._ws.receive_data(bytes(data))
+                await self._handle_events()
+        finally:
+            self._receiving = False
+        return messages.popleft()
 
     async def aclose(self) -> None:
         """Close the channel (idempotent), waiting a little for the peer to acknowledge."""
-        await self._close(1000, None)
+        if self._gone is None:
+            self._gone = "closed by this side"
+            with trio.move_on_after(self._close_timeout):
+                if self._ws.state is ConnectionState.OPEN:
+                    with contextlib.suppress(*_STREAM_GONE, LocalProtocolError):
+                        await self._write(self._ws.send(CloseConnection(code=1000)))
+                if not self._receiving:
+                    await self._await_close_reply()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._close_timeout), contextlib.suppress(*_STREAM_GONE):
+                await self._stream.aclose()
+            await trio.aclose_forcefully(self._stream)  # no-op if the close above completed
 
-    async def _close(self, code: int, reason: str | None) -> None:
-        # trio-websocket waits for the peer's close frame without a limit; on timeout its
-        # cleanup still closes the underlying stream.
-        with trio.move_on_after(self._close_timeout):
-            await self._ws.aclose(code, reason)
+    def close_now(self) -> None:
+        """Mark the channel gone without a handshake (its stream is closed by the caller)."""
+        self._gone = self._gone or "closed by this side"
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._gone is not None:
+            raise ChannelClosed(f"link to {self.remote_label} closed: {self._gone}")
+
+    def _lost(self, reason: str) -> ChannelClosed:
+        self._gone = self._gone or reason
+        return ChannelClosed(f"link to {self.remote_label} closed: {reason}")
+
+    async def _write(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._lost(_reason(exc)) from exc
+
+    async def _handle_events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, BytesMessage):
+                self._size += len(event.data)
+                if self._size > self._max_message_bytes:
+                    await self._fail(1009, "message too big")
+                    raise self._lost(
+                        f"{self.remote_label} sent a message over {self._max_message_bytes} bytes"
+                    )
+                self._parts.append(bytes(event.data))
+                if event.message_finished:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    self._messages.append(parts[0] if len(parts) == 1 else b"".join(parts))
+            elif isinstance(event, TextMessage):
+                await self._fail(1003, "binary messages only")
+                raise self._lost(f"{self.remote_label} sent a text message; link closed")
+            elif isinstance(event, Ping):
+                if len(self._owed) < 4096:
+                    self._owed += self._ws.send(event.response())
+            elif isinstance(event, CloseConnection):
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    with contextlib.suppress(ChannelClosed):
+                        await self._write(self._ws.send(event.response()))
+                detail = f" ({event.reason})" if event.reason else ""
+                raise self._lost(f"closed with code {event.code}{detail}")
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Protocol breach by the peer: send a close frame (best effort), then give up."""
+        if self._ws.state is ConnectionState.OPEN:
+            with contextlib.suppress(ChannelClosed, LocalProtocolError):
+                await self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
+
+    async def _await_close_reply(self) -> None:
+        """After our close frame: read until the peer's close (or the end of the stream)."""
+        while self._ws.state is not ConnectionState.CLOSED:
+            try:
+                data = await self._stream.receive_some(_RECEIVE_BYTES)
+            except _STREAM_GONE:
+                return
+            if not data:
+                return
+            self._ws.receive_data(bytes(data))
+            for event in self._ws.events():
+                if isinstance(event, CloseConnection):
+                    return
 
 
 # -- the transport -------------------------------------------------------------------------------
@@ -240,7 +348,8 @@ class TlsWebSocketTransport:
         self.close_timeout = close_timeout
         #: The port ``serve`` is listening on, once it is.
         self.bound_port: int | None = None
-        self._nursery: trio.Nursery | None = None
+        #: Dialled channels still open, while ``running()``; None outside it.
+        self._dialled: dict[TlsPeerChannel, trio.abc.Stream] | None = None
 
     @classmethod
     def from_files(
@@ -257,19 +366,19 @@ class TlsWebSocketTransport:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Self]:
-        """Hold the nursery that dialled channels live in; ``dial`` only works inside.
-
-        Leaving the block closes every dialled channel still open.
-        """
-        if self._nursery is not None:
+        """The span in which ``dial`` works; leaving it closes every dialled channel still
+        open (abruptly: the daemon is going away)."""
+        if self._dialled is not None:
             raise RuntimeError("this transport is already running")
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                yield self
-            finally:
-                self._nursery = None
-                nursery.cancel_scope.cancel()
+        self._dialled = {}
+        try:
+            yield self
+        finally:
+            dialled, self._dialled = self._dialled, None
+            with trio.CancelScope(shield=True):
+                for channel, stream in dialled.items():
+                    channel.close_now()
+                    await trio.aclose_forcefully(stream)
 
     async def dial(self, url: str) -> TlsPeerChannel:
         """Open a channel to the peer at ``wss://host:port[/path]``.
@@ -279,8 +388,7 @@ class TlsWebSocketTransport:
         ValueError for a URL it cannot dial. Needs ``async with transport.running():``.
         """
         host, port, netloc, resource, secure = self._parse_url(url)
-        nursery = self._nursery
-        if nursery is None:
+        if self._dialled is None:
             raise RuntimeError("dial() needs `async with transport.running():` around it")
         with trio.move_on_after(self.handshake_timeout) as connect_scope:
             tcp = await trio.open_tcp_stream(host, port)
@@ -300,11 +408,7 @@ class TlsWebSocketTransport:
                 # With TLS 1.3 the server checks our certificate after our handshake is done,
                 # so a refusal shows up here, as the connection dropping.
                 hint = " (did the peer refuse our certificate?)" if secure else ""
-                watched = _WatchedStream(stream, hint=hint)
-                stream = watched
-                ws: WebSocketConnection = await nursery.start(
-                    self._host_client, watched, netloc, resource, label
-                )
+                ws = await self._upgrade_client(stream, netloc, resource, hint)
         except BaseException as exc:
             reason = _failure_reason(exc)
             with trio.CancelScope(shield=True):
@@ -312,48 +416,37 @@ class TlsWebSocketTransport:
             if reason is None:
                 raise
             raise ChannelClosed(f"cannot connect to {url}: {reason}") from exc
-        return self._channel(ws, names, label)
+        channel = self._channel(stream, ws, names, label)
+        if self._dialled is None:  # running() ended during the handshake
+            await trio.aclose_forcefully(stream)
+            raise ChannelClosed(f"cannot connect to {url}: the transport stopped")
+        self._dialled[channel] = stream
+        return channel
 
-    async def _host_client(
-        self,
-        watched: _WatchedStream,
-        netloc: str,
-        resource: str,
-        label: str,
-        *,
-        task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run one dialled channel's reader task until the connection ends."""
-        started = False
-        try:
-            async with trio.open_nursery() as nursery:
-                with trio.CancelScope() as handshake:
-                    watched.on_break = handshake.cancel
-                    ws = await wrap_client_stream(
-                        nursery,
-                        watched,  # type: ignore[arg-type]  # any trio Stream works
-                        netloc,
-                        resource,
-                        subprotocols=[self.subprotocol],
-                        max_message_size=self.max_message_bytes,
-                        receive_buffer_size=_RECEIVE_BYTES,
-                    )
-                watched.on_break = None
-                if handshake.cancelled_caught:
-                    raise ChannelClosed(watched.break_reason)
-                if ws.subprotocol != self.subprotocol:
-                    await trio.aclose_forcefully(watched)
-                    raise ChannelClosed(f"peer did not accept subprotocol {self.subprotocol!r}")
-                task_status.started(ws)
-                started = True
-        except BaseException as exc:
-            reason = _failure_reason(exc)
-            if not started or reason is None:
-                raise
-            log.debug("peer link to %s ended: %s", label, reason)
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(watched)
+    async def _upgrade_client(
+        self, stream: trio.abc.Stream, netloc: str, resource: str, hint: str
+    ) -> WSConnection:
+        ws = WSConnection(ConnectionType.CLIENT)
+        request = Request(host=netloc, target=resource, subprotocols=[self.subprotocol])
+        await stream.send_all(ws.send(request))
+        rejected: RejectConnection | None = None
+        body = b""
+        while True:
+            data = await _receive_or_break(stream, hint)
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    if event.subprotocol != self.subprotocol:
+                        raise ChannelClosed(f"peer did not accept subprotocol {self.subprotocol!r}")
+                    return ws
+                if isinstance(event, RejectConnection):
+                    rejected = event
+                    if not event.has_body:
+                        raise ChannelClosed(_rejection(event.status_code, b""))
+                elif isinstance(event, RejectData) and rejected is not None:
+                    body += event.data
+                    if event.body_finished or len(body) > 4096:
+                        raise ChannelClosed(_rejection(rejected.status_code, body))
 
     def _parse_url(self, url: str) -> tuple[str, int, str, str, bool]:
         try:
@@ -410,71 +503,64 @@ class TlsWebSocketTransport:
         names: frozenset[str] | None = None
         refused: str | None = None
         try:
-            if self.server_ctx is not None:
-                ssl_stream = trio.SSLStream(tcp, self.server_ctx, server_side=True)
-                stream = ssl_stream
-                try:
-                    with trio.fail_after(self.handshake_timeout):
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    if self.server_ctx is not None:
+                        ssl_stream = trio.SSLStream(tcp, self.server_ctx, server_side=True)
+                        stream = ssl_stream
                         await ssl_stream.do_handshake()
-                    names = _peer_names(ssl_stream)
-                except _HANDSHAKE_ERRORS as exc:
-                    refused = _reason(exc)
-                    return
-            watched = _WatchedStream(stream)
-            stream = watched
-            async with trio.open_nursery() as nursery:
-                try:
-                    ws = await self._upgrade_server(nursery, watched)
-                except _HANDSHAKE_ERRORS as exc:
-                    refused = _reason(exc)
-                    nursery.cancel_scope.cancel()
-                    return
-                channel = self._channel(ws, names, label)
-                log.debug("peer connection from %s accepted: %r", label, channel)
-                try:
-                    await handler(channel)
-                except BaseException as exc:
-                    if not _only_channel_closed(exc):
-                        raise
-                    log.debug("peer link from %s ended: %s", label, exc)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await channel.aclose()
+                        names = _peer_names(ssl_stream)
+                    ws = await self._upgrade_server(stream)
+            except _HANDSHAKE_ERRORS as exc:
+                refused = _reason(exc)
+                return
+            channel = self._channel(stream, ws, names, label)
+            log.debug("peer connection from %s accepted: %r", label, channel)
+            try:
+                await handler(channel)
+            except BaseException as exc:
+                if not _only_channel_closed(exc):
+                    raise
+                log.debug("peer link from %s ended: %s", label, exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await channel.aclose()
         finally:
             if refused is not None:
                 log.warning("refused peer connection from %s: %s", label, refused)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async def _upgrade_server(
-        self, nursery: trio.Nursery, watched: _WatchedStream
-    ) -> WebSocketConnection:
-        with trio.fail_after(self.handshake_timeout):
-            with trio.CancelScope() as handshake:
-                watched.on_break = handshake.cancel
-                request = await wrap_server_stream(
-                    nursery,
-                    watched,
-                    max_message_size=self.max_message_bytes,
-                    receive_buffer_size=_RECEIVE_BYTES,
-                )
-            watched.on_break = None
-            if handshake.cancelled_caught:
-                raise ChannelClosed(watched.break_reason)
-            if self.subprotocol not in request.proposed_subprotocols:
-                offered = ", ".join(request.proposed_subprotocols) or "none"
-                await request.reject(
-                    400, body=f"expected subprotocol {self.subprotocol}\n".encode()
-                )
-                raise ChannelClosed(
-                    f"did not offer WebSocket subprotocol {self.subprotocol!r} (offered: {offered})"
-                )
-            return await request.accept(subprotocol=self.subprotocol)
+    async def _upgrade_server(self, stream: trio.abc.Stream) -> WSConnection:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            data = await _receive_or_break(stream, "")
+            try:
+                ws.receive_data(data)
+                request = next((e for e in ws.events() if isinstance(e, Request)), None)
+            except RemoteProtocolError as exc:
+                await _reject(stream, ws, 400, f"bad WebSocket upgrade: {exc}")
+                raise ChannelClosed(f"bad WebSocket upgrade: {exc}") from None
+            if request is not None:
+                break
+        if self.subprotocol not in request.subprotocols:
+            offered = ", ".join(request.subprotocols) or "none"
+            await _reject(stream, ws, 400, f"expected subprotocol {self.subprotocol}")
+            raise ChannelClosed(
+                f"did not offer WebSocket subprotocol {self.subprotocol!r} (offered: {offered})"
+            )
+        await stream.send_all(ws.send(AcceptConnection(subprotocol=self.subprotocol)))
+        return ws
 
     def _channel(
-        self, ws: WebSocketConnection, names: frozenset[str] | None, label: str
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        names: frozenset[str] | None,
+        label: str,
     ) -> TlsPeerChannel:
         return TlsPeerChannel(
+            stream,
             ws,
             remote_names=names,
             remote_label=label,
@@ -485,53 +571,36 @@ class TlsWebSocketTransport:
 
 # -- plumbing ------------------------------------------------------------------------------------
 
+#: What a closed or broken stream raises.
+_STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
-class _WatchedStream(trio.abc.Stream):
-    """A stream that reports when it breaks, so a WebSocket handshake waiting on it can stop.
 
-    trio-websocket's ``wrap_*_stream`` wait for the handshake without noticing that the reader
-    task died (e.g. with TLS 1.3 a server refuses a client certificate only after the client's
-    handshake has finished, so the dialler learns it on its first read): they would hang until
-    the timeout. ``on_break`` is called on the first read or write failure or end of stream.
-    """
+async def _receive_or_break(stream: trio.abc.Stream, hint: str) -> bytes:
+    """Handshake bytes from the stream; ChannelClosed (with the reason) when it ends."""
+    try:
+        data = await stream.receive_some(_RECEIVE_BYTES)
+    except _STREAM_GONE as exc:
+        raise ChannelClosed(
+            f"connection broke during the WebSocket handshake: {_reason(exc)}{hint}"
+        ) from exc
+    if not data:
+        raise ChannelClosed("connection closed during the WebSocket handshake" + hint)
+    return bytes(data)
 
-    def __init__(self, inner: trio.abc.Stream, *, hint: str = "") -> None:
-        self.inner = inner
-        self.on_break: Callable[[], None] | None = None
-        self._hint = hint
-        self.break_reason = "connection closed during the WebSocket handshake" + hint
 
-    def _broken(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            self.break_reason = (
-                f"connection broke during the WebSocket handshake: {_reason(exc)}{self._hint}"
-            )
-        if self.on_break is not None:
-            on_break, self.on_break = self.on_break, None
-            on_break()
+async def _reject(stream: trio.abc.Stream, ws: WSConnection, status: int, reason: str) -> None:
+    """Answer a WebSocket upgrade with an HTTP error and a one-line body (best effort)."""
+    body = (reason + "\n").encode()
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    with contextlib.suppress(*_STREAM_GONE, LocalProtocolError), trio.move_on_after(1):
+        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        await stream.send_all(data + ws.send(RejectData(data=body)))
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self.inner.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._broken(exc)
-            raise
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self.inner.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._broken(exc)
-            raise
-        if not data:
-            self._broken(None)
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+def _rejection(status: int, body: bytes) -> str:
+    lines = body.decode("utf-8", "replace").strip().splitlines()
+    detail = f": {lines[0][:200]}" if lines else ""
+    return f"WebSocket upgrade rejected with HTTP {status}{detail}"
 
 
 #: What a failed handshake raises (anything else is a bug and propagates).
@@ -540,8 +609,8 @@ _HANDSHAKE_ERRORS: tuple[type[Exception], ...] = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
-    ConnectionClosed,
-    HandshakeError,  # includes ConnectionRejected
+    RemoteProtocolError,
+    LocalProtocolError,
     ChannelClosed,
     CertError,
 )
@@ -577,15 +646,6 @@ def _reason(exc: BaseException) -> str:
         return f"TLS error: {detail}"
     if isinstance(exc, trio.TooSlowError):
         return "handshake timed out"
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        body = (exc.body or b"").decode("utf-8", "replace").strip().splitlines()
-        detail = f": {body[0][:200]}" if body else ""
-        return f"WebSocket upgrade rejected with HTTP {exc.status_code}{detail}"
-    if isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "connection closed"
-        return f"closed with code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
     if isinstance(exc, trio.BrokenResourceError):
         return "connection broken"
     if isinstance(exc, trio.ClosedResourceError):
