@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from store_helpers import deny_commit
 
 import presenced
 from presenced.server import message_store
@@ -425,17 +426,6 @@ def test_hot_queries_use_indexes(store: MessageStore, sql: str, params: tuple[An
 
 
 # ---------------------------------------------------------------------- group commit
-
-
-def deny_commit(store: MessageStore) -> None:
-    """Make SQLite refuse COMMIT on this store's connection (a real failing commit)."""
-
-    def authorize(action: int, arg1: str | None, *rest: object) -> int:
-        if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT":
-            return sqlite3.SQLITE_DENY
-        return sqlite3.SQLITE_OK
-
-    store._conn().set_authorizer(authorize)
 
 
 def test_a_batch_is_one_commit_and_reads_see_it(tmp_path: Path) -> None:

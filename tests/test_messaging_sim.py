@@ -6,13 +6,12 @@ attached to nodes directly and record every frame they are sent.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import trio
+from store_helpers import deny_commit
 
 from presenced.core import peer_wire as wire
-from presenced.server.message_store import MessageStore
 from presenced.server.messaging import COMMIT_INTERVAL, HOP_LIMIT
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
@@ -51,17 +50,6 @@ async def star(nursery: trio.Nursery, net: SimNetwork, **kwargs: object) -> Clus
 
 def texts(client: FakeClient) -> list[str]:
     return [m["data"]["text"] for m in client.received("message")]
-
-
-def deny_commit(store: MessageStore) -> None:
-    """Make SQLite refuse COMMIT on this store's connection (a real failing commit)."""
-
-    def authorize(action: int, arg1: str | None, *rest: object) -> int:
-        if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT":
-            return sqlite3.SQLITE_DENY
-        return sqlite3.SQLITE_OK
-
-    store._conn().set_authorizer(authorize)
 
 
 async def committed() -> None:

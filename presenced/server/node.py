@@ -13,10 +13,10 @@ outbox. A change in a room that has not flushed for a whole tick is flushed at o
 Aligned ticks: tick boundaries are multiples of the tick in wall-clock time, so every daemon of
 a cluster ticks at the same moment (NTP keeps real regions within a millisecond or so). At a
 boundary a daemon first sends its local changes to its peers, and flushes its rooms
-``flush_lag`` later (a fifth of the tick). Peers' batches of the same tick arrive within that
-lag on a nearby network, so a member gets one frame per tick with every region's changes in
-it, instead of one per region: fewer frames, writes and wake-ups on both ends, for a few
-milliseconds of latency. A peer batch that arrives at any other time (a distant region) is
+``flush_lag`` later (an eighth of the tick; at once if it has no peer links). Peers' batches
+of the same tick arrive within that lag on a nearby network, so a member gets one frame per
+tick with every region's changes in it, instead of one per region: fewer frames, writes and
+wake-ups on both ends, for a few milliseconds of latency. A peer batch that arrives at any other time (a distant region) is
 flushed at once: waiting would add latency and fold nothing in (batches ready together are
 still handled before the ticker runs, so they share one flush).
 """
@@ -64,7 +64,7 @@ class Node:
         self.region = config.region
         self.tick = config.tick_ms / 1000.0
         #: How long after a tick boundary rooms are flushed (see the module docstring).
-        self.flush_lag = self.tick / 5
+        self.flush_lag = self.tick / 8
         self.clock = clock
         self.wall_clock = wall_clock
         #: The clock tick boundaries are aligned to: wall time, shared by every daemon of a
@@ -323,7 +323,8 @@ class Node:
                     self.gossip.tick(self._local_dirty)
                 self._local_dirty = False
                 if self._dirty:
-                    self._flush_by(now + self.flush_lag)
+                    linked = self.gossip is not None and bool(self.gossip.links)
+                    self._flush_by(now + self.flush_lag if linked else now)
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()
