@@ -16,9 +16,9 @@ boundary a daemon first sends its local changes to its peers, and flushes its ro
 ``flush_lag`` later (an eighth of the tick; at once if it has no peer links). Peers' batches
 of the same tick arrive within that lag on a nearby network, so a member gets one frame per
 tick with every region's changes in it, instead of one per region: fewer frames, writes and
-wake-ups on both ends, for a few milliseconds of latency. A peer batch that arrives at any other time (a distant region) is
-flushed at once: waiting would add latency and fold nothing in (batches ready together are
-still handled before the ticker runs, so they share one flush).
+wake-ups on both ends, for a few milliseconds of latency. A peer batch that arrives at any
+other time (a distant region) is flushed at once: waiting would add latency and fold nothing
+in (batches ready together are still handled before the ticker runs, so they share one flush).
 """
 
 from __future__ import annotations
