@@ -312,6 +312,19 @@ async def test_leaving_running_closes_dialled_channels(pki: Pki) -> None:
                 await accepted.receive()
 
 
+async def test_closed_dialled_channels_are_forgotten(pki: Pki) -> None:
+    """A daemon redials for days: the transport must not keep every closed channel."""
+    eu = pki.transport("eu", close_timeout=0.2)
+    with trio.fail_after(10):
+        async with serving(pki.transport("us")) as server, eu.running():
+            for _ in range(3):
+                dialled = await eu.dial(server.url)
+                await server.channels.receive()
+                await dialled.aclose()
+            kept = await eu.dial(server.url)
+            assert eu._dialled is not None and list(eu._dialled) == [kept]
+
+
 async def test_plain_mode(caplog: pytest.LogCaptureFixture) -> None:
     plain_server = TlsWebSocketTransport(listen_host="127.0.0.1", allow_plain=True)
     plain_client = TlsWebSocketTransport(allow_plain=True)

@@ -159,8 +159,11 @@ class TlsPeerChannel:
         remote_label: str,
         max_message_bytes: int,
         close_timeout: float,
+        on_close: Callable[[TlsPeerChannel], object] | None = None,
     ) -> None:
         self._stream = stream
+        #: Told once when the channel closes (the transport forgets a dialled channel).
+        self._on_close = on_close
         self._ws = ws
         self.remote_names = remote_names
         self.remote_label = remote_label
@@ -236,11 +239,15 @@ class TlsPeerChannel:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self._close_timeout), contextlib.suppress(*_STREAM_GONE):
                 await self._stream.aclose()
-            await trio.aclose_forcefully(self._stream)  # no-op if the close above completed
+            await self.abort()  # no-op for the stream if the close above completed
 
-    def close_now(self) -> None:
-        """Mark the channel gone without a handshake (its stream is closed by the caller)."""
+    async def abort(self) -> None:
+        """Close at once, without a close handshake (the daemon is going away)."""
         self._gone = self._gone or "closed by this side"
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close(self)
+        await trio.aclose_forcefully(self._stream)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -348,8 +355,8 @@ class TlsWebSocketTransport:
         self.close_timeout = close_timeout
         #: The port ``serve`` is listening on, once it is.
         self.bound_port: int | None = None
-        #: Dialled channels still open, while ``running()``; None outside it.
-        self._dialled: dict[TlsPeerChannel, trio.abc.Stream] | None = None
+        #: Dialled channels still open (an ordered set), while ``running()``; None outside it.
+        self._dialled: dict[TlsPeerChannel, None] | None = None
 
     @classmethod
     def from_files(
@@ -376,9 +383,8 @@ class TlsWebSocketTransport:
         finally:
             dialled, self._dialled = self._dialled, None
             with trio.CancelScope(shield=True):
-                for channel, stream in dialled.items():
-                    channel.close_now()
-                    await trio.aclose_forcefully(stream)
+                for channel in list(dialled):
+                    await channel.abort()
 
     async def dial(self, url: str) -> TlsPeerChannel:
         """Open a channel to the peer at ``wss://host:port[/path]``.
@@ -416,12 +422,16 @@ class TlsWebSocketTransport:
             if reason is None:
                 raise
             raise ChannelClosed(f"cannot connect to {url}: {reason}") from exc
-        channel = self._channel(stream, ws, names, label)
         if self._dialled is None:  # running() ended during the handshake
             await trio.aclose_forcefully(stream)
             raise ChannelClosed(f"cannot connect to {url}: the transport stopped")
-        self._dialled[channel] = stream
+        channel = self._channel(stream, ws, names, label, on_close=self._forget)
+        self._dialled[channel] = None
         return channel
+
+    def _forget(self, channel: TlsPeerChannel) -> None:
+        if self._dialled is not None:
+            self._dialled.pop(channel, None)
 
     async def _upgrade_client(
         self, stream: trio.abc.Stream, netloc: str, resource: str, hint: str
@@ -514,7 +524,7 @@ class TlsWebSocketTransport:
             except _HANDSHAKE_ERRORS as exc:
                 refused = _reason(exc)
                 return
-            channel = self._channel(stream, ws, names, label)
+            channel = self._channel(stream, ws, names, label, on_close=self._forget)
             log.debug("peer connection from %s accepted: %r", label, channel)
             try:
                 await handler(channel)
@@ -558,6 +568,7 @@ class TlsWebSocketTransport:
         ws: WSConnection,
         names: frozenset[str] | None,
         label: str,
+        on_close: Callable[[TlsPeerChannel], object] | None = None,
     ) -> TlsPeerChannel:
         return TlsPeerChannel(
             stream,
@@ -566,6 +577,7 @@ class TlsWebSocketTransport:
             remote_label=label,
             max_message_bytes=self.max_message_bytes,
             close_timeout=self.close_timeout,
+            on_close=on_close,
         )
 
 
