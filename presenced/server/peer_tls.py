@@ -524,7 +524,7 @@ class TlsWebSocketTransport:
             except _HANDSHAKE_ERRORS as exc:
                 refused = _reason(exc)
                 return
-            channel = self._channel(stream, ws, names, label, on_close=self._forget)
+            channel = self._channel(stream, ws, names, label)
             log.debug("peer connection from %s accepted: %r", label, channel)
             try:
                 await handler(channel)
