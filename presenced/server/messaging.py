@@ -46,7 +46,7 @@ depends on a write waits for that commit:
   socket write and the commit shows the message again when the origin retransmits (same
   ``id``), to sessions that lost their connection to it in that crash; a client that
   remembers the ids it has shown (docs/protocol.md) still sees it once. That window existed
-  before batching too; the batch widens it from one commit to one scheduler pass, and a
+  before batching too; the batch widens it from one commit to :data:`COMMIT_INTERVAL`, and a
   failed commit, like that crash, drops the held receipts so the origin retransmits.
 * The origin's deletions of confirmed messages (and ``deferred`` bookkeeping) need no wait:
   the receipt that caused them is already durable at the recipient daemon, so if the
