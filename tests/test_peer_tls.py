@@ -286,6 +286,41 @@ async def test_message_size_limit(pki: Pki) -> None:
                 await accepted.receive()
 
 
+async def poll_until(channel: PeerChannel) -> bytes:
+    """receive_nowait until a message is there (the bytes are still on their way)."""
+    while (message := channel.receive_nowait()) is None:
+        await trio.sleep(0.005)
+    return message
+
+
+async def test_receive_nowait_reads_only_what_has_arrived(pki: Pki) -> None:
+    """The gossip layer reads near peers once per tick without waiting: nothing arrived is
+    None, a message split over many TLS records and reads comes out whole and in order, and
+    the end of the channel raises ChannelClosed like ``receive``."""
+    us, eu = pki.transport("us"), pki.transport("eu", close_timeout=0.2)
+    big = bytes(range(256)) * 2000  # 512 KB: dozens of TLS records, several socket reads
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            assert accepted.receive_nowait() is None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dialled.send, big)  # needs the reader below to drain it
+                assert await poll_until(accepted) == big
+            await dialled.send(b"one")
+            await dialled.send(b"two")
+            assert await poll_until(accepted) == b"one"
+            assert await poll_until(accepted) == b"two"
+            assert accepted.receive_nowait() is None
+            await accepted.send(b"and back")  # blocking receive still works alongside
+            assert await dialled.receive() == b"and back"
+            await dialled.aclose()
+            with pytest.raises(ChannelClosed, match="code 1000"):
+                await poll_until(accepted)
+            with pytest.raises(ChannelClosed):
+                accepted.receive_nowait()
+
+
 async def test_close_without_a_reader_on_the_other_side_gives_up_after_close_timeout(
     pki: Pki,
 ) -> None:

@@ -398,3 +398,25 @@ async def test_ten_thousand_messages_are_fast(autojump_clock: trio.testing.MockC
         nursery.cancel_scope.cancel()
     assert time.perf_counter() - started < 2.0
     assert net.stats[("eu", "us")] == SimStats(10_000, 40_000)
+
+
+async def test_receive_nowait_sees_only_what_has_arrived(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = SimNetwork(seed=1)
+    net.set_latency("eu", "us", 0.050)
+    async with trio.open_nursery() as nursery:
+        near, far = await _pair(nursery, net)
+        await near.send(b"one")
+        await near.send(b"two")
+        assert far.receive_nowait() is None  # still on its way
+        await trio.sleep(0.050)
+        assert far.receive_nowait() == b"one"
+        assert far.receive_nowait() == b"two"
+        assert far.receive_nowait() is None
+        await near.aclose()
+        assert far.receive_nowait() is None  # the close is on its way too
+        await trio.sleep(0.050)
+        with pytest.raises(ChannelClosed):
+            far.receive_nowait()
+        nursery.cancel_scope.cancel()

@@ -17,7 +17,13 @@ Structure (who owns which task):
 * ``dial(url)`` only works inside ``async with transport.running():``; leaving it closes every
   dialled channel still open.
 * A channel has no task of its own: wsproto runs inline in whichever task calls ``receive`` or
-  ``send`` (see :class:`TlsPeerChannel` for why).
+  ``send`` (see :class:`TlsPeerChannel` for why), and ``receive_nowait`` reads what has
+  arrived without waiting (the gossip layer reads near peers once per tick with it).
+* TLS is the standard library's :class:`ssl.SSLSocket` in non-blocking mode, waited on with
+  :func:`trio.lowlevel.wait_readable` / ``wait_writable``: OpenSSL does the record layer in C,
+  and a message that has arrived can be read synchronously. (trio's ``SSLStream`` runs the
+  same OpenSSL through memory BIOs in Python: ~60 µs more CPU per message here, and no way to
+  read without awaiting; see ``bench/peer_channel_cost.py``.)
 
 Handshakes (TCP connect, TLS, WebSocket upgrade) are bounded by ``handshake_timeout``;
 ``aclose`` waits at most ``close_timeout`` for the peer to acknowledge the close. There is no
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import urllib.parse
 from collections import deque
@@ -67,7 +74,7 @@ log = logging.getLogger(__name__)
 #: The WebSocket subprotocol both sides must agree on; bump it for incompatible changes.
 SUBPROTOCOL = "presenced-peer.v1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Bytes asked of the stream per read.
+#: Bytes asked of the socket per read.
 _RECEIVE_BYTES = 65_536
 
 PathLike = str | os.PathLike[str]
@@ -137,22 +144,130 @@ def _ssl_reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# -- the socket ----------------------------------------------------------------------------------
+
+
+class _Socket:
+    """A connected non-blocking socket, TLS (:class:`ssl.SSLSocket`) or plain, for trio.
+
+    Reads and writes go straight to the socket (OpenSSL's record layer in C); only when the
+    socket would block does a task wait, on trio's I/O manager. Partial TLS records stay in
+    OpenSSL's buffer between reads.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.closed = False
+
+    @classmethod
+    def adopt(cls, tcp: trio.SocketStream) -> _Socket:
+        """Take the OS socket out of a trio stream (which is left closed)."""
+        fd = tcp.socket.detach()
+        return cls(socket.socket(fileno=fd))
+
+    async def start_tls(
+        self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> frozenset[str]:
+        """The TLS handshake; returns the names the peer's verified certificate proves."""
+        tls = ctx.wrap_socket(
+            self.sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+        )
+        tls.setblocking(False)
+        self.sock = tls
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(tls)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(tls)
+        peercert = tls.getpeercert()
+        if not peercert:  # cannot happen with CERT_REQUIRED; never hand up "verified" for it
+            raise ChannelClosed("peer presented no certificate")
+        return cert_names(peercert)
+
+    def receive_nowait(self) -> bytes | None:
+        """What has arrived (up to ``_RECEIVE_BYTES``); None if nothing has, b"" at the end.
+
+        Raises OSError (ssl.SSLError included) if the connection broke.
+        """
+        try:
+            return self.sock.recv(_RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return None
+        except ssl.SSLWantWriteError:
+            return None  # (renegotiation is off; a KeyUpdate's reply goes with our next send)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+
+    async def receive_some(self) -> bytes:
+        """The next bytes that arrive; b"" at the end of the stream."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            data = self.receive_nowait()
+            if data is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            await trio.lowlevel.wait_readable(self.sock)
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                # (a TLS write that would block is retried with the same bytes, as OpenSSL
+                # requires: nothing of ``view`` was consumed)
+                await trio.lowlevel.wait_writable(self.sock)
+            except ssl.SSLWantReadError:
+                raise OSError("TLS wants to read during a write (renegotiation?)") from None
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes now without blocking; the number of bytes taken."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            return 0
+        except ssl.SSLWantReadError:
+            raise OSError("TLS wants to read during a write (renegotiation?)") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    def peer_label(self) -> str:
+        try:
+            host, port, *_ = self.sock.getpeername()
+        except (OSError, ValueError):
+            return "unknown peer"
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 # -- the channel ---------------------------------------------------------------------------------
 
 
 class TlsPeerChannel:
     """One peer link: binary WebSocket messages over (usually) mutually authenticated TLS.
 
-    wsproto runs inline in the calling tasks: ``receive`` reads the stream and parses frames
-    itself, ``send`` frames and writes. There is no reader task and no channel between it and
-    the caller (trio-websocket's cost ~230 µs of CPU per small message here, against ~100 µs
-    this way: see ``bench/peer_channel_cost.py``), and a peer message wakes one task, not two.
+    wsproto runs inline in the calling tasks: ``receive`` (or ``receive_nowait``) reads the
+    socket and parses frames itself, ``send`` frames and writes. There is no reader task and no
+    channel between it and the caller (trio-websocket cost ~230 µs of CPU per small message
+    here; see ``bench/peer_channel_cost.py``), and a peer message wakes one task, not two.
     One task may receive while others send (sends are serialised by a lock).
     """
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        sock: _Socket,
         ws: WSConnection,
         *,
         remote_names: frozenset[str] | None,
@@ -161,7 +276,7 @@ class TlsPeerChannel:
         close_timeout: float,
         on_close: Callable[[TlsPeerChannel], object] | None = None,
     ) -> None:
-        self._stream = stream
+        self._sock = sock
         #: Told once when the channel closes (the transport forgets a dialled channel).
         self._on_close = on_close
         self._ws = ws
@@ -174,8 +289,9 @@ class TlsPeerChannel:
         self._size = 0
         self._send_lock = trio.Lock()
         self._receiving = False
-        #: Pong frames owed for WebSocket pings; they go out with the next send, so that a
-        #: receiving task never blocks on a full socket (two such peers would deadlock).
+        #: Frames owed to the peer (pongs for its WebSocket pings, the reply to its close):
+        #: they go out with the next send, so that reading never blocks on a full socket (two
+        #: such peers would deadlock).
         self._owed = b""
         #: Why the channel is gone (None while it is open).
         self._gone: str | None = None
@@ -212,19 +328,23 @@ class TlsPeerChannel:
             return messages.popleft()
         self._receiving = True
         try:
-            while not messages:
-                self._check_open()
+            while not self._read_available():
                 try:
-                    data = await self._stream.receive_some(_RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise self._lost(_reason(exc)) from exc
-                if not data:
-                    raise self._lost("connection closed")
-                self._ws.receive_data(bytes(data))
-                await self._handle_events()
+                    await trio.lowlevel.wait_readable(self._sock.sock)
+                except trio.ClosedResourceError:
+                    self._check_open()
+                    raise self._lost("connection closed") from None
         finally:
             self._receiving = False
         return messages.popleft()
+
+    def receive_nowait(self) -> bytes | None:
+        """The next message if it has arrived, else None (never waits); raises ChannelClosed
+        once the channel is gone, like ``receive``."""
+        messages = self._messages
+        if messages or self._read_available():
+            return messages.popleft()
+        return None
 
     async def aclose(self) -> None:
         """Close the channel (idempotent), waiting a little for the peer to acknowledge."""
@@ -232,14 +352,11 @@ class TlsPeerChannel:
             self._gone = "closed by this side"
             with trio.move_on_after(self._close_timeout):
                 if self._ws.state is ConnectionState.OPEN:
-                    with contextlib.suppress(*_STREAM_GONE, LocalProtocolError):
+                    with contextlib.suppress(ChannelClosed, OSError, LocalProtocolError):
                         await self._write(self._ws.send(CloseConnection(code=1000)))
                 if not self._receiving:
                     await self._await_close_reply()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._close_timeout), contextlib.suppress(*_STREAM_GONE):
-                await self._stream.aclose()
-            await self.abort()  # no-op for the stream if the close above completed
+        await self.abort()
 
     async def abort(self) -> None:
         """Close at once, without a close handshake (the daemon is going away)."""
@@ -247,7 +364,8 @@ class TlsPeerChannel:
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close(self)
-        await trio.aclose_forcefully(self._stream)
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -262,16 +380,34 @@ class TlsPeerChannel:
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
             try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self._sock.send_all(data)
+            except trio.ClosedResourceError:
+                raise self._lost("connection closed") from None
+            except OSError as exc:
                 raise self._lost(_reason(exc)) from exc
 
-    async def _handle_events(self) -> None:
+    def _read_available(self) -> bool:
+        """Read what the socket has into complete messages; True once one is queued."""
+        self._check_open()
+        while not self._messages:
+            try:
+                data = self._sock.receive_nowait()
+            except OSError as exc:
+                raise self._lost(_reason(exc)) from exc
+            if data is None:
+                return False
+            if not data:
+                raise self._lost("connection closed")
+            self._ws.receive_data(data)
+            self._handle_events()
+        return True
+
+    def _handle_events(self) -> None:
         for event in self._ws.events():
             if isinstance(event, BytesMessage):
                 self._size += len(event.data)
                 if self._size > self._max_message_bytes:
-                    await self._fail(1009, "message too big")
+                    self._fail(1009, "message too big")
                     raise self._lost(
                         f"{self.remote_label} sent a message over {self._max_message_bytes} bytes"
                     )
@@ -280,34 +416,41 @@ class TlsPeerChannel:
                     parts, self._parts, self._size = self._parts, [], 0
                     self._messages.append(parts[0] if len(parts) == 1 else b"".join(parts))
             elif isinstance(event, TextMessage):
-                await self._fail(1003, "binary messages only")
+                self._fail(1003, "binary messages only")
                 raise self._lost(f"{self.remote_label} sent a text message; link closed")
             elif isinstance(event, Ping):
                 if len(self._owed) < 4096:
                     self._owed += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                    with contextlib.suppress(ChannelClosed):
-                        await self._write(self._ws.send(event.response()))
+                    self._send_best_effort(self._ws.send(event.response()))
                 detail = f" ({event.reason})" if event.reason else ""
                 raise self._lost(f"closed with code {event.code}{detail}")
 
-    async def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str) -> None:
         """Protocol breach by the peer: send a close frame (best effort), then give up."""
         if self._ws.state is ConnectionState.OPEN:
-            with contextlib.suppress(ChannelClosed, LocalProtocolError):
-                await self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
+            with contextlib.suppress(LocalProtocolError):
+                self._send_best_effort(self._ws.send(CloseConnection(code=code, reason=reason)))
+
+    def _send_best_effort(self, frame: bytes) -> None:
+        """A last frame on a channel being given up: what the socket takes now, if no send
+        is in progress (never waits: the reader must not block on a full socket)."""
+        if not self._send_lock.locked():
+            with contextlib.suppress(OSError):
+                self._sock.send_nowait(self._owed + frame)
+            self._owed = b""
 
     async def _await_close_reply(self) -> None:
         """After our close frame: read until the peer's close (or the end of the stream)."""
         while self._ws.state is not ConnectionState.CLOSED:
             try:
-                data = await self._stream.receive_some(_RECEIVE_BYTES)
-            except _STREAM_GONE:
+                data = await self._sock.receive_some()
+            except (OSError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            self._ws.receive_data(bytes(data))
+            self._ws.receive_data(data)
             for event in self._ws.events():
                 if isinstance(event, CloseConnection):
                     return
@@ -400,32 +543,30 @@ class TlsWebSocketTransport:
             tcp = await trio.open_tcp_stream(host, port)
         if connect_scope.cancelled_caught:
             raise TimeoutError(f"cannot connect to {url}: timed out")
-        stream: trio.abc.Stream = tcp
+        sock = _Socket.adopt(tcp)
         label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         names: frozenset[str] | None = None
         try:
             with trio.fail_after(self.handshake_timeout):
                 if secure:
                     assert self.client_ctx is not None
-                    ssl_stream = trio.SSLStream(tcp, self.client_ctx, server_hostname=host)
-                    stream = ssl_stream
-                    await ssl_stream.do_handshake()
-                    names = _peer_names(ssl_stream)
+                    names = await sock.start_tls(
+                        self.client_ctx, server_side=False, server_hostname=host
+                    )
                 # With TLS 1.3 the server checks our certificate after our handshake is done,
                 # so a refusal shows up here, as the connection dropping.
                 hint = " (did the peer refuse our certificate?)" if secure else ""
-                ws = await self._upgrade_client(stream, netloc, resource, hint)
+                ws = await self._upgrade_client(sock, netloc, resource, hint)
         except BaseException as exc:
+            sock.close()
             reason = _failure_reason(exc)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
             if reason is None:
                 raise
             raise ChannelClosed(f"cannot connect to {url}: {reason}") from exc
         if self._dialled is None:  # running() ended during the handshake
-            await trio.aclose_forcefully(stream)
+            sock.close()
             raise ChannelClosed(f"cannot connect to {url}: the transport stopped")
-        channel = self._channel(stream, ws, names, label, on_close=self._forget)
+        channel = self._channel(sock, ws, names, label, on_close=self._forget)
         self._dialled[channel] = None
         return channel
 
@@ -434,15 +575,15 @@ class TlsWebSocketTransport:
             self._dialled.pop(channel, None)
 
     async def _upgrade_client(
-        self, stream: trio.abc.Stream, netloc: str, resource: str, hint: str
+        self, sock: _Socket, netloc: str, resource: str, hint: str
     ) -> WSConnection:
         ws = WSConnection(ConnectionType.CLIENT)
         request = Request(host=netloc, target=resource, subprotocols=[self.subprotocol])
-        await stream.send_all(ws.send(request))
+        await sock.send_all(ws.send(request))
         rejected: RejectConnection | None = None
         body = b""
         while True:
-            data = await _receive_or_break(stream, hint)
+            data = await _receive_or_break(sock, hint)
             ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
@@ -508,23 +649,20 @@ class TlsWebSocketTransport:
             task_status.started(port)
 
     async def _accept(self, tcp: trio.SocketStream, handler: ChannelHandler) -> None:
-        label = _address_label(tcp)
-        stream: trio.abc.Stream = tcp
+        sock = _Socket.adopt(tcp)
+        label = sock.peer_label()
         names: frozenset[str] | None = None
         refused: str | None = None
         try:
             try:
                 with trio.fail_after(self.handshake_timeout):
                     if self.server_ctx is not None:
-                        ssl_stream = trio.SSLStream(tcp, self.server_ctx, server_side=True)
-                        stream = ssl_stream
-                        await ssl_stream.do_handshake()
-                        names = _peer_names(ssl_stream)
-                    ws = await self._upgrade_server(stream)
+                        names = await sock.start_tls(self.server_ctx, server_side=True)
+                    ws = await self._upgrade_server(sock)
             except _HANDSHAKE_ERRORS as exc:
                 refused = _reason(exc)
                 return
-            channel = self._channel(stream, ws, names, label)
+            channel = self._channel(sock, ws, names, label)
             log.debug("peer connection from %s accepted: %r", label, channel)
             try:
                 await handler(channel)
@@ -538,40 +676,39 @@ class TlsWebSocketTransport:
         finally:
             if refused is not None:
                 log.warning("refused peer connection from %s: %s", label, refused)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+            sock.close()
 
-    async def _upgrade_server(self, stream: trio.abc.Stream) -> WSConnection:
+    async def _upgrade_server(self, sock: _Socket) -> WSConnection:
         ws = WSConnection(ConnectionType.SERVER)
         while True:
-            data = await _receive_or_break(stream, "")
+            data = await _receive_or_break(sock, "")
             try:
                 ws.receive_data(data)
                 request = next((e for e in ws.events() if isinstance(e, Request)), None)
             except RemoteProtocolError as exc:
-                await _reject(stream, ws, 400, f"bad WebSocket upgrade: {exc}")
+                await _reject(sock, ws, 400, f"bad WebSocket upgrade: {exc}")
                 raise ChannelClosed(f"bad WebSocket upgrade: {exc}") from None
             if request is not None:
                 break
         if self.subprotocol not in request.subprotocols:
             offered = ", ".join(request.subprotocols) or "none"
-            await _reject(stream, ws, 400, f"expected subprotocol {self.subprotocol}")
+            await _reject(sock, ws, 400, f"expected subprotocol {self.subprotocol}")
             raise ChannelClosed(
                 f"did not offer WebSocket subprotocol {self.subprotocol!r} (offered: {offered})"
             )
-        await stream.send_all(ws.send(AcceptConnection(subprotocol=self.subprotocol)))
+        await sock.send_all(ws.send(AcceptConnection(subprotocol=self.subprotocol)))
         return ws
 
     def _channel(
         self,
-        stream: trio.abc.Stream,
+        sock: _Socket,
         ws: WSConnection,
         names: frozenset[str] | None,
         label: str,
         on_close: Callable[[TlsPeerChannel], object] | None = None,
     ) -> TlsPeerChannel:
         return TlsPeerChannel(
-            stream,
+            sock,
             ws,
             remote_names=names,
             remote_label=label,
@@ -583,30 +720,27 @@ class TlsWebSocketTransport:
 
 # -- plumbing ------------------------------------------------------------------------------------
 
-#: What a closed or broken stream raises.
-_STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
-
-async def _receive_or_break(stream: trio.abc.Stream, hint: str) -> bytes:
-    """Handshake bytes from the stream; ChannelClosed (with the reason) when it ends."""
+async def _receive_or_break(sock: _Socket, hint: str) -> bytes:
+    """Handshake bytes from the socket; ChannelClosed (with the reason) when it ends."""
     try:
-        data = await stream.receive_some(_RECEIVE_BYTES)
-    except _STREAM_GONE as exc:
+        data = await sock.receive_some()
+    except OSError as exc:
         raise ChannelClosed(
             f"connection broke during the WebSocket handshake: {_reason(exc)}{hint}"
         ) from exc
     if not data:
         raise ChannelClosed("connection closed during the WebSocket handshake" + hint)
-    return bytes(data)
+    return data
 
 
-async def _reject(stream: trio.abc.Stream, ws: WSConnection, status: int, reason: str) -> None:
+async def _reject(sock: _Socket, ws: WSConnection, status: int, reason: str) -> None:
     """Answer a WebSocket upgrade with an HTTP error and a one-line body (best effort)."""
     body = (reason + "\n").encode()
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
-    with contextlib.suppress(*_STREAM_GONE, LocalProtocolError), trio.move_on_after(1):
+    with contextlib.suppress(OSError, LocalProtocolError), trio.move_on_after(1):
         data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
-        await stream.send_all(data + ws.send(RejectData(data=body)))
+        await sock.send_all(data + ws.send(RejectData(data=body)))
 
 
 def _rejection(status: int, body: bytes) -> str:
@@ -664,18 +798,3 @@ def _reason(exc: BaseException) -> str:
         return "connection closed"
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
-
-
-def _peer_names(ssl_stream: trio.SSLStream[Any]) -> frozenset[str]:
-    peercert = ssl_stream.getpeercert()
-    if not peercert:  # cannot happen with CERT_REQUIRED, but never hand up "verified" for it
-        raise ChannelClosed("peer presented no certificate")
-    return cert_names(peercert)
-
-
-def _address_label(tcp: trio.SocketStream) -> str:
-    try:
-        host, port, *_ = tcp.socket.getpeername()
-    except (OSError, ValueError):
-        return "unknown peer"
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

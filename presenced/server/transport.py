@@ -34,6 +34,12 @@ class PeerChannel(Protocol):
         """The next message; raises ChannelClosed once the channel is gone."""
         ...
 
+    def receive_nowait(self) -> bytes | None:
+        """The next message if it has already arrived, else None; never waits. Raises
+        ChannelClosed once the channel is gone. (The gossip layer reads near peers with it
+        once per tick instead of waking for each of their messages.)"""
+        ...
+
     async def aclose(self) -> None:
         """Close the channel (idempotent)."""
         ...

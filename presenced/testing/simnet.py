@@ -203,6 +203,21 @@ class SimChannel:
             with trio.move_on_at(deadline):
                 await wake.wait()
 
+    def receive_nowait(self) -> bytes | None:
+        if self._closed or self._broken:
+            raise ChannelClosed(f"channel to {self.remote_node} is closed")
+        inbound = self._inbound
+        now = trio.current_time()
+        if inbound.queue:
+            at, data = inbound.queue[0]
+            if at <= now:
+                inbound.queue.popleft()
+                return data
+        elif inbound.fin_at is not None and inbound.fin_at <= now:
+            self._net._forget(self._link)
+            raise ChannelClosed(f"{self.remote_node} closed the channel")
+        return None
+
     async def aclose(self) -> None:
         if not (self._closed or self._broken):
             self._closed = True
