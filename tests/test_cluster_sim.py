@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from presenced.testing.cluster import Cluster
+from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
 
 
@@ -175,6 +175,109 @@ async def test_one_frame_per_tick_carries_every_region(autojump_clock: object) -
         nursery.cancel_scope.cancel()
 
 
+async def mesh_of_three(nursery: trio.Nursery, latency: float) -> Cluster:
+    cluster = Cluster(nursery, SimNetwork(seed=11, latency=latency), tick_ms=25)
+    await cluster.start("eu")
+    await cluster.start("us", peers=["eu"])
+    await cluster.start("ap", peers=["eu", "us"])
+    await cluster.settle(3)
+    return cluster
+
+
+def movers(cluster: Cluster) -> dict[str, FakeClient]:
+    """A user per region, in room "r"."""
+    clients = {name: cluster.client(name, f"u-{name}") for name in ("eu", "us", "ap")}
+    for client in clients.values():
+        client.join("r")
+    return clients
+
+
+async def move_every_tick(clients: dict[str, FakeClient], ticks: int, start: int = 0) -> None:
+    for step in range(start, start + ticks):
+        for client in clients.values():
+            client.update("r", {"x": step})
+        await trio.sleep(0.025)
+
+
+def paced(cluster: Cluster, names: tuple[str, ...] = ("eu", "us", "ap")) -> dict[str, list[str]]:
+    """Per node, the peers whose links its ticker reads."""
+    return {
+        name: sorted(link.remote.node for link in cluster.node(name).gossip.paced)  # type: ignore[union-attr]
+        for name in names
+    }
+
+
+async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) -> None:
+    """Busy near peers' batches arrive within the flush lag: every link is read by the ticker
+    (no wake-up per message), and each region's moves still reach the others within a tick.
+    Pings still measure the link, to within a flush lag."""
+    async with trio.open_nursery() as nursery:
+        cluster = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await move_every_tick(clients, 20)
+        assert paced(cluster) == {"eu": ["ap", "us"], "us": ["ap", "eu"], "ap": ["eu", "us"]}
+        await move_every_tick(clients, 100, start=20)  # a few pings' worth
+        assert paced(cluster) == {"eu": ["ap", "us"], "us": ["ap", "eu"], "ap": ["eu", "us"]}
+        await trio.sleep(0.03)  # the last moves' tick
+        seen = {user: meta["x"] for (user, _), meta in clients["eu"].sees("r").items()}
+        assert seen == {"u-eu": 119, "u-us": 119, "u-ap": 119}
+        for name in ("eu", "us", "ap"):
+            node = cluster.node(name)
+            for link in node.gossip.links.values():  # type: ignore[union-attr]
+                assert link.rtt is not None
+                assert 0.002 <= link.rtt <= 0.002 + node.flush_lag + 0.001
+        nursery.cancel_scope.cancel()
+
+
+async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
+    """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
+    tick of latency, so its link keeps its reader task."""
+    async with trio.open_nursery() as nursery:
+        cluster = await mesh_of_three(nursery, latency=0.040)
+        clients = movers(cluster)
+        await move_every_tick(clients, 40)
+        assert paced(cluster) == {"eu": [], "us": [], "ap": []}
+        seen = {user: meta["x"] for (user, _), meta in clients["eu"].sees("r").items()}
+        assert seen["u-ap"] >= 37  # one link delay plus a tick behind at most
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_quiet_peer_gets_its_reader_back(autojump_clock: object) -> None:
+    """When a paced peer stops sending, its link goes back to being read as data arrives, so
+    its next change, whenever it comes, is shown at once (not at the next flush point)."""
+    async with trio.open_nursery() as nursery:
+        cluster = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await move_every_tick(clients, 20)
+        assert paced(cluster)["eu"] == ["ap", "us"]
+        await trio.sleep(0.1)  # nobody moves: the next reads find nothing
+        assert paced(cluster)["eu"] == []
+        await trio.sleep(0.0123)  # mid-tick
+        clients["ap"].update("r", {"x": "late"})
+        sent = trio.current_time()
+        while clients["eu"].sees("r")[("u-ap", clients["ap"].session)] != {"x": "late"}:
+            await trio.sleep(0.0005)
+        # The quiet link sends at once (leading edge) and eu reads it on arrival: one link
+        # delay, not a wait for eu's next flush point.
+        assert trio.current_time() - sent <= 0.002
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_paced_link_that_breaks_is_noticed(autojump_clock: object) -> None:
+    """The ticker's read meets the broken channel: the link ends (and is redialled)."""
+    async with trio.open_nursery() as nursery:
+        cluster = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await move_every_tick(clients, 20)
+        assert "ap" in paced(cluster)["eu"]
+        cluster.crash("ap")
+        del clients["ap"]
+        await move_every_tick(clients, 8, start=20)
+        assert "ap" not in cluster.node("eu").gossip.links  # type: ignore[union-attr]
+        assert paced(cluster, ("eu", "us")) == {"eu": ["us"], "us": ["eu"]}
+        nursery.cancel_scope.cancel()
+
+
 def test_tick_boundaries_are_aligned_on_the_phase_clock() -> None:
     from presenced.config import Config
     from presenced.core.crdt import ReplicaId
@@ -188,3 +291,34 @@ def test_tick_boundaries_are_aligned_on_the_phase_clock() -> None:
     # At a boundary, the next one is a whole tick away (never the same one again).
     node.phase_clock = lambda: 1_700_000_000.025
     assert abs(node.next_boundary(7.0) - 7.025) < 1e-6
+
+
+def test_flush_jitter_does_not_make_a_busy_room_look_quiet() -> None:
+    """Leading edge means "no flush since the previous tick began", not "a tick since the last
+    flush": flush times jitter within their ticks, and a room that flushed early in the last
+    tick must still fold a change made late in this one into this tick's single frame."""
+    from presenced.config import Config
+    from presenced.core.crdt import ReplicaId
+    from presenced.server.node import Node
+
+    now = [100.0]
+    node = Node(Config(tick_ms=25, allow_anonymous=True), ReplicaId("eu", 1), clock=lambda: now[0])
+    ann, bob = FakeClient(node, "ann"), FakeClient(node, "bob")
+    ann.join("r")
+    bob.join("r")
+    node._boundary = 100.0  # what the ticker does at each boundary
+    now[0] = 100.001
+    node.flush_dirty()  # this tick's flush, 1 ms into it
+    frames = len(bob.messages)
+
+    node._boundary, now[0] = 100.025, 100.0265  # 25.5 ms after that flush, but one tick on
+    ann.update("r", {"x": 1})
+    assert len(bob.messages) == frames  # waits for this tick's flush
+    now[0] = 100.028
+    node.flush_dirty()
+    assert len(bob.messages) == frames + 1
+
+    node._boundary, now[0] = 100.075, 100.0751  # a whole tick without a flush: quiet
+    ann.update("r", {"x": 2})
+    assert len(bob.messages) == frames + 2  # at once
+    assert bob.sees("r")[("ann", ann.session)] == {"x": 2}

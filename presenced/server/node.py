@@ -19,6 +19,9 @@ tick with every region's changes in it, instead of one per region: fewer frames,
 wake-ups on both ends, for a few milliseconds of latency. A peer batch that arrives at any
 other time (a distant region) is flushed at once: waiting would add latency and fold nothing
 in (batches ready together are still handled before the ticker runs, so they share one flush).
+Near peers are not even waited for: the ticker reads their links itself at the flush point
+(paced peer links, see :mod:`presenced.server.peer_links`), so a tick costs a daemon two
+wake-ups (the boundary and the flush point) however many regions it hears from.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ class Node:
         self._local_dirty = False
         #: When the ticker flushes dirty rooms next (clock time; inf: not scheduled).
         self._flush_at = math.inf
+        #: When the ticker reads paced peer links next (this tick's flush point, or inf).
+        self._poll_at = math.inf
+        #: True while the ticker reads paced peer links: what they change is flushed right
+        #: after, in one frame per room (no leading-edge flush per link).
+        self._holding = False
         #: The last tick boundary the ticker handled.
         self._boundary = -math.inf
         #: The ticker's sleep, while it sleeps: moved earlier when a flush is requested.
@@ -214,12 +222,12 @@ class Node:
     ) -> None:
         """Note visible changes in the feeds of rooms that have local members.
 
-        A room that has not flushed for a tick flushes at once (leading edge); others wait
-        for the tick's flush. ``from_peer`` marks changes a peer already coalesced over its own
-        tick: they join the flush ``flush_lag`` after the tick boundary if they arrive before
-        it, else the ticker flushes them as soon as it runs, so a cross-region update waits
-        one tick, not two. ``immediate`` flushes touched rooms now (liveness transitions:
-        rare, and users expect to see them at once).
+        A room that has not flushed since the start of the previous tick interval flushes at
+        once (leading edge); others wait for the tick's flush. ``from_peer`` marks changes a
+        peer already coalesced over its own tick: they join the flush ``flush_lag`` after the
+        tick boundary if they arrive before it, else the ticker flushes them as soon as it
+        runs, so a cross-region update waits one tick, not two. ``immediate`` flushes touched
+        rooms now (liveness transitions: rare, and users expect to see them at once).
         """
         now = self.clock()
         touched: dict[str, RoomFeed] = {}
@@ -233,8 +241,17 @@ class Node:
                 assert self.messenger is not None
                 self.messenger.user_appeared(change.user)
         deferred = False
+        # Quiet: no flush since the start of the previous tick interval. (Not "a tick since the
+        # last flush": flush times jitter by a few milliseconds from tick to tick, and a busy
+        # room would then take a late change for a quiet one and flush twice in a tick.)
+        if self._holding:
+            quiet_before = -math.inf
+        elif self._boundary == -math.inf:
+            quiet_before = now - self.tick  # (no ticker running: a bare node in unit tests)
+        else:
+            quiet_before = self._boundary - self.tick
         for room, feed in touched.items():
-            if immediate or now - feed.last_flush >= self.tick:
+            if immediate or feed.last_flush < quiet_before:
                 self._dirty.pop(room, None)
                 self.flush(feed, now)
             else:
@@ -304,14 +321,20 @@ class Node:
         boundary = (math.floor((now + offset) / self.tick) + 1) * self.tick - offset
         return boundary if boundary - now > self.tick / 1000 else boundary + self.tick
 
+    def tick_phase(self, now: float) -> float:
+        """Seconds since the last aligned tick boundary at clock time ``now``."""
+        return (now + self.phase_clock() - now) % self.tick
+
     async def run_ticker(self) -> None:
         """At each aligned tick boundary send local changes to peers; flush rooms a little
         later (``flush_lag``), and whenever a peer's batch asks for it."""
         boundary = self.next_boundary(self.clock())
         while True:
-            with trio.CancelScope(deadline=min(boundary, self._flush_at)) as self._sleep:
+            deadline = min(boundary, self._flush_at, self._poll_at)
+            with trio.CancelScope(deadline=deadline) as self._sleep:
                 await trio.sleep_forever()
             self._sleep = None
+            gossip = self.gossip
             now = self.clock()
             started = time.perf_counter()
             if now >= boundary:
@@ -319,12 +342,22 @@ class Node:
                 boundary = self.next_boundary(now)
                 for conn in list(self.paced):
                     conn.poll_input()  # busy clients' updates make this tick's gossip
-                if self.gossip is not None:
-                    self.gossip.tick(self._local_dirty)
+                if gossip is not None:
+                    gossip.tick(self._local_dirty)
+                    if gossip.paced:
+                        self._poll_at = now + self.flush_lag
                 self._local_dirty = False
                 if self._dirty:
-                    linked = self.gossip is not None and bool(self.gossip.links)
+                    linked = gossip is not None and bool(gossip.links)
                     self._flush_by(now + self.flush_lag if linked else now)
+            if now >= self._poll_at:
+                self._poll_at = math.inf
+                if gossip is not None:
+                    self._holding = True
+                    try:
+                        gossip.poll_paced()  # near peers' batches of this tick join its flush
+                    finally:
+                        self._holding = False
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()

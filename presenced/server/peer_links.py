@@ -17,6 +17,17 @@ Timing, chosen for latency and for few messages:
 * a daemon flushes rooms touched by a peer's gossip within the node's ``flush_lag`` (the peer
   already coalesced; the lag folds the batches of several peers into one frame per member).
 
+Paced reading: a near peer's tick batch arrives within the flush lag of the boundary it was sent
+at. Once a link's gossip has arrived in that window a few times running, its reader task parks
+and the node's ticker reads the link once per tick, at the flush point, with
+``receive_nowait`` (:meth:`PeerLink.poll`): no wake-up per peer message, and the same flush
+the message would have joined anyway. A read that finds nothing (the peer was quiet, or its
+batch is late) hands the link back to its reader task, which waits for data as usual; a far
+peer (its batches arrive later in the tick) is never paced. While a link is paced, its other
+messages (routed messages, pings) wait for that read: at most a tick. RTT pings go out at the
+boundary, with the tick's gossip, and the pinging side reads the pong as it arrives; a paced
+peer answers at its flush point, so a near link's RTT reads up to one flush lag high.
+
 Repair: every ``digest_interval`` each side sends its digest; the other side resets ``sent``
 to it and wakes its writer, which then sends exactly what is missing (a whole partition if
 the peer is behind the tombstone floor). A delta that cannot apply (a gap) triggers an early
@@ -58,6 +69,13 @@ if TYPE_CHECKING:
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
+
+#: Gossip messages in a row that arrive within the flush lag of their tick before a link is
+#: read by the ticker instead of its reader task.
+PACE_AFTER = 3
+#: Messages one paced read handles at most; a peer sending more than that per tick is handed
+#: back to the reader task.
+PACED_READ_LIMIT = 256
 
 
 @attrs.frozen
@@ -105,6 +123,13 @@ class PeerLink:
         self._wakeup = trio.Event()
         self._beat_due = True
         self._digest_due = True
+        self._ping_due = True
+        #: Whether the ticker reads this link (see "Paced reading" above); the reader task
+        #: waits on ``_resume`` meanwhile.
+        self.paced = False
+        self._resume = trio.Event()
+        #: Gossip messages in a row that arrived within the flush lag of their tick.
+        self._in_window = 0
         #: Whether this replica's own changes go out at the next wake-up (the tick, the
         #: leading edge, or a repair); relays in between carry only other replicas' deltas.
         self._own_due = True
@@ -132,10 +157,13 @@ class PeerLink:
     async def run(self) -> None:
         """Run the link until it breaks; re-raises what broke it (ChannelClosed, a protocol
         error), unwrapped, so the manager can log it in one line."""
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                for part in (self._reader, self._writer, self._timers):
-                    nursery.start_soon(self._until_broken, part, nursery.cancel_scope)
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    for part in (self._reader, self._writer, self._timers):
+                        nursery.start_soon(self._until_broken, part, nursery.cancel_scope)
+        finally:
+            self._unpace()
         if self.error is not None:
             raise self.error
 
@@ -178,10 +206,10 @@ class PeerLink:
             self._wakeup.set()
 
     def tick(self, local_changed: bool) -> None:
-        """A tick boundary: send local changes, and heartbeats or digests that are due."""
+        """A tick boundary: send local changes, and heartbeats, digests or pings that are due."""
         if local_changed:
             self._own_due = True
-        if local_changed or self._beat_due or self._digest_due:
+        if local_changed or self._beat_due or self._digest_due or self._ping_due:
             self._wakeup.set()
 
     # ------------------------------------------------------------------ writing
@@ -196,6 +224,9 @@ class PeerLink:
             message = self._build()
             if message is not None:
                 await self._send(message)
+            if self._ping_due:
+                self._ping_due = False
+                await self._send(self._new_ping())
 
     async def _send(self, message: wire.PeerMessage) -> None:
         data = wire.encode(message)
@@ -260,41 +291,104 @@ class PeerLink:
                 next_digest = now + settings.digest_interval
             if now >= next_ping:
                 next_ping = now + settings.ping_interval
-                ping_id = next(self._ping_ids)
-                self._pings = {ping_id: now}
-                await self._send(wire.PeerPing(ping_id))
+                self._ping_due = True  # goes with the next tick's gossip (see the docstring)
+
+    def _new_ping(self) -> wire.PeerPing:
+        """An RTT ping to send now; its pong is read as it arrives (not at the next tick)."""
+        ping_id = next(self._ping_ids)
+        self._pings = {ping_id: self.node.clock()}
+        self._unpace()
+        return wire.PeerPing(ping_id)
 
     # ------------------------------------------------------------------ reading
 
     async def _reader(self) -> None:
+        node = self.node
         while True:
-            data = await self.channel.receive()
-            self.last_received = self.node.clock()
-            self.bytes_in += len(data)
-            self.messages_in += 1
-            message = wire.decode(data)
-            if isinstance(message, wire.Gossip):
-                self._on_gossip(message)
-            elif isinstance(message, wire.PeerPing):
-                # Through the writer: the reader never blocks on a send, or two daemons
-                # both writing a big message could stop reading each other for good.
-                self.enqueue(wire.PeerPong(message.id))
-            elif isinstance(message, wire.PeerPong):
-                started = self._pings.pop(message.id, None)
-                if started is not None:
-                    self.rtt = self.node.clock() - started
-                    self.manager.advertise()
-            elif isinstance(message, wire.Direct | wire.Receipt | wire.Pull | wire.Pulled):
-                if self.node.messenger is not None:
-                    self.node.messenger.on_routed(message, self.remote.node)
-            elif isinstance(message, wire.RoomBroadcast):
-                self.manager.on_broadcast(message, self)
-            elif isinstance(message, wire.Bye):
-                self.manager.on_bye(message.replica, self)
-            elif message == self.hello:
-                pass  # the handshake's hello again (a duplicating network): nothing new
+            if self.paced:
+                await self._resume.wait()
+                continue
+            message = self._receive(await self.channel.receive())
+            if isinstance(message, wire.Gossip) and node.tick_phase(node.clock()) < node.flush_lag:
+                self._in_window += 1
+                if self._in_window >= PACE_AFTER and not self._pings:
+                    self._pace()
             else:
-                raise wire.PeerProtocolError("hello sent twice")
+                self._in_window = 0
+
+    def poll(self) -> None:
+        """Read what a paced link's peer sent (the ticker calls this at its flush point).
+
+        Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
+        recorded and ends this link alone.
+        """
+        read = 0
+        try:
+            while read < PACED_READ_LIMIT:
+                data = self.channel.receive_nowait()
+                if data is None:
+                    break
+                self._receive(data)
+                read += 1
+            else:
+                self._unpace()  # a flood: the reader task takes it at its own pace
+                return
+        except (ChannelClosed, wire.PeerProtocolError) as exc:
+            self.error = self.error or exc
+        except ValueError as exc:
+            log.error("peer link to %s: %s; closing it", self.remote, exc)
+            self.error = self.error or ChannelClosed(str(exc))
+        except Exception:
+            log.exception("peer link to %s: unexpected error; closing it", self.remote)
+            self.error = self.error or ChannelClosed("internal error")
+        else:
+            if read == 0:
+                self._unpace()  # nothing this tick: wait for the peer's next message
+            return
+        self._unpace()
+        self.close()
+
+    def _pace(self) -> None:
+        if not self.paced:
+            self.paced = True
+            self._resume = trio.Event()
+            self.manager.paced[self] = None
+
+    def _unpace(self) -> None:
+        if self.paced:
+            self.paced = False
+            self.manager.paced.pop(self, None)
+            self._resume.set()
+
+    def _receive(self, data: bytes) -> wire.PeerMessage:
+        """Handle one message from the peer."""
+        self.last_received = self.node.clock()
+        self.bytes_in += len(data)
+        self.messages_in += 1
+        message = wire.decode(data)
+        if isinstance(message, wire.Gossip):
+            self._on_gossip(message)
+        elif isinstance(message, wire.PeerPing):
+            # Through the writer: the reader never blocks on a send, or two daemons
+            # both writing a big message could stop reading each other for good.
+            self.enqueue(wire.PeerPong(message.id))
+        elif isinstance(message, wire.PeerPong):
+            started = self._pings.pop(message.id, None)
+            if started is not None:
+                self.rtt = self.node.clock() - started
+                self.manager.advertise()
+        elif isinstance(message, wire.Direct | wire.Receipt | wire.Pull | wire.Pulled):
+            if self.node.messenger is not None:
+                self.node.messenger.on_routed(message, self.remote.node)
+        elif isinstance(message, wire.RoomBroadcast):
+            self.manager.on_broadcast(message, self)
+        elif isinstance(message, wire.Bye):
+            self.manager.on_bye(message.replica, self)
+        elif message == self.hello:
+            pass  # the handshake's hello again (a duplicating network): nothing new
+        else:
+            raise wire.PeerProtocolError("hello sent twice")
+        return message
 
     def _on_gossip(self, message: wire.Gossip) -> None:
         node = self.node
@@ -355,6 +449,8 @@ class PeerManager:
         self.peers = peers
         self.settings = settings or GossipSettings()
         self.links: dict[str, PeerLink] = {}
+        #: Links the node's ticker reads at its flush point (an ordered set).
+        self.paced: dict[PeerLink, None] = {}
         self._rng = rng or random.Random()
         self._seen_broadcasts: dict[str, None] = {}
         self._link_gone: dict[str, trio.Event] = {}
@@ -523,6 +619,11 @@ class PeerManager:
         """Called at every tick boundary: links send local changes and what else is due."""
         for link in self.links.values():
             link.tick(local_changed)
+
+    def poll_paced(self) -> None:
+        """The flush point of a tick: read the links that are paced (see :meth:`PeerLink.poll`)."""
+        for link in list(self.paced):
+            link.poll()
 
     def request_digests(self) -> None:
         """Ask every link to exchange digests now (a replica came back up: repair fast)."""
