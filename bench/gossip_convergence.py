@@ -80,23 +80,23 @@ def converged(cluster: Cluster, names: list[str], expected: int | None = None) -
     return all(s == states[0] for s in states[1:])
 
 
-DEBUG: list[Cluster] = []
+def digests(cluster: Cluster) -> str:
+    """Each daemon's digest and the replicas it sees up: what a convergence failure shows."""
+    parts = []
+    for name in cluster.daemons:
+        node = cluster.node(name)
+        digest = sorted((str(replica), clock) for replica, clock in node.state.digest().items())
+        up = [str(replica) for replica in node.liveness.table if node.liveness.is_up(replica)]
+        parts.append(f"{name}: {digest} up={up}")
+    return "; ".join(parts)
 
 
-def debug() -> str:
-    cluster = DEBUG[0]
-    return "; ".join(
-        f"{n}: {sorted((str(r), c) for r, c in cluster.node(n).state.digest().items())} "
-        f"up={[str(r) for r in cluster.node(n).liveness.table if cluster.node(n).liveness.is_up(r)]}"
-        for n in cluster.daemons
-    )
-
-
-async def until(predicate, limit: float = 60.0, step: float = 0.05) -> float:  # type: ignore[no-untyped-def]
+async def until_in_sync(cluster: Cluster, limit: float = 60.0, step: float = 0.05) -> float:
+    """Virtual seconds until every daemon shows the same presences."""
     start = trio.current_time()
-    while not predicate():
+    while not in_sync(cluster, NAMES):
         if trio.current_time() - start > limit:
-            raise TimeoutError(f"did not converge: {debug()}")
+            raise TimeoutError(f"did not converge: {digests(cluster)}")
         await trio.sleep(step)
     return trio.current_time() - start
 
@@ -106,7 +106,6 @@ async def scenario(presences: int, latency: float) -> dict[str, object]:
     async with trio.open_nursery() as nursery:
         net = SimNetwork(seed=7, latency=latency)
         cluster = Cluster(nursery, net, down_after=3.0, purge_after=60.0)
-        DEBUG[:] = [cluster]
         for i, name in enumerate(NAMES):
             await cluster.start(name, peers=NAMES[:i])
         await trio.sleep(2)
@@ -115,7 +114,7 @@ async def scenario(presences: int, latency: float) -> dict[str, object]:
         cpu0, net_bytes0 = cpu(), net.total_stats().bytes
         for name in NAMES:
             fill(cluster, name, per)
-        fill_s = await until(lambda: in_sync(cluster, NAMES))
+        fill_s = await until_in_sync(cluster)
         assert converged(cluster, NAMES, per * len(NAMES))
         results["initial_fill"] = {
             "virtual_s": round(fill_s, 3),
@@ -137,7 +136,7 @@ async def scenario(presences: int, latency: float) -> dict[str, object]:
         net.reset_stats()
         cpu0 = cpu()
         net.heal()
-        heal_s = await until(lambda: in_sync(cluster, NAMES))
+        heal_s = await until_in_sync(cluster)
         cpu_heal = cpu() - cpu0
         assert converged(cluster, NAMES)
         results["heal"] = {
@@ -153,7 +152,7 @@ async def scenario(presences: int, latency: float) -> dict[str, object]:
         net.reset_stats()
         cpu0 = cpu()
         await cluster.start("c", peers=["a", "b"])
-        catch_s = await until(lambda: in_sync(cluster, NAMES))
+        catch_s = await until_in_sync(cluster)
         got = len(cluster.node("c").state.visible())
         assert got == expected, (got, expected, len(cluster.node("a").state.visible()))
         results["restart_catch_up"] = {
