@@ -321,6 +321,34 @@ async def test_receive_nowait_reads_only_what_has_arrived(pki: Pki) -> None:
                 accepted.receive_nowait()
 
 
+async def test_send_nowait_never_waits_and_keeps_order(pki: Pki) -> None:
+    """The ticker sends with send_nowait: it returns at once, True while the socket takes
+    everything; with nobody reading, the socket fills, it says False, and what it kept goes
+    out, in order, with ``flush`` once the peer reads again."""
+    us, eu = pki.transport("us"), pki.transport("eu")
+    chunk = bytes(range(256)) * 256  # 64 KB
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            assert dialled.send_nowait(b"first") is True
+            assert await accepted.receive() == b"first"
+            sent, taken = 0, True
+            while taken:
+                taken = dialled.send_nowait(chunk + sent.to_bytes(4, "big"))
+                sent += 1
+                assert sent < 10_000, "the socket never filled up"
+            for _ in range(3):  # more while the socket is full: queued behind the rest
+                assert dialled.send_nowait(chunk + sent.to_bytes(4, "big")) is False
+                sent += 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dialled.flush)
+                for number in range(sent):
+                    assert await accepted.receive() == chunk + number.to_bytes(4, "big")
+            assert dialled.send_nowait(b"last") is True
+            assert await accepted.receive() == b"last"
+
+
 async def test_close_without_a_reader_on_the_other_side_gives_up_after_close_timeout(
     pki: Pki,
 ) -> None:

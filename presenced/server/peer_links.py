@@ -138,7 +138,9 @@ class PeerLink:
         self._pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
         self._cancel = trio.CancelScope()
-        self._send_lock = trio.StrictFIFOLock()
+        #: True while the writer task is sending (the ticker then leaves the tick's gossip
+        #: to it, to keep the order of messages).
+        self._writing = False
         self.bytes_out = 0
         self.bytes_in = 0
         self.error: ChannelClosed | wire.PeerProtocolError | None = None
@@ -206,11 +208,28 @@ class PeerLink:
             self._wakeup.set()
 
     def tick(self, local_changed: bool) -> None:
-        """A tick boundary: send local changes, and heartbeats, digests or pings that are due."""
+        """A tick boundary: send local changes, and heartbeats, digests or pings that are due.
+
+        Sent from the ticker itself when the writer task is idle (no task switch per link);
+        what the socket does not take at once, the writer finishes. Never raises: what
+        breaks the link ends this link alone.
+        """
         if local_changed:
             self._own_due = True
-        if local_changed or self._beat_due or self._digest_due or self._ping_due:
-            self._wakeup.set()
+        if not (local_changed or self._beat_due or self._digest_due or self._ping_due):
+            return
+        if self._writing or self._queue:
+            self._wakeup.set()  # the writer sends it after what it has, in order
+            return
+        try:
+            message = self._build()
+            if message is not None:
+                self._send_now(message)
+            if self._ping_due:
+                self._ping_due = False
+                self._send_now(self._new_ping())
+        except Exception as exc:  # recorded: the link ends, the ticker goes on
+            self._give_up(exc)
 
     # ------------------------------------------------------------------ writing
 
@@ -218,23 +237,34 @@ class PeerLink:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            queue = self._queue
-            while queue:
-                await self._send(queue.popleft())
-            message = self._build()
-            if message is not None:
-                await self._send(message)
-            if self._ping_due:
-                self._ping_due = False
-                await self._send(self._new_ping())
+            self._writing = True
+            try:
+                await self.channel.flush()  # what the ticker's sends left
+                queue = self._queue
+                while queue:
+                    await self._send(queue.popleft())
+                message = self._build()
+                if message is not None:
+                    await self._send(message)
+                if self._ping_due:
+                    self._ping_due = False
+                    await self._send(self._new_ping())
+            finally:
+                self._writing = False
 
-    async def _send(self, message: wire.PeerMessage) -> None:
+    def _encode(self, message: wire.PeerMessage) -> bytes:
         data = wire.encode(message)
         self.last_sent = self.node.clock()
         self.bytes_out += len(data)
         self.messages_out += 1
-        async with self._send_lock:
-            await self.channel.send(data)
+        return data
+
+    async def _send(self, message: wire.PeerMessage) -> None:
+        await self.channel.send(self._encode(message))
+
+    def _send_now(self, message: wire.PeerMessage) -> None:
+        if not self.channel.send_nowait(self._encode(message)):
+            self._wakeup.set()  # the socket is full: the writer waits for it
 
     def _build(self) -> wire.Gossip | None:
         node = self.node
@@ -333,18 +363,23 @@ class PeerLink:
             else:
                 self._unpace()  # a flood: the reader task takes it at its own pace
                 return
-        except (ChannelClosed, wire.PeerProtocolError) as exc:
-            self.error = self.error or exc
-        except ValueError as exc:
-            log.error("peer link to %s: %s; closing it", self.remote, exc)
-            self.error = self.error or ChannelClosed(str(exc))
-        except Exception:
-            log.exception("peer link to %s: unexpected error; closing it", self.remote)
-            self.error = self.error or ChannelClosed("internal error")
-        else:
-            if read == 0:
-                self._unpace()  # nothing this tick: wait for the peer's next message
+        except Exception as exc:  # recorded: the link ends, the ticker goes on
+            self._give_up(exc)
             return
+        if read == 0:
+            self._unpace()  # nothing this tick: wait for the peer's next message
+
+    def _give_up(self, exc: Exception) -> None:
+        """The ticker met what breaks this link (in a send or a paced read): end the link."""
+        if isinstance(exc, ChannelClosed | wire.PeerProtocolError):
+            error: ChannelClosed | wire.PeerProtocolError = exc
+        elif isinstance(exc, ValueError):  # e.g. a message over the transport's size limit
+            log.error("peer link to %s: %s; closing it", self.remote, exc)
+            error = ChannelClosed(str(exc))
+        else:
+            log.error("peer link to %s: unexpected error; closing it", self.remote, exc_info=exc)
+            error = ChannelClosed("internal error")
+        self.error = self.error or error
         self._unpace()
         self.close()
 

@@ -74,8 +74,9 @@ log = logging.getLogger(__name__)
 #: The WebSocket subprotocol both sides must agree on; bump it for incompatible changes.
 SUBPROTOCOL = "presenced-peer.v1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Bytes asked of the socket per read.
+#: Bytes asked of the socket per read, and offered to it per write.
 _RECEIVE_BYTES = 65_536
+_WRITE_BYTES = 262_144
 
 PathLike = str | os.PathLike[str]
 
@@ -229,12 +230,13 @@ class _Socket:
                 raise OSError("TLS wants to read during a write (renegotiation?)") from None
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_nowait(self, data: bytes) -> int:
-        """Write what the socket takes now without blocking; the number of bytes taken."""
+    def send_some(self, data: bytes) -> int | None:
+        """Write what the socket takes now; the number of bytes taken, or None if it would
+        block (then a TLS socket must be offered the same bytes again, as OpenSSL requires)."""
         try:
             return self.sock.send(data)
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-            return 0
+            return None
         except ssl.SSLWantReadError:
             raise OSError("TLS wants to read during a write (renegotiation?)") from None
 
@@ -287,12 +289,15 @@ class TlsPeerChannel:
         self._messages: deque[bytes] = deque()
         self._parts: list[bytes] = []
         self._size = 0
+        #: Held by a task waiting for the socket to take ``_out``.
         self._send_lock = trio.Lock()
         self._receiving = False
-        #: Frames owed to the peer (pongs for its WebSocket pings, the reply to its close):
-        #: they go out with the next send, so that reading never blocks on a full socket (two
-        #: such peers would deadlock).
-        self._owed = b""
+        #: Frames not yet written, in order. Reading only ever appends here (pongs for the
+        #: peer's WebSocket pings): it never blocks on a full socket, or two peers both
+        #: writing big messages would stop reading each other for good.
+        self._out = bytearray()
+        #: The bytes a TLS write that would have blocked must be retried with.
+        self._retry: bytes | None = None
         #: Why the channel is gone (None while it is open).
         self._gone: str | None = None
 
@@ -304,18 +309,28 @@ class TlsPeerChannel:
         """Send one binary message; raises ChannelClosed once the channel is gone.
 
         A message bigger than ``max_message_bytes`` raises ValueError (the peer would drop
-        the link for it) and the channel stays usable.
+        the link for it) and the channel stays usable. When the socket takes the message at
+        once, this returns without yielding to the scheduler.
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"peer messages are bytes, not {type(data).__name__}")
-        if len(data) > self._max_message_bytes:
-            raise ValueError(
-                f"message of {len(data)} bytes exceeds the limit of {self._max_message_bytes}"
-            )
-        self._check_open()
-        frame = self._ws.send(BytesMessage(data=bytes(data)))
-        owed, self._owed = self._owed, b""
-        await self._write(owed + frame if owed else frame)
+        self._queue(data)
+        await self.flush()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue one message and write what the socket takes now, never waiting. True if it
+        all went; otherwise the rest goes out with the next ``send`` or ``flush``. Raises
+        like ``send``."""
+        self._queue(data)
+        return not self._send_lock.locked() and self._pump()
+
+    async def flush(self) -> None:
+        """Wait until everything queued is written; raises ChannelClosed if the channel goes."""
+        if self._send_lock.locked() or not self._pump():
+            async with self._send_lock:
+                while not self._pump():
+                    try:
+                        await trio.lowlevel.wait_writable(self._sock.sock)
+                    except trio.ClosedResourceError:
+                        raise self._lost("connection closed") from None
 
     async def receive(self) -> bytes:
         """The next message; raises ChannelClosed once the channel is gone.
@@ -352,8 +367,9 @@ class TlsPeerChannel:
             self._gone = "closed by this side"
             with trio.move_on_after(self._close_timeout):
                 if self._ws.state is ConnectionState.OPEN:
-                    with contextlib.suppress(ChannelClosed, OSError, LocalProtocolError):
-                        await self._write(self._ws.send(CloseConnection(code=1000)))
+                    with contextlib.suppress(ChannelClosed, LocalProtocolError):
+                        self._out += self._ws.send(CloseConnection(code=1000))
+                        await self.flush()
                 if not self._receiving:
                     await self._await_close_reply()
         await self.abort()
@@ -377,14 +393,32 @@ class TlsPeerChannel:
         self._gone = self._gone or reason
         return ChannelClosed(f"link to {self.remote_label} closed: {reason}")
 
-    async def _write(self, data: bytes) -> None:
-        async with self._send_lock:
+    def _queue(self, data: bytes) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"peer messages are bytes, not {type(data).__name__}")
+        if len(data) > self._max_message_bytes:
+            raise ValueError(
+                f"message of {len(data)} bytes exceeds the limit of {self._max_message_bytes}"
+            )
+        self._check_open()
+        self._out += self._ws.send(BytesMessage(data=bytes(data)))
+
+    def _pump(self) -> bool:
+        """Write ``_out`` as far as the socket takes it now; True once it is empty. Only one
+        task may be in here at a time: the ``_send_lock`` holder, or anyone while it is free."""
+        out = self._out
+        while out:
+            chunk = self._retry if self._retry is not None else bytes(out[:_WRITE_BYTES])
             try:
-                await self._sock.send_all(data)
-            except trio.ClosedResourceError:
-                raise self._lost("connection closed") from None
+                written = self._sock.send_some(chunk)
             except OSError as exc:
                 raise self._lost(_reason(exc)) from exc
+            if written is None:
+                self._retry = chunk
+                return False
+            self._retry = None
+            del out[:written]
+        return True
 
     def _read_available(self) -> bool:
         """Read what the socket has into complete messages; True once one is queued."""
@@ -419,8 +453,8 @@ class TlsPeerChannel:
                 self._fail(1003, "binary messages only")
                 raise self._lost(f"{self.remote_label} sent a text message; link closed")
             elif isinstance(event, Ping):
-                if len(self._owed) < 4096:
-                    self._owed += self._ws.send(event.response())
+                if len(self._out) < _WRITE_BYTES:  # (a peer pinging faster than we write)
+                    self._out += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._send_best_effort(self._ws.send(event.response()))
@@ -434,12 +468,12 @@ class TlsPeerChannel:
                 self._send_best_effort(self._ws.send(CloseConnection(code=code, reason=reason)))
 
     def _send_best_effort(self, frame: bytes) -> None:
-        """A last frame on a channel being given up: what the socket takes now, if no send
-        is in progress (never waits: the reader must not block on a full socket)."""
+        """A last frame on a channel being given up: what the socket takes now, if no task is
+        waiting to write (never waits: the reader must not block on a full socket)."""
+        self._out += frame
         if not self._send_lock.locked():
-            with contextlib.suppress(OSError):
-                self._sock.send_nowait(self._owed + frame)
-            self._owed = b""
+            with contextlib.suppress(ChannelClosed):
+                self._pump()
 
     async def _await_close_reply(self) -> None:
         """After our close frame: read until the peer's close (or the end of the stream)."""

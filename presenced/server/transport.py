@@ -34,6 +34,16 @@ class PeerChannel(Protocol):
         """The next message; raises ChannelClosed once the channel is gone."""
         ...
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue one message and write what the transport takes now, never waiting: True if
+        it all went, else the rest goes with the next ``send`` or ``flush``. (The ticker
+        sends the tick's gossip with it, without a task switch per link.)"""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until every queued message is written; raises ChannelClosed once gone."""
+        ...
+
     def receive_nowait(self) -> bytes | None:
         """The next message if it has already arrived, else None; never waits. Raises
         ChannelClosed once the channel is gone. (The gossip layer reads near peers with it

@@ -147,6 +147,14 @@ class SimChannel:
 
     async def send(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
+        self.send_nowait(data)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Like ``send``: the simulated network takes every message at once."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"SimChannel.send takes bytes, not {type(data).__name__}")
         payload = bytes(data)
@@ -177,7 +185,7 @@ class SimChannel:
             for _ in range(copies):
                 out.queue.append((at, payload))
             out.notify()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        return True
 
     async def receive(self) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
