@@ -303,22 +303,78 @@ def test_flush_jitter_does_not_make_a_busy_room_look_quiet() -> None:
 
     now = [100.0]
     node = Node(Config(tick_ms=25, allow_anonymous=True), ReplicaId("eu", 1), clock=lambda: now[0])
+    node.phase_clock = lambda: now[0]  # boundaries at multiples of 25 ms of this clock
     ann, bob = FakeClient(node, "ann"), FakeClient(node, "bob")
     ann.join("r")
     bob.join("r")
-    node._boundary = 100.0  # what the ticker does at each boundary
     now[0] = 100.001
     node.flush_dirty()  # this tick's flush, 1 ms into it
     frames = len(bob.messages)
 
-    node._boundary, now[0] = 100.025, 100.0265  # 25.5 ms after that flush, but one tick on
+    now[0] = 100.0265  # 25.5 ms after that flush, but in the next tick
     ann.update("r", {"x": 1})
     assert len(bob.messages) == frames  # waits for this tick's flush
     now[0] = 100.028
     node.flush_dirty()
     assert len(bob.messages) == frames + 1
 
-    node._boundary, now[0] = 100.075, 100.0751  # a whole tick without a flush: quiet
+    now[0] = 100.0751  # a whole tick without a flush: quiet
     ann.update("r", {"x": 2})
     assert len(bob.messages) == frames + 2  # at once
     assert bob.sees("r")[("ann", ann.session)] == {"x": 2}
+
+
+async def test_an_idle_daemon_sleeps_through_ticks(autojump_clock: object) -> None:
+    """With nothing to send, read or flush, the ticker does not wake at every boundary (on
+    a small VM each wake-up costs ~0.3 ms of CPU); a change wakes it for the next one."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, SimNetwork(seed=3), tick_ms=25)
+        await cluster.start("eu")
+        ann, bob = cluster.client("eu", "ann"), cluster.client("eu", "bob")
+        ann.join("r")
+        bob.join("r")
+        await cluster.settle(1)
+        metrics = cluster.node("eu").metrics
+        wakeups = sum(metrics.flush_counts)
+        await trio.sleep(2)  # 80 boundaries
+        assert sum(metrics.flush_counts) == wakeups
+        ann.update("r", {"x": 1})  # a quiet room: shown at once (leading edge)...
+        assert bob.sees("r")[("ann", ann.session)] == {"x": 1}
+        await trio.sleep(0.001)
+        ann.update("r", {"x": 2})  # ...the next change waits for the tick
+        assert bob.sees("r")[("ann", ann.session)] == {"x": 1}
+        await trio.sleep(0.026)
+        assert bob.sees("r")[("ann", ann.session)] == {"x": 2}
+        await trio.sleep(2)
+        assert sum(metrics.flush_counts) - wakeups <= 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_links_that_came_up_at_different_moments_stay_paced(autojump_clock: object) -> None:
+    """A link paced by its reader mid-tick has already read that tick's batch: the ticker's
+    read at that tick's flush point must not find it empty and unpace it (it then flapped
+    every tick, when another link was already paced). Four near regions whose links come up
+    0.6 s apart (their pings fall on different ticks): the ticker reads nearly every link."""
+    names = ("a", "b", "c", "d")
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, SimNetwork(seed=5, latency=0.001), tick_ms=25)
+        for i, name in enumerate(names):
+            await cluster.start(name, peers=list(names[:i]))
+            await trio.sleep(0.6)
+        await cluster.settle(3)
+        clients = {name: cluster.client(name, f"u-{name}") for name in names}
+        for client in clients.values():
+            client.join("r")
+        await trio.sleep(1)
+        paced_samples = samples = 0
+        for step in range(200):
+            for client in clients.values():
+                client.update("r", {"x": step})
+            await trio.sleep(0.025)
+            for name in names:
+                gossip = cluster.node(name).gossip
+                assert gossip is not None
+                paced_samples += len(gossip.paced)
+                samples += len(gossip.links)
+        assert paced_samples / samples >= 0.9  # (pings unpace a link for a few ticks)
+        nursery.cancel_scope.cancel()

@@ -400,6 +400,44 @@ async def test_plain_mode(caplog: pytest.LogCaptureFixture) -> None:
             assert await accepted.receive() == b"plain"
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["ws", "wss"])
+async def test_messages_before_the_close_are_all_received(pki: Pki, plain: bool) -> None:
+    """A peer's last messages (its removals and its bye, at shutdown) may arrive in the same
+    read as its close frame: each is handed out before ChannelClosed."""
+    if plain:
+        server_side = TlsWebSocketTransport(listen_host="127.0.0.1", allow_plain=True)
+        client_side = TlsWebSocketTransport(allow_plain=True, close_timeout=0.2)
+    else:
+        server_side = pki.transport("us")
+        client_side = pki.transport("eu", close_timeout=0.2)
+    scheme = "ws" if plain else "wss"
+    with trio.fail_after(5):
+        async with serving(server_side) as server, client_side.running():
+            dialled = await client_side.dial(f"{scheme}://127.0.0.1:{server.port}/")
+            accepted = await server.channels.receive()
+            for message in (b"removals", b"bye"):
+                await dialled.send(message)
+            await dialled.aclose()  # nobody reads yet: all of it waits in one socket buffer
+            assert await accepted.receive() == b"removals"
+            assert accepted.receive_nowait() == b"bye"
+            with pytest.raises(ChannelClosed, match="code 1000"):
+                await accepted.receive()
+
+
+async def test_a_cancelled_close_still_closes_the_socket(pki: Pki) -> None:
+    """The gossip layer gives a close one second; a peer that never answers must not leave
+    the socket open (nor the channel in the transport's list) until shutdown."""
+    eu = pki.transport("eu", close_timeout=5)
+    with trio.fail_after(5):
+        async with serving(pki.transport("us")) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            await server.channels.receive()  # (nobody reads there: no close reply comes)
+            with trio.move_on_after(0.2):
+                await dialled.aclose()
+            assert eu._dialled == {}
+            assert dialled._sock.closed  # type: ignore[attr-defined]
+
+
 async def test_dial_misuse(pki: Pki) -> None:
     eu = pki.transport("eu")
     with pytest.raises(RuntimeError, match="running"):

@@ -211,6 +211,7 @@ class ClientConnection:
             self._idle_polls = 0
             self._resume = trio.Event()
             self.node.paced[self] = None
+            self.node.want_tick()  # (an idle ticker sleeps through boundaries)
 
     def _unpace(self) -> None:
         """Back to reading as data arrives (the reader task resumes)."""

@@ -7,8 +7,8 @@ the hot path.
 
 Fan-out: each room with local members has a :class:`RoomFeed`. Changes are noted there and
 flushed at most once per tick as one diff frame, encoded once and queued on every member's
-outbox. A change in a room that has not flushed for a whole tick is flushed at once
-(leading edge), so light traffic sees no tick delay.
+outbox. A change in a room that has not flushed since the previous tick began is flushed at
+once (leading edge), so light traffic sees no tick delay.
 
 Aligned ticks: tick boundaries are multiples of the tick in wall-clock time, so every daemon of
 a cluster ticks at the same moment (NTP keeps real regions within a millisecond or so). At a
@@ -103,8 +103,10 @@ class Node:
         #: True while the ticker reads paced peer links: what they change is flushed right
         #: after, in one frame per room (no leading-edge flush per link).
         self._holding = False
-        #: The last tick boundary the ticker handled.
-        self._boundary = -math.inf
+        #: The next tick boundary (clock time), and whether the ticker must wake for it
+        #: (besides paced clients and links, which keep it ticking): an idle daemon sleeps.
+        self._next_boundary = -math.inf
+        self._tick_wanted = False
         #: The ticker's sleep, while it sleeps: moved earlier when a flush is requested.
         self._sleep: trio.CancelScope | None = None
 
@@ -214,6 +216,7 @@ class Node:
         """Changes of this replica's own entries: show them, and let peers know."""
         self.apply(changes)
         self._local_dirty = True
+        self.want_tick()
         if self.gossip is not None:
             self.gossip.local_changed()
 
@@ -244,12 +247,8 @@ class Node:
         # Quiet: no flush since the start of the previous tick interval. (Not "a tick since the
         # last flush": flush times jitter by a few milliseconds from tick to tick, and a busy
         # room would then take a late change for a quiet one and flush twice in a tick.)
-        if self._holding:
-            quiet_before = -math.inf
-        elif self._boundary == -math.inf:
-            quiet_before = now - self.tick  # (no ticker running: a bare node in unit tests)
-        else:
-            quiet_before = self._boundary - self.tick
+        interval = self.interval_start(now)
+        quiet_before = -math.inf if self._holding else interval - self.tick
         for room, feed in touched.items():
             if immediate or feed.last_flush < quiet_before:
                 self._dirty.pop(room, None)
@@ -258,7 +257,7 @@ class Node:
                 self._dirty[room] = feed
                 deferred = True
         if deferred and from_peer:
-            aligned = self._boundary + self.flush_lag
+            aligned = interval + self.flush_lag
             self._flush_by(aligned if now < aligned else now)
 
     def _flush_by(self, when: float) -> None:
@@ -321,15 +320,42 @@ class Node:
         boundary = (math.floor((now + offset) / self.tick) + 1) * self.tick - offset
         return boundary if boundary - now > self.tick / 1000 else boundary + self.tick
 
-    def tick_phase(self, now: float) -> float:
-        """Seconds since the last aligned tick boundary at clock time ``now``."""
-        return (now + self.phase_clock() - now) % self.tick
+    def interval_start(self, now: float) -> float:
+        """The last aligned tick boundary at or before ``now`` (clock time)."""
+        offset = self.phase_clock() - now
+        return math.floor((now + offset) / self.tick) * self.tick - offset
+
+    def tick_phase(self) -> float:
+        """Seconds since the last aligned tick boundary (now)."""
+        return self.phase_clock() % self.tick
+
+    def tick_number(self) -> int:
+        """The current tick's number (aligned wall time / tick)."""
+        return math.floor(self.phase_clock() / self.tick)
+
+    def want_tick(self) -> None:
+        """Something must happen at the next tick boundary (local changes to send, beats
+        due): wake the ticker for it. Without such a reason, paced clients or paced links, the
+        ticker sleeps through boundaries, so an idle daemon does not wake 40 times a second."""
+        if not self._tick_wanted:
+            self._tick_wanted = True
+            now = self.clock()
+            if self._next_boundary <= now:
+                self._next_boundary = self.next_boundary(now)
+            if self._sleep is not None and self._next_boundary < self._sleep.deadline:
+                self._sleep.deadline = self._next_boundary
+
+    def _ticking(self) -> bool:
+        gossip = self.gossip
+        return self._tick_wanted or bool(self.paced) or (gossip is not None and bool(gossip.paced))
 
     async def run_ticker(self) -> None:
-        """At each aligned tick boundary send local changes to peers; flush rooms a little
-        later (``flush_lag``), and whenever a peer's batch asks for it."""
-        boundary = self.next_boundary(self.clock())
+        """At each aligned tick boundary that has work (see :meth:`want_tick`) send local
+        changes to peers; flush rooms a little later (``flush_lag``), and whenever a peer's
+        batch asks for it."""
+        self._next_boundary = self.next_boundary(self.clock())
         while True:
+            boundary = self._next_boundary if self._ticking() else math.inf
             deadline = min(boundary, self._flush_at, self._poll_at)
             with trio.CancelScope(deadline=deadline) as self._sleep:
                 await trio.sleep_forever()
@@ -337,19 +363,20 @@ class Node:
             gossip = self.gossip
             now = self.clock()
             started = time.perf_counter()
-            if now >= boundary:
-                self._boundary = boundary
-                boundary = self.next_boundary(now)
-                for conn in list(self.paced):
-                    conn.poll_input()  # busy clients' updates make this tick's gossip
-                if gossip is not None:
-                    gossip.tick(self._local_dirty)
-                    if gossip.paced:
-                        self._poll_at = now + self.flush_lag
-                self._local_dirty = False
-                if self._dirty:
-                    linked = gossip is not None and bool(gossip.links)
-                    self._flush_by(now + self.flush_lag if linked else now)
+            if now >= self._next_boundary:
+                self._next_boundary = self.next_boundary(now)
+                if self._ticking():
+                    self._tick_wanted = False
+                    for conn in list(self.paced):
+                        conn.poll_input()  # busy clients' updates make this tick's gossip
+                    if gossip is not None:
+                        gossip.tick(self._local_dirty)
+                        if gossip.paced:
+                            self._poll_at = now + self.flush_lag
+                    self._local_dirty = False
+                    if self._dirty:
+                        linked = gossip is not None and bool(gossip.links)
+                        self._flush_by(now + self.flush_lag if linked else now)
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:
@@ -358,6 +385,7 @@ class Node:
                         gossip.poll_paced()  # near peers' batches of this tick join its flush
                     finally:
                         self._holding = False
+                    now = self.clock()  # (what the reads dirtied is flushed in this pass)
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()

@@ -22,11 +22,13 @@ at. Once a link's gossip has arrived in that window a few times running, its rea
 and the node's ticker reads the link once per tick, at the flush point, with
 ``receive_nowait`` (:meth:`PeerLink.poll`): no wake-up per peer message, and the same flush
 the message would have joined anyway. A read that finds nothing (the peer was quiet, or its
-batch is late) hands the link back to its reader task, which waits for data as usual; a far
-peer (its batches arrive later in the tick) is never paced. While a link is paced, its other
-messages (routed messages, pings) wait for that read: at most a tick. RTT pings go out at the
-boundary, with the tick's gossip, and the pinging side reads the pong as it arrives; a paced
-peer answers at its flush point, so a near link's RTT reads up to one flush lag high.
+batch is late) hands the link back to its reader task, which waits for data as usual; a peer
+whose batches land later in the tick (a far one, unless its delay is within the flush lag of
+a whole number of ticks: then pacing changes nothing either) is not paced. While a link is
+paced, its other messages (routed messages, pings) wait for that read: at most a tick and a
+flush lag. RTT pings go out with the next gossip message (normally the tick's), and the
+pinging side reads the pong as it arrives; a paced peer answers at its flush point, so a near
+link's RTT reads up to one flush lag high.
 
 Repair: every ``digest_interval`` each side sends its digest; the other side resets ``sent``
 to it and wakes its writer, which then sends exactly what is missing (a whole partition if
@@ -130,6 +132,9 @@ class PeerLink:
         self._resume = trio.Event()
         #: Gossip messages in a row that arrived within the flush lag of their tick.
         self._in_window = 0
+        #: The tick in which the reader paced the link: it has read that tick's batch
+        #: itself, so the ticker's read at that tick's flush point is skipped.
+        self._paced_tick = -1
         #: Whether this replica's own changes go out at the next wake-up (the tick, the
         #: leading edge, or a repair); relays in between carry only other replicas' deltas.
         self._own_due = True
@@ -241,8 +246,12 @@ class PeerLink:
             try:
                 await self.channel.flush()  # what the ticker's sends left
                 queue = self._queue
+                sent = 0
                 while queue:
                     await self._send(queue.popleft())
+                    sent += 1
+                    if sent % 64 == 0:
+                        await trio.lowlevel.checkpoint()  # (sends the socket takes never yield)
                 message = self._build()
                 if message is not None:
                     await self._send(message)
@@ -322,6 +331,7 @@ class PeerLink:
             if now >= next_ping:
                 next_ping = now + settings.ping_interval
                 self._ping_due = True  # goes with the next tick's gossip (see the docstring)
+            self.node.want_tick()
 
     def _new_ping(self) -> wire.PeerPing:
         """An RTT ping to send now; its pong is read as it arrives (not at the next tick)."""
@@ -339,7 +349,7 @@ class PeerLink:
                 await self._resume.wait()
                 continue
             message = self._receive(await self.channel.receive())
-            if isinstance(message, wire.Gossip) and node.tick_phase(node.clock()) < node.flush_lag:
+            if isinstance(message, wire.Gossip) and node.tick_phase() < node.flush_lag:
                 self._in_window += 1
                 if self._in_window >= PACE_AFTER and not self._pings:
                     self._pace()
@@ -352,6 +362,8 @@ class PeerLink:
         Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
         recorded and ends this link alone.
         """
+        if self._paced_tick == self.node.tick_number():
+            return  # paced in this tick, after its reader read this tick's batch
         read = 0
         try:
             while read < PACED_READ_LIMIT:
@@ -380,16 +392,19 @@ class PeerLink:
             log.error("peer link to %s: unexpected error; closing it", self.remote, exc_info=exc)
             error = ChannelClosed("internal error")
         self.error = self.error or error
+        self.close()  # first: the parked reader gets Cancelled, not another message
         self._unpace()
-        self.close()
 
     def _pace(self) -> None:
         if not self.paced:
             self.paced = True
+            self._paced_tick = self.node.tick_number()
             self._resume = trio.Event()
             self.manager.paced[self] = None
+            self.node.want_tick()  # (an idle ticker sleeps through boundaries)
 
     def _unpace(self) -> None:
+        self._in_window = 0
         if self.paced:
             self.paced = False
             self.manager.paced.pop(self, None)

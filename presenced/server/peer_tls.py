@@ -104,6 +104,8 @@ def client_context(cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContex
 
 def _configure(ctx: ssl.SSLContext, cert: PathLike, key: PathLike, ca: PathLike) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Writes never have to read (the channel relies on it: see _Socket.send_some).
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     for what, path in (("certificate", cert), ("key", key), ("CA certificate", ca)):
         _check_readable(what, path)
     try:
@@ -300,6 +302,8 @@ class TlsPeerChannel:
         self._retry: bytes | None = None
         #: Why the channel is gone (None while it is open).
         self._gone: str | None = None
+        #: The peer's close, once read: raised when the messages before it have been taken.
+        self._closing: str | None = None
 
     def __repr__(self) -> str:
         names = "unauthenticated" if self.remote_names is None else sorted(self.remote_names)
@@ -310,8 +314,10 @@ class TlsPeerChannel:
 
         A message bigger than ``max_message_bytes`` raises ValueError (the peer would drop
         the link for it) and the channel stays usable. When the socket takes the message at
-        once, this returns without yielding to the scheduler.
+        once, this returns without yielding to the scheduler (a cancelled caller still gets
+        Cancelled).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._queue(data)
         await self.flush()
 
@@ -336,8 +342,10 @@ class TlsPeerChannel:
         """The next message; raises ChannelClosed once the channel is gone.
 
         A text message breaks the protocol: the channel is closed and ChannelClosed raised.
-        So does a message over ``max_message_bytes`` (close code 1009).
+        So does a message over ``max_message_bytes`` (close code 1009). Messages that came
+        before the peer's close are all handed out before ChannelClosed is raised.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         messages = self._messages
         if messages:
             return messages.popleft()
@@ -362,26 +370,37 @@ class TlsPeerChannel:
         return None
 
     async def aclose(self) -> None:
-        """Close the channel (idempotent), waiting a little for the peer to acknowledge."""
-        if self._gone is None:
-            self._gone = "closed by this side"
-            with trio.move_on_after(self._close_timeout):
-                if self._ws.state is ConnectionState.OPEN:
-                    with contextlib.suppress(ChannelClosed, LocalProtocolError):
-                        self._out += self._ws.send(CloseConnection(code=1000))
-                        await self.flush()
-                if not self._receiving:
-                    await self._await_close_reply()
-        await self.abort()
+        """Close the channel (idempotent), waiting a little for the peer to acknowledge.
+
+        The socket is closed however this ends, cancelled included. (There is no TLS
+        close_notify: the WebSocket close handshake is what ends a link, and the peer reads
+        the end of the stream as such.)
+        """
+        try:
+            if self._gone is None:
+                self._gone = "closed by this side"
+                with trio.move_on_after(self._close_timeout):
+                    if self._ws.state is ConnectionState.OPEN:
+                        with contextlib.suppress(ChannelClosed, LocalProtocolError):
+                            self._out += self._ws.send(CloseConnection(code=1000))
+                            await self.flush()
+                    if not self._receiving:
+                        await self._await_close_reply()
+        finally:
+            self._close_now()
+        await trio.lowlevel.checkpoint()
 
     async def abort(self) -> None:
         """Close at once, without a close handshake (the daemon is going away)."""
+        self._close_now()
+        await trio.lowlevel.checkpoint()
+
+    def _close_now(self) -> None:
         self._gone = self._gone or "closed by this side"
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close(self)
         self._sock.close()
-        await trio.lowlevel.checkpoint()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -421,9 +440,15 @@ class TlsPeerChannel:
         return True
 
     def _read_available(self) -> bool:
-        """Read what the socket has into complete messages; True once one is queued."""
-        self._check_open()
+        """Read what the socket has into complete messages; True once one is queued.
+
+        What the peer sent before its close frame is handed out first; the close (kept in
+        ``_closing``) is raised once those messages are taken.
+        """
         while not self._messages:
+            if self._closing is not None:
+                raise self._lost(self._closing)
+            self._check_open()
             try:
                 data = self._sock.receive_nowait()
             except OSError as exc:
@@ -459,7 +484,8 @@ class TlsPeerChannel:
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._send_best_effort(self._ws.send(event.response()))
                 detail = f" ({event.reason})" if event.reason else ""
-                raise self._lost(f"closed with code {event.code}{detail}")
+                self._closing = f"closed with code {event.code}{detail}"
+                return
 
     def _fail(self, code: int, reason: str) -> None:
         """Protocol breach by the peer: send a close frame (best effort), then give up."""
