@@ -9,7 +9,9 @@ one of R rooms; the first B of them also join one big room. Then it reports:
 * the daemon's RSS growth per connection (VmRSS from /proc, after a GC settle);
 * the daemon's CPU use while everyone is connected and idle (10 s);
 * the time from one update in the big room until every one of its B members has received it
-  (an upper bound: it includes this client process reading B sockets).
+  (an upper bound: it includes this client process reading B sockets);
+* the time from SIGTERM until the daemon has exited, everyone still connected (a graceful
+  stop: a close frame to every client).
 """
 
 from __future__ import annotations
@@ -142,6 +144,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 for event in received:
                     await event.wait()
             fanout_ms = (time.perf_counter() - sent) * 1000
+            # Graceful stop with everyone still connected: close frames to every client.
+            stop = time.perf_counter()
+            daemon.terminate()
+            while daemon.poll() is None:
+                if time.perf_counter() - stop > 60:
+                    raise TimeoutError("the daemon did not stop within 60 s of SIGTERM")
+                await trio.sleep(0.05)
+            shutdown_s = time.perf_counter() - stop
             nursery.cancel_scope.cancel()
         return {
             "connections": args.connections,
@@ -152,10 +162,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "daemon_rss_per_connection_kb": round((rss - base_rss) / args.connections, 1),
             "daemon_idle_cpu_cores": round(idle_cpu, 4),
             "big_room_update_to_all_members_ms": round(fanout_ms, 1),
+            "sigterm_to_exit_s": round(shutdown_s, 1),
         }
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 if __name__ == "__main__":
