@@ -323,15 +323,20 @@ class Node:
     def interval_start(self, now: float) -> float:
         """The last aligned tick boundary at or before ``now`` (clock time)."""
         offset = self.phase_clock() - now
-        return math.floor((now + offset) / self.tick) * self.tick - offset
+        return self._tick_of(now + offset) * self.tick - offset
 
     def tick_phase(self) -> float:
         """Seconds since the last aligned tick boundary (now)."""
-        return self.phase_clock() % self.tick
+        wall = self.phase_clock()
+        return max(0.0, wall - self._tick_of(wall) * self.tick)
 
     def tick_number(self) -> int:
         """The current tick's number (aligned wall time / tick)."""
-        return math.floor(self.phase_clock() / self.tick)
+        return self._tick_of(self.phase_clock())
+
+    def _tick_of(self, wall: float) -> int:
+        # (a hair of slack: at an exact boundary, k * tick / tick may come out just under k)
+        return math.floor(wall / self.tick + 1e-9)
 
     def want_tick(self) -> None:
         """Something must happen at the next tick boundary (local changes to send, beats
@@ -363,9 +368,12 @@ class Node:
             gossip = self.gossip
             now = self.clock()
             started = time.perf_counter()
-            if now >= self._next_boundary:
+            # (want_tick may have moved _next_boundary on between the deadline and now: the
+            # boundary slept for is still this one's to handle)
+            if now >= boundary or now >= self._next_boundary:
                 self._next_boundary = self.next_boundary(now)
                 if self._ticking():
+                    # Cleared before the work: what asks for a tick during it gets the next.
                     self._tick_wanted = False
                     for conn in list(self.paced):
                         conn.poll_input()  # busy clients' updates make this tick's gossip

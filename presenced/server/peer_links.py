@@ -164,6 +164,7 @@ class PeerLink:
     async def run(self) -> None:
         """Run the link until it breaks; re-raises what broke it (ChannelClosed, a protocol
         error), unwrapped, so the manager can log it in one line."""
+        self.node.want_tick()  # the first digest and beats go at the next boundary
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
