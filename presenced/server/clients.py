@@ -45,6 +45,7 @@ from presenced.server.websocket import (
     HandshakeFailed,
     accept_websocket,
     close_frame,
+    complete_text_messages,
     text_frame,
 )
 
@@ -105,6 +106,8 @@ class ClientConnection:
         self._resume = trio.Event()
         self._idle_polls = 0
         self._stop_reading = False
+        #: Whether reads still take the whole-text-frames fast path (see _handle_data).
+        self._fast_frames = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,7 +117,10 @@ class ClientConnection:
         try:
             with self._scope:
                 with trio.move_on_after(self.limits.hello_timeout):
-                    self.ws, _request = await accept_websocket(self.stream, admit=self._admit)
+                    self.ws, _request, pipelined = await accept_websocket(
+                        self.stream, admit=self._admit
+                    )
+                    self._fast_frames = not pipelined
                 if self.ws is None:
                     log.info("client %s: no WebSocket handshake in time", self.peer)
                     return
@@ -200,8 +206,7 @@ class ClientConnection:
             if not data:
                 return
             self.node.metrics.bytes_in += len(data)
-            ws.receive_data(bytes(data))
-            if not self._handle_events(ws):
+            if not self._handle_data(ws, bytes(data)):
                 return
 
     def _pace(self) -> None:
@@ -242,8 +247,7 @@ class ClientConnection:
         self._idle_polls = 0
         self.node.metrics.bytes_in += len(data)
         try:
-            ws.receive_data(data)
-            keep = self._handle_events(ws)
+            keep = self._handle_data(ws, data)
         except Exception:
             log.exception("client %s: unexpected error; closing this connection", self.peer)
             self.close(CLOSE_INTERNAL, "internal error")
@@ -251,6 +255,21 @@ class ClientConnection:
         if not keep:
             self._stop_reading = True
             self._unpace()
+
+    def _handle_data(self, ws: WSConnection, data: bytes) -> bool:
+        """Handle what one read brought; False once the connection should end. Whole text
+        frames take the fast path until the first read that is anything else; from then on
+        wsproto reads everything (see :mod:`presenced.server.websocket`)."""
+        if self._fast_frames:
+            messages = complete_text_messages(data)
+            if messages is not None:
+                for message in messages:
+                    if not self._on_fragment(message, True) or self._close is not None:
+                        return False
+                return True
+            self._fast_frames = False
+        ws.receive_data(data)
+        return self._handle_events(ws)
 
     def _handle_events(self, ws: WSConnection) -> bool:
         """Handle every buffered event; False once the connection should end."""

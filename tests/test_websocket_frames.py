@@ -1,0 +1,108 @@
+"""The whole-text-frames fast path agrees with wsproto: whatever it accepts, wsproto reads the
+same way; what wsproto would treat otherwise (control frames, fragments, partial frames,
+bad headers, invalid UTF-8), it refuses, and the connection hands the bytes to wsproto."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    Event,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import XorMaskerSimple
+
+from presenced.server.websocket import complete_text_messages
+
+
+def connected() -> tuple[WSConnection, WSConnection]:
+    """A (client, server) pair of wsproto connections past the handshake."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="localhost", target="/")))
+    assert any(isinstance(event, Request) for event in server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    assert any(isinstance(event, AcceptConnection) for event in client.events())
+    return client, server
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A final, masked text frame around any payload (valid UTF-8 or not)."""
+    key = os.urandom(4)
+    masked = bytes(XorMaskerSimple(key).process(bytearray(payload)))
+    if len(payload) < 126:
+        header = bytes([0x81, 0x80 | len(payload)])
+    else:
+        header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return header + key + masked
+
+
+def pieces(client: WSConnection) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.text(max_size=300).map(lambda text: client.send(TextMessage(data=text))),
+        st.binary(max_size=50).map(lambda data: client.send(BytesMessage(data=data))),
+        st.binary(max_size=20).map(lambda data: client.send(Ping(payload=data))),
+        st.text(min_size=1, max_size=20).map(
+            lambda text: (
+                client.send(TextMessage(data=text, message_finished=False))
+                + client.send(TextMessage(data=text, message_finished=True))
+            )
+        ),
+        st.sampled_from([b"\xff\xfe", b"\xc3", b"\xed\xa0\x80"]).map(masked_text_frame),
+        st.binary(min_size=1, max_size=12),  # garbage
+    )
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> bytes:
+    client, _ = connected()
+    data = b"".join(draw(st.lists(pieces(client), min_size=1, max_size=6)))
+    cut = draw(st.integers(min_value=0, max_value=len(data)))
+    return data[:cut] if draw(st.booleans()) else data
+
+
+def text_events(server: WSConnection, data: bytes) -> list[Event]:
+    server.receive_data(data)
+    return list(server.events())
+
+
+@given(streams())
+def test_whatever_the_fast_path_accepts_wsproto_reads_the_same(data: bytes) -> None:
+    messages = complete_text_messages(data)
+    if messages is None:
+        return
+    _, server = connected()
+    events = text_events(server, data)
+    assert all(isinstance(e, TextMessage) and e.message_finished for e in events), events
+    assert [e.data for e in events if isinstance(e, TextMessage)] == messages
+
+
+@given(st.lists(st.text(max_size=2000), min_size=1, max_size=8))
+def test_whole_text_frames_take_the_fast_path(texts: list[str]) -> None:
+    client, server = connected()
+    data = b"".join(client.send(TextMessage(data=text)) for text in texts)
+    assert complete_text_messages(data) == texts
+    assert [e.data for e in text_events(server, data) if isinstance(e, TextMessage)] == texts
+
+
+def test_what_it_refuses() -> None:
+    client, _ = connected()
+    frame = client.send(TextMessage(data="hello"))
+    assert complete_text_messages(b"") is None
+    assert complete_text_messages(frame[:-1]) is None  # partial
+    assert complete_text_messages(frame + frame[:3]) is None  # a whole frame, then a partial
+    assert complete_text_messages(client.send(Ping(payload=b"x"))) is None
+    assert complete_text_messages(client.send(BytesMessage(data=b"x"))) is None
+    assert complete_text_messages(masked_text_frame(b"\xff")) is None  # not UTF-8
+    unmasked = bytes([0x81, 5]) + b"hello"
+    assert complete_text_messages(unmasked) is None
+    long_form = bytes([0x81, 0x80 | 126, 0, 5]) + frame[2:]  # 16-bit length for 5 bytes
+    assert complete_text_messages(long_form) is None
+    big = client.send(TextMessage(data="x" * 70_000))  # 64-bit length
+    assert complete_text_messages(big) is None
