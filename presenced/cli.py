@@ -213,7 +213,7 @@ def _env(name: str) -> str:
     type=int,
     envvar=_env("tick_ms"),
     show_envvar=True,
-    help="Milliseconds between batched room updates sent to clients (5-1000); lower is"
+    help="Milliseconds between batched room updates sent to clients (2-1000); lower is"
     " snappier and costs more. Default: 25.",
 )
 @click.option(

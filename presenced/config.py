@@ -48,7 +48,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7400
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-TICK_MS_RANGE = (5, 1000)
+TICK_MS_RANGE = (2, 1000)
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
 

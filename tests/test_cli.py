@@ -128,7 +128,7 @@ def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> No
         (["--peers", "wss://x:1"], "Error: peer links (peers, peer_listen) are mutual TLS"),
         (["--tls-key", "/nonexistent"], "Error: --tls-key: '/nonexistent' is not a file"),
         (["--tls-cert", __file__], "Error: --tls-cert also needs --tls-key and --tls-ca"),
-        (["--tick-ms", "1"], "Error: --tick-ms: must be 5..1000 milliseconds, got 1"),
+        (["--tick-ms", "1"], "Error: --tick-ms: must be 2..1000 milliseconds, got 1"),
         (["--max-connections", "0"], "Error: --max-connections: must be positive, got 0"),
         (["--http", "x"], "Error: --http: expected HOST:PORT"),
         (["--http", ":7400"], "Error: --http (127.0.0.1:7400) and --listen (127.0.0.1:7400)"),

@@ -165,9 +165,9 @@ def test_peers_validation(tls: dict[str, str]) -> None:
 
 def test_value_checks(tls: dict[str, str]) -> None:
     base: dict[str, Any] = {"allow_anonymous": True, **tls}
-    assert build_config({**base, "tick_ms": "5"}).tick_ms == 5
+    assert build_config({**base, "tick_ms": "2"}).tick_ms == 2
     assert build_config({**base, "tick_ms": 1000}).tick_ms == 1000
-    for tick in (4, 1001, "x", True, 2.5):
+    for tick in (1, 1001, "x", True, 2.5):
         with pytest.raises(ConfigError, match="tick_ms"):
             build_config({**base, "tick_ms": tick})
     assert build_config({**base, "log_level": "DEBUG"}).log_level == "debug"
