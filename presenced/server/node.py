@@ -317,7 +317,7 @@ class Node:
         same boundary again (a busy loop under a mock clock).
         """
         offset = self.phase_clock() - now
-        boundary = (math.floor((now + offset) / self.tick) + 1) * self.tick - offset
+        boundary = (self._tick_of(now + offset) + 1) * self.tick - offset
         return boundary if boundary - now > self.tick / 1000 else boundary + self.tick
 
     def interval_start(self, now: float) -> float:

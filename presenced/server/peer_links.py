@@ -180,11 +180,8 @@ class PeerLink:
     ) -> None:
         try:
             await part()
-        except (ChannelClosed, wire.PeerProtocolError) as exc:
-            self.error = self.error or exc
-        except ValueError as exc:  # e.g. a message over the transport's size limit
-            log.error("peer link to %s: %s; closing it", self.remote, exc)
-            self.error = self.error or ChannelClosed(str(exc))
+        except (ChannelClosed, wire.PeerProtocolError, ValueError) as exc:
+            self._record(exc)
         finally:
             scope.cancel()
 
@@ -228,12 +225,8 @@ class PeerLink:
             self._wakeup.set()  # the writer sends it after what it has, in order
             return
         try:
-            message = self._build()
-            if message is not None:
+            for message in self._due():
                 self._send_now(message)
-            if self._ping_due:
-                self._ping_due = False
-                self._send_now(self._new_ping())
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
 
@@ -253,14 +246,19 @@ class PeerLink:
                     sent += 1
                     if sent % 64 == 0:
                         await trio.lowlevel.checkpoint()  # (sends the socket takes never yield)
-                message = self._build()
-                if message is not None:
+                for message in self._due():
                     await self._send(message)
-                if self._ping_due:
-                    self._ping_due = False
-                    await self._send(self._new_ping())
             finally:
                 self._writing = False
+
+    def _due(self) -> list[wire.PeerMessage]:
+        """What goes out now besides routed messages: the gossip message, then a due ping."""
+        message = self._build()
+        due: list[wire.PeerMessage] = [] if message is None else [message]
+        if self._ping_due:
+            self._ping_due = False
+            due.append(self._new_ping())
+        return due
 
     def _encode(self, message: wire.PeerMessage) -> bytes:
         data = wire.encode(message)
@@ -384,6 +382,12 @@ class PeerLink:
 
     def _give_up(self, exc: Exception) -> None:
         """The ticker met what breaks this link (in a send or a paced read): end the link."""
+        self._record(exc)
+        self.close()  # first: the parked reader gets Cancelled, not another message
+        self._unpace()
+
+    def _record(self, exc: Exception) -> None:
+        """Keep the first reason the link broke, as ChannelClosed or PeerProtocolError."""
         if isinstance(exc, ChannelClosed | wire.PeerProtocolError):
             error: ChannelClosed | wire.PeerProtocolError = exc
         elif isinstance(exc, ValueError):  # e.g. a message over the transport's size limit
@@ -393,8 +397,6 @@ class PeerLink:
             log.error("peer link to %s: unexpected error; closing it", self.remote, exc_info=exc)
             error = ChannelClosed("internal error")
         self.error = self.error or error
-        self.close()  # first: the parked reader gets Cancelled, not another message
-        self._unpace()
 
     def _pace(self) -> None:
         if not self.paced:

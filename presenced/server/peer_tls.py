@@ -219,17 +219,14 @@ class _Socket:
             await trio.lowlevel.wait_readable(self.sock)
 
     async def send_all(self, data: bytes) -> None:
+        """Write all of ``data`` (the handshakes; a channel writes through its own buffer)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-                # (a TLS write that would block is retried with the same bytes, as OpenSSL
-                # requires: nothing of ``view`` was consumed)
+        while data:
+            written = self.send_some(data)
+            if written is None:  # (retried with the same bytes, as OpenSSL requires)
                 await trio.lowlevel.wait_writable(self.sock)
-            except ssl.SSLWantReadError:
-                raise OSError("TLS wants to read during a write (renegotiation?)") from None
+            else:
+                data = data[written:]
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def send_some(self, data: bytes) -> int | None:
