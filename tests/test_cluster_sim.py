@@ -23,6 +23,42 @@ async def line(nursery: trio.Nursery, net: SimNetwork, **kwargs: object) -> Clus
     return cluster
 
 
+async def mesh_of_three(
+    nursery: trio.Nursery, latency: float, seed: int = 11, settle: float = 3
+) -> tuple[Cluster, SimNetwork]:
+    """eu, us and ap, each linked to the other two."""
+    net = SimNetwork(seed=seed, latency=latency)
+    cluster = Cluster(nursery, net, tick_ms=25)
+    await cluster.start("eu")
+    await cluster.start("us", peers=["eu"])
+    await cluster.start("ap", peers=["eu", "us"])
+    await cluster.settle(settle)
+    return cluster, net
+
+
+def movers(cluster: Cluster) -> dict[str, FakeClient]:
+    """A user per region, in room "r"."""
+    clients = {name: cluster.client(name, f"u-{name}") for name in ("eu", "us", "ap")}
+    for client in clients.values():
+        client.join("r")
+    return clients
+
+
+async def move_every_tick(clients: dict[str, FakeClient], ticks: int, start: int = 0) -> None:
+    for step in range(start, start + ticks):
+        for client in clients.values():
+            client.update("r", {"x": step})
+        await trio.sleep(0.025)
+
+
+def paced(cluster: Cluster, names: tuple[str, ...] = ("eu", "us", "ap")) -> dict[str, list[str]]:
+    """Per node, the peers whose links its ticker reads."""
+    return {
+        name: sorted(link.remote.node for link in cluster.node(name).gossip.paced)  # type: ignore[union-attr]
+        for name in names
+    }
+
+
 async def test_regions_see_each_other_through_a_relay(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
         cluster = await line(nursery, SimNetwork(seed=1, latency=0.04))
@@ -93,31 +129,24 @@ async def test_crashed_daemon_users_vanish_and_return(autojump_clock: object) ->
 
 async def test_partition_and_heal_converge(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
-        net = SimNetwork(seed=4, latency=0.03)
-        cluster = Cluster(nursery, net)
-        await cluster.start("eu")
-        await cluster.start("us", peers=["eu"])
-        await cluster.start("ap", peers=["eu", "us"])
-        await cluster.settle(2)
-        clients = {name: cluster.client(name, f"user-{name}") for name in ("eu", "us", "ap")}
-        for client in clients.values():
-            client.join("r")
+        cluster, net = await mesh_of_three(nursery, latency=0.03, seed=4, settle=2)
+        clients = movers(cluster)
         await cluster.settle(1)
         net.partition(["ap"], ["eu", "us"])
         clients["eu"].update("r", {"during": 1})
         clients["ap"].leave("r")
         await cluster.settle(5)
         assert set(clients["eu"].sees("r")) == {
-            ("user-eu", clients["eu"].session),
-            ("user-us", clients["us"].session),
+            ("u-eu", clients["eu"].session),
+            ("u-us", clients["us"].session),
         }
         net.heal()
         await cluster.settle(15)
         expected = cluster.visible("eu")
         assert cluster.visible("us") == expected == cluster.visible("ap")
         assert clients["us"].sees("r") == {
-            ("user-eu", clients["eu"].session): {"during": 1},
-            ("user-us", clients["us"].session): {},
+            ("u-eu", clients["eu"].session): {"during": 1},
+            ("u-us", clients["us"].session): {},
         }
         nursery.cancel_scope.cancel()
 
@@ -143,23 +172,16 @@ async def test_one_frame_per_tick_carries_every_region(autojump_clock: object) -
     all three regions, not one diff per region; and the peers send one gossip message per
     tick, however often relays wake their writers."""
     async with trio.open_nursery() as nursery:
-        net = SimNetwork(seed=7, latency=0.001)
-        cluster = Cluster(nursery, net, tick_ms=25)
-        await cluster.start("eu")
-        await cluster.start("us", peers=["eu"])
-        await cluster.start("ap", peers=["eu", "us"])
-        await cluster.settle(3)
-        movers = {name: cluster.client(name, f"u-{name}") for name in ("eu", "us", "ap")}
-        for client in movers.values():
-            client.join("r")
+        cluster, _ = await mesh_of_three(nursery, latency=0.001, seed=7)
+        clients = movers(cluster)
         await cluster.settle(1)
-        watcher = movers["eu"]
+        watcher = clients["eu"]
         links = cluster.node("eu").gossip.links.values()  # type: ignore[union-attr]
         frames_before = len(watcher.messages)
         sent_before = sum(link.messages_out for link in links)
         ticks = 40
         for step in range(ticks):
-            for client in movers.values():
+            for client in clients.values():
                 client.update("r", {"x": step})
             await trio.sleep(0.025)
         await cluster.settle(0.2)
@@ -175,44 +197,12 @@ async def test_one_frame_per_tick_carries_every_region(autojump_clock: object) -
         nursery.cancel_scope.cancel()
 
 
-async def mesh_of_three(nursery: trio.Nursery, latency: float) -> Cluster:
-    cluster = Cluster(nursery, SimNetwork(seed=11, latency=latency), tick_ms=25)
-    await cluster.start("eu")
-    await cluster.start("us", peers=["eu"])
-    await cluster.start("ap", peers=["eu", "us"])
-    await cluster.settle(3)
-    return cluster
-
-
-def movers(cluster: Cluster) -> dict[str, FakeClient]:
-    """A user per region, in room "r"."""
-    clients = {name: cluster.client(name, f"u-{name}") for name in ("eu", "us", "ap")}
-    for client in clients.values():
-        client.join("r")
-    return clients
-
-
-async def move_every_tick(clients: dict[str, FakeClient], ticks: int, start: int = 0) -> None:
-    for step in range(start, start + ticks):
-        for client in clients.values():
-            client.update("r", {"x": step})
-        await trio.sleep(0.025)
-
-
-def paced(cluster: Cluster, names: tuple[str, ...] = ("eu", "us", "ap")) -> dict[str, list[str]]:
-    """Per node, the peers whose links its ticker reads."""
-    return {
-        name: sorted(link.remote.node for link in cluster.node(name).gossip.paced)  # type: ignore[union-attr]
-        for name in names
-    }
-
-
 async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) -> None:
     """Busy near peers' batches arrive within the flush lag: every link is read by the ticker
     (no wake-up per message), and each region's moves still reach the others within a tick.
     Pings still measure the link, to within a flush lag."""
     async with trio.open_nursery() as nursery:
-        cluster = await mesh_of_three(nursery, latency=0.001)
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
         await move_every_tick(clients, 20)
         assert paced(cluster) == {"eu": ["ap", "us"], "us": ["ap", "eu"], "ap": ["eu", "us"]}
@@ -233,7 +223,7 @@ async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""
     async with trio.open_nursery() as nursery:
-        cluster = await mesh_of_three(nursery, latency=0.040)
+        cluster, _ = await mesh_of_three(nursery, latency=0.040)
         clients = movers(cluster)
         await move_every_tick(clients, 40)
         assert paced(cluster) == {"eu": [], "us": [], "ap": []}
@@ -246,7 +236,7 @@ async def test_a_quiet_peer_gets_its_reader_back(autojump_clock: object) -> None
     """When a paced peer stops sending, its link goes back to being read as data arrives, so
     its next change, whenever it comes, is shown at once (not at the next flush point)."""
     async with trio.open_nursery() as nursery:
-        cluster = await mesh_of_three(nursery, latency=0.001)
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
         await move_every_tick(clients, 20)
         assert paced(cluster)["eu"] == ["ap", "us"]
@@ -266,7 +256,7 @@ async def test_a_quiet_peer_gets_its_reader_back(autojump_clock: object) -> None
 async def test_a_paced_link_that_breaks_is_noticed(autojump_clock: object) -> None:
     """The ticker's read meets the broken channel: the link ends (and is redialled)."""
     async with trio.open_nursery() as nursery:
-        cluster = await mesh_of_three(nursery, latency=0.001)
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
         await move_every_tick(clients, 20)
         assert "ap" in paced(cluster)["eu"]
