@@ -13,6 +13,7 @@ import attrs
 import pytest
 import trio
 import trio_websocket
+from wsproto.events import BytesMessage
 
 from presenced.certs import CertError, init_ca, issue_node_cert
 from presenced.server.peer_tls import (
@@ -550,3 +551,38 @@ async def test_dial_times_out_when_the_upgrade_is_not_answered(pki: Pki) -> None
             with pytest.raises(ChannelClosed, match="timed out"):
                 await eu.dial(f"wss://127.0.0.1:{port}/")
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["ws", "wss"])
+async def test_frames_that_are_not_plain_binary_still_go_through_wsproto(
+    pki: Pki, plain: bool
+) -> None:
+    """Plain binary frames skip wsproto, both ways and at every length encoding; a fragmented
+    message between them is still put back together, in order, and a plain frame inside a
+    fragmented message breaks the protocol."""
+    if plain:
+        us = TlsWebSocketTransport(listen_host="127.0.0.1", allow_plain=True)
+        eu = TlsWebSocketTransport(allow_plain=True)
+    else:
+        us, eu = pki.transport("us"), pki.transport("eu")
+    sizes = [0, 1, 125, 126, 65_535, 65_536, 200_000]
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(f"{'ws' if plain else 'wss'}://127.0.0.1:{server.port}/")
+            accepted = await server.channels.receive()
+            async with trio.open_nursery() as nursery:
+                for size in sizes:
+                    nursery.start_soon(dialled.send, bytes([size % 251]) * size)
+                    assert await accepted.receive() == bytes([size % 251]) * size
+                    nursery.start_soon(accepted.send, bytes([size % 13]) * size)
+                    assert await dialled.receive() == bytes([size % 13]) * size
+            ws = dialled._ws  # (white box: frames the public API never sends)
+            dialled._out += ws.send(BytesMessage(data=b"frag", message_finished=False))
+            dialled._out += ws.send(BytesMessage(data=b"mented", message_finished=True))
+            await dialled.send(b"after")
+            assert await accepted.receive() == b"fragmented"
+            assert await accepted.receive() == b"after"
+            dialled._out += ws.send(BytesMessage(data=b"open", message_finished=False))
+            await dialled.send(b"plain frame inside a fragmented message")
+            with pytest.raises(ChannelClosed, match="1002"):
+                await accepted.receive()

@@ -1,6 +1,12 @@
-"""The whole-text-frames fast path agrees with wsproto: whatever it accepts, wsproto reads the
-same way; what wsproto would treat otherwise (control frames, fragments, partial frames,
-bad headers, invalid UTF-8), it refuses, and the connection hands the bytes to wsproto."""
+"""The framing fast paths agree with wsproto.
+
+Client text frames: whatever :func:`complete_text_messages` accepts, wsproto reads the same
+way; what wsproto would treat otherwise (control frames, fragments, partial frames, bad
+headers, invalid UTF-8), it refuses, and the connection hands the bytes to wsproto.
+
+Peer binary frames: :func:`frame_header` finds where every frame wsproto writes ends,
+:func:`binary_payload` reads exactly the final binary frames (and refuses every other kind),
+and wsproto reads what :func:`binary_frame` writes."""
 
 from __future__ import annotations
 
@@ -19,7 +25,12 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import XorMaskerSimple
 
-from presenced.server.websocket import complete_text_messages
+from presenced.server.websocket import (
+    binary_frame,
+    binary_payload,
+    complete_text_messages,
+    frame_header,
+)
 
 
 def connected() -> tuple[WSConnection, WSConnection]:
@@ -106,3 +117,65 @@ def test_what_it_refuses() -> None:
     assert complete_text_messages(long_form) is None
     big = client.send(TextMessage(data="x" * 70_000))  # 64-bit length
     assert complete_text_messages(big) is None
+
+
+def frames(sender: WSConnection) -> st.SearchStrategy[bytes]:
+    """Any one frame (or, for fragments, a run of frames) ``sender`` may write."""
+    sizes = st.sampled_from([0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+    return st.one_of(
+        st.binary(max_size=300).map(lambda data: sender.send(BytesMessage(data=data))),
+        sizes.map(lambda size: sender.send(BytesMessage(data=b"\x01" * size))),
+        st.text(max_size=50).map(lambda text: sender.send(TextMessage(data=text))),
+        st.binary(max_size=20).map(lambda data: sender.send(Ping(payload=data))),
+        st.binary(min_size=1, max_size=20).map(
+            lambda data: sender.send(BytesMessage(data=data, message_finished=False))
+        ),
+    )
+
+
+@given(st.booleans(), st.data())
+def test_frame_boundaries_and_plain_binary_payloads_agree_with_wsproto(
+    from_client: bool, data: st.DataObject
+) -> None:
+    client, server = connected()
+    sender, receiver = (client, server) if from_client else (server, client)
+    frame = data.draw(frames(sender))
+    header = frame_header(frame, 0)
+    assert header is not None
+    start, length, _ = header
+    assert start + length == len(frame)  # where the frame ends
+    for cut in range(min(start, 14)):  # a partial header is not read as one
+        assert frame_header(frame[:cut], 0) is None
+    payload = binary_payload(frame, 0, header, masked=from_client)
+    receiver.receive_data(frame)
+    events = list(receiver.events())
+    plain = [e for e in events if isinstance(e, BytesMessage) and e.message_finished]
+    if payload is not None:
+        assert len(events) == 1 and len(plain) == 1 and plain[0].data == payload
+    else:  # anything but a final binary frame: wsproto's to read
+        assert not plain
+    # A frame masked the wrong way round is never taken as plain.
+    assert binary_payload(frame, 0, header, masked=not from_client) is None
+
+
+@given(st.binary(max_size=70_000), st.booleans())
+def test_wsproto_reads_what_binary_frame_writes(payload: bytes, masked: bool) -> None:
+    client, server = connected()
+    receiver = server if masked else client
+    frame = binary_frame(payload, os.urandom(4) if masked else None)
+    receiver.receive_data(frame)
+    events = list(receiver.events())
+    assert len(events) == 1 and isinstance(events[0], BytesMessage)
+    assert events[0].data == payload and events[0].message_finished
+    header = frame_header(frame, 0)
+    assert header is not None and binary_payload(frame, 0, header, masked) == payload
+
+
+def test_non_minimal_lengths_are_left_to_wsproto() -> None:
+    """wsproto refuses a length encoded longer than it needs; so must the fast path."""
+    sixteen = bytes([0x82, 126, 0, 5]) + b"hello"
+    sixty_four = bytes([0x82, 127]) + (5).to_bytes(8, "big") + b"hello"
+    for frame in (sixteen, sixty_four):
+        header = frame_header(frame, 0)
+        assert header is not None and header[1] == 5
+        assert binary_payload(frame, 0, header, masked=False) is None

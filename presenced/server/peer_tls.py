@@ -16,9 +16,11 @@ Structure (who owns which task):
   listener keeps going.
 * ``dial(url)`` only works inside ``async with transport.running():``; leaving it closes every
   dialled channel still open.
-* A channel has no task of its own: wsproto runs inline in whichever task calls ``receive`` or
-  ``send`` (see :class:`TlsPeerChannel` for why), and ``receive_nowait`` reads what has
-  arrived without waiting (the gossip layer reads near peers once per tick with it).
+* A channel has no task of its own: framing runs inline in whichever task calls ``receive``
+  or ``send`` (see :class:`TlsPeerChannel` for why), and ``receive_nowait`` reads what has
+  arrived without waiting (the gossip layer reads near peers once per tick with it). Plain
+  binary frames are read and written directly; wsproto runs the handshake, control frames,
+  fragments and protocol errors (see :mod:`presenced.server.websocket`).
 * TLS is the standard library's :class:`ssl.SSLSocket` in non-blocking mode, waited on with
   :func:`trio.lowlevel.wait_readable` / ``wait_writable``: OpenSSL does the record layer in C,
   and a message that has arrived can be read synchronously. (trio's ``SSLStream`` runs the
@@ -59,6 +61,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from presenced.certs import CertError, cert_names
 from presenced.server.transport import ChannelClosed, ChannelHandler
+from presenced.server.websocket import binary_frame, binary_payload, frame_header
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -259,7 +262,7 @@ class _Socket:
 class TlsPeerChannel:
     """One peer link: binary WebSocket messages over (usually) mutually authenticated TLS.
 
-    wsproto runs inline in the calling tasks: ``receive`` (or ``receive_nowait``) reads the
+    Framing runs inline in the calling tasks: ``receive`` (or ``receive_nowait``) reads the
     socket and parses frames itself, ``send`` frames and writes. There is no reader task and no
     channel between it and the caller (trio-websocket cost ~230 µs of CPU per small message
     here; see ``bench/peer_channel_cost.py``), and a peer message wakes one task, not two.
@@ -286,6 +289,8 @@ class TlsPeerChannel:
         self._max_message_bytes = max_message_bytes
         self._close_timeout = close_timeout
         self._messages: deque[bytes] = deque()
+        #: Bytes read that do not make a whole frame yet (wsproto only ever gets whole frames).
+        self._inbox = bytearray()
         self._parts: list[bytes] = []
         self._size = 0
         #: Held by a task waiting for the socket to take ``_out``.
@@ -417,7 +422,11 @@ class TlsPeerChannel:
                 f"message of {len(data)} bytes exceeds the limit of {self._max_message_bytes}"
             )
         self._check_open()
-        self._out += self._ws.send(BytesMessage(data=bytes(data)))
+        data = bytes(data)
+        if self._ws.state is ConnectionState.OPEN:
+            self._out += binary_frame(data, os.urandom(4) if self._ws.client else None)
+        else:
+            self._out += self._ws.send(BytesMessage(data=data))  # (raises: not open)
 
     def _pump(self) -> bool:
         """Write ``_out`` as far as the socket takes it now; True once it is empty. Only one
@@ -454,19 +463,48 @@ class TlsPeerChannel:
                 return False
             if not data:
                 raise self._lost("connection closed")
-            self._ws.receive_data(data)
-            self._handle_events()
+            self._take(data)
         return True
+
+    def _take(self, data: bytes) -> None:
+        """Split what was read into whole frames: a plain binary frame is a message as it
+        stands, any other frame goes to wsproto (whole, so wsproto never holds part of one)."""
+        buffer: bytes | bytearray = data
+        if self._inbox:
+            self._inbox += data
+            buffer = self._inbox
+        masked = not self._ws.client  # (a client's frames are masked, a server's are not)
+        at, size = 0, len(buffer)
+        while at < size and self._closing is None:
+            header = frame_header(buffer, at)
+            if header is None:
+                break
+            start, length, _ = header
+            if length > self._max_message_bytes:
+                self._too_big()
+            end = start + length
+            if end > size:
+                break
+            plain = not self._parts and self._ws.state is ConnectionState.OPEN
+            payload = binary_payload(buffer, at, header, masked) if plain else None
+            if payload is not None:
+                self._messages.append(payload)
+            else:
+                self._ws.receive_data(bytes(buffer[at:end]))
+                self._handle_events()
+            at = end
+        self._inbox = bytearray(buffer[at:]) if at < size and self._closing is None else bytearray()
+
+    def _too_big(self) -> None:
+        self._fail(1009, "message too big")
+        raise self._lost(f"{self.remote_label} sent a message over {self._max_message_bytes} bytes")
 
     def _handle_events(self) -> None:
         for event in self._ws.events():
             if isinstance(event, BytesMessage):
                 self._size += len(event.data)
                 if self._size > self._max_message_bytes:
-                    self._fail(1009, "message too big")
-                    raise self._lost(
-                        f"{self.remote_label} sent a message over {self._max_message_bytes} bytes"
-                    )
+                    self._too_big()
                 self._parts.append(bytes(event.data))
                 if event.message_finished:
                     parts, self._parts, self._size = self._parts, [], 0
@@ -500,6 +538,9 @@ class TlsPeerChannel:
 
     async def _await_close_reply(self) -> None:
         """After our close frame: read until the peer's close (or the end of the stream)."""
+        if self._inbox:  # (the start of a frame: wsproto reads on from there)
+            self._ws.receive_data(bytes(self._inbox))
+            self._inbox.clear()
         while self._ws.state is not ConnectionState.CLOSED:
             try:
                 data = await self._sock.receive_some()
