@@ -39,6 +39,7 @@ from presenced.core import peer_wire, protocol
 from presenced.core.crdt import Change, Meta, PresenceState, ReplicaId
 from presenced.core.fanout import RoomFeed
 from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transition
+from presenced.server.alarm import Alarm, open_alarm
 from presenced.server.metrics import Metrics
 from presenced.server.websocket import text_frame
 
@@ -107,8 +108,9 @@ class Node:
         #: (besides paced clients and links, which keep it ticking): an idle daemon sleeps.
         self._next_boundary = -math.inf
         self._tick_wanted = False
-        #: The ticker's sleep, while it sleeps: moved earlier when a flush is requested.
-        self._sleep: trio.CancelScope | None = None
+        #: What the ticker sleeps on (set when it starts): moved earlier when a flush or a
+        #: tick is requested.
+        self._alarm: Alarm | None = None
 
     # ------------------------------------------------------------------ client operations
 
@@ -264,8 +266,8 @@ class Node:
         """Make the ticker flush dirty rooms no later than ``when``."""
         if when < self._flush_at:
             self._flush_at = when
-            if self._sleep is not None and when < self._sleep.deadline:
-                self._sleep.deadline = when
+            if self._alarm is not None:
+                self._alarm.move(when)
 
     def on_transitions(self, transitions: Iterable[Transition]) -> None:
         """Liveness changed: show, hide or drop a replica's entries."""
@@ -347,8 +349,8 @@ class Node:
             now = self.clock()
             if self._next_boundary <= now:
                 self._next_boundary = self.next_boundary(now)
-            if self._sleep is not None and self._next_boundary < self._sleep.deadline:
-                self._sleep.deadline = self._next_boundary
+            if self._alarm is not None:
+                self._alarm.move(self._next_boundary)
 
     def _ticking(self) -> bool:
         gossip = self.gossip
@@ -358,13 +360,18 @@ class Node:
         """At each aligned tick boundary that has work (see :meth:`want_tick`) send local
         changes to peers; flush rooms a little later (``flush_lag``), and whenever a peer's
         batch asks for it."""
+        self._alarm = open_alarm(self.clock)
+        try:
+            await self._tick_forever(self._alarm)
+        finally:
+            self._alarm.close()
+            self._alarm = None
+
+    async def _tick_forever(self, alarm: Alarm) -> None:
         self._next_boundary = self.next_boundary(self.clock())
         while True:
             boundary = self._next_boundary if self._ticking() else math.inf
-            deadline = min(boundary, self._flush_at, self._poll_at)
-            with trio.CancelScope(deadline=deadline) as self._sleep:
-                await trio.sleep_forever()
-            self._sleep = None
+            await alarm.sleep_until(min(boundary, self._flush_at, self._poll_at))
             gossip = self.gossip
             now = self.clock()
             started = time.perf_counter()
@@ -383,8 +390,8 @@ class Node:
                             self._poll_at = now + self.flush_lag
                     self._local_dirty = False
                     if self._dirty:
-                        linked = gossip is not None and bool(gossip.links)
-                        self._flush_by(now + self.flush_lag if linked else now)
+                        paced = gossip is not None and bool(gossip.paced)
+                        self._flush_by(now + self.flush_lag if paced else now)
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:
