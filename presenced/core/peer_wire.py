@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from math import isfinite
 from typing import Any, Final
 
 import attrs
@@ -512,10 +513,42 @@ def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
     Integers of any size pass: clients may send them, and CBOR carries them as bignums. A
     container met twice is a CBOR shared reference (tags 28/29, resolved by cbor2 before we
     see the data): refused, since a few hundred bytes of them expand to billions of values.
+    A value counts one level of ``depth``, its container one more. (Strings, booleans, nulls
+    and finite floats are passed in the container's loop: this runs for every meta a peer
+    sends, and a call per leaf was most of its cost.)
     """
     if depth <= 0:
         raise PeerProtocolError("value nested too deeply")
     kind = type(value)
+    if kind is not dict and kind is not list:
+        _json_leaf(value, kind)
+        return
+    if seen is None:
+        seen = set()
+    if id(value) in seen:
+        raise PeerProtocolError("shared references are not JSON")
+    seen.add(id(value))
+    if depth == 1 and value:
+        raise PeerProtocolError("value nested too deeply")
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise PeerProtocolError("map keys must be strings")
+            child = type(item)
+            if not (
+                child is str or child is bool or item is None or (child is float and isfinite(item))
+            ):
+                _json_value(item, depth - 1, seen)
+    else:
+        for item in value:
+            child = type(item)
+            if not (
+                child is str or child is bool or item is None or (child is float and isfinite(item))
+            ):
+                _json_value(item, depth - 1, seen)
+
+
+def _json_leaf(value: Any, kind: type) -> None:
     if kind is str or kind is bool or value is None:
         return
     if kind is int:
@@ -526,21 +559,5 @@ def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
     if kind is float:
         if not math.isfinite(value):
             raise PeerProtocolError("NaN and infinities are not JSON")
-        return
-    if kind is list or kind is dict:
-        if seen is None:
-            seen = set()
-        if id(value) in seen:
-            raise PeerProtocolError("shared references are not JSON")
-        seen.add(id(value))
-    if kind is list:
-        for item in value:
-            _json_value(item, depth - 1, seen)
-        return
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise PeerProtocolError("map keys must be strings")
-            _json_value(item, depth - 1, seen)
         return
     raise PeerProtocolError(f"{kind.__name__} values cannot be relayed to clients")
