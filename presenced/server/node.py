@@ -67,8 +67,11 @@ class Node:
         self.replica = replica
         self.region = config.region
         self.tick = config.tick_ms / 1000.0
-        #: How long after a tick boundary rooms are flushed (see the module docstring).
+        #: When, after a tick boundary, the ticker reads paced peer links (and flushes what
+        #: they bring; see the module docstring).
         self.flush_lag = self.tick / 8
+        #: How long after a tick boundary a tick's flush may wait for near peers' batches.
+        self.hold = self.tick / 4
         self.clock = clock
         self.wall_clock = wall_clock
         #: The clock tick boundaries are aligned to: wall time, shared by every daemon of a
@@ -259,8 +262,21 @@ class Node:
                 self._dirty[room] = feed
                 deferred = True
         if deferred and from_peer:
-            aligned = interval + self.flush_lag
-            self._flush_by(aligned if now < aligned else now)
+            self._flush_by(self.flush_time(now))
+
+    def flush_time(self, now: float) -> float:
+        """When this tick's changes are flushed: once near peers' batches of the tick are in,
+        so a member gets them all in one frame. A peer whose batches came early in each of the
+        last few ticks is waited for, up to ``hold`` after the boundary; paced links are read
+        at the flush point; with neither, at once."""
+        gossip = self.gossip
+        if gossip is None:
+            return now
+        if gossip.awaiting_batches():
+            return max(now, self.interval_start(now) + self.hold)
+        if gossip.paced:
+            return max(now, self.interval_start(now) + self.flush_lag)
+        return now
 
     def _flush_by(self, when: float) -> None:
         """Make the ticker flush dirty rooms no later than ``when``."""
@@ -390,8 +406,7 @@ class Node:
                             self._poll_at = now + self.flush_lag
                     self._local_dirty = False
                     if self._dirty:
-                        paced = gossip is not None and bool(gossip.paced)
-                        self._flush_by(now + self.flush_lag if paced else now)
+                        self._flush_by(self.flush_time(now))
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:

@@ -14,8 +14,12 @@ Timing, chosen for latency and for few messages:
   carries one gossip message per tick;
 * changes merged from one peer are relayed to the others immediately (two hops cost two
   link delays, not two ticks);
-* a daemon flushes rooms touched by a peer's gossip within the node's ``flush_lag`` (the peer
-  already coalesced; the lag folds the batches of several peers into one frame per member).
+* a daemon flushes rooms touched by a peer's gossip at once, unless other peers' batches of
+  the same tick are still to come: a link whose previous batch arrived early in its tick
+  (within the node's ``hold``, a quarter tick) is waited for, up to the hold, so its batch,
+  the local changes and the other near peers' batches reach members as one frame
+  (:meth:`PeerManager.awaiting_batches`). A far peer's batches land at a steady phase of the
+  tick, past the hold or within it: either way, waiting for them costs no latency.
 
 Paced reading: a near peer's tick batch arrives within the flush lag of the boundary it was sent
 at. Once a link's gossip has arrived in that window a few times running, its reader task parks
@@ -132,6 +136,11 @@ class PeerLink:
         self._resume = trio.Event()
         #: Gossip messages in a row that arrived within the flush lag of their tick.
         self._in_window = 0
+        #: The tick of the last gossip batch (a tick's first gossip message), and that tick
+        #: again if the batch came within the node's ``hold`` of the boundary: see
+        #: :meth:`awaited`.
+        self._batch_tick = -1
+        self._early_tick = -1
         #: The tick in which the reader paced the link: it has read that tick's batch
         #: itself, so the ticker's read at that tick's flush point is skipped.
         self._paced_tick = -1
@@ -443,9 +452,18 @@ class PeerLink:
             raise wire.PeerProtocolError("hello sent twice")
         return message
 
+    def awaited(self, tick: int) -> bool:
+        """Whether this tick's flush waits for this link's batch: the previous tick's came
+        early in that tick, and this tick's has not come yet."""
+        return self._early_tick == tick - 1
+
     def _on_gossip(self, message: wire.Gossip) -> None:
         node = self.node
         now = node.clock()
+        tick = node.tick_number()
+        if self._batch_tick != tick:  # the tick's first gossip is its batch (later ones relay)
+            self._batch_tick = tick
+            self._early_tick = tick if node.tick_phase() < node.hold else -1
         for beat in message.beats:
             node.on_transitions(node.liveness.observe(beat, now))
         if message.links is not None:
@@ -672,6 +690,12 @@ class PeerManager:
         """Called at every tick boundary: links send local changes and what else is due."""
         for link in self.links.values():
             link.tick(local_changed)
+
+    def awaiting_batches(self) -> bool:
+        """Whether a link whose batches come early in each tick has not sent this tick's yet
+        (the node holds the tick's flush for it, see :meth:`Node.flush_time`)."""
+        tick = self.node.tick_number()
+        return any(link.awaited(tick) for link in self.links.values())
 
     def poll_paced(self) -> None:
         """The flush point of a tick: read the links that are paced (see :meth:`PeerLink.poll`)."""
