@@ -486,3 +486,44 @@ async def test_a_paced_client_that_disconnects_or_misbehaves_is_dropped_alone(
         assert not node.paced
         pong = await bob.request({"type": "ping", "t": 1})
         assert pong["type"] == "pong"
+
+
+def test_paced_clients_read_only_those_with_input() -> None:
+    """One epoll_wait picks the paced connections that sent something; the rest get a quiet
+    tick (no failed read), and the epoll descriptor lives only while someone is paced."""
+    import socket
+
+    from presenced.server.clients import PacedClients
+
+    class Conn:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def poll_input(self) -> None:
+            self.calls.append("read")
+
+        def quiet_tick(self) -> None:
+            self.calls.append("quiet")
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        paced = PacedClients()
+        busy, quiet = Conn(), Conn()
+        paced.add(busy, pairs[0][0].fileno())  # type: ignore[arg-type]
+        paced.add(quiet, pairs[1][0].fileno())  # type: ignore[arg-type]
+        paced.add(busy, pairs[0][0].fileno())  # type: ignore[arg-type]  # (already in)
+        pairs[0][1].send(b"x")
+        paced.read()
+        assert (busy.calls, quiet.calls) == (["read"], ["quiet"])
+        assert list(paced) == [busy, quiet] and paced
+        paced.discard(busy)  # type: ignore[arg-type]
+        paced.discard(busy)  # type: ignore[arg-type]  # (idempotent)
+        paced.read()
+        assert (busy.calls, quiet.calls) == (["read"], ["quiet", "quiet"])
+        paced.discard(quiet)  # type: ignore[arg-type]
+        assert not paced and paced._epoll is None
+        paced.read()  # nothing paced: nothing to do
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

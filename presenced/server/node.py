@@ -40,6 +40,7 @@ from presenced.core.crdt import Change, Meta, PresenceState, ReplicaId
 from presenced.core.fanout import RoomFeed
 from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transition
 from presenced.server.alarm import Alarm, open_alarm
+from presenced.server.clients import PacedClients
 from presenced.server.metrics import Metrics
 from presenced.server.websocket import text_frame
 
@@ -86,7 +87,7 @@ class Node:
         #: messages for the user are written.
         self.users: dict[str, dict[ClientConnection, None]] = {}
         #: Connections whose input the ticker reads at tick boundaries (they stream updates).
-        self.paced: dict[ClientConnection, None] = {}
+        self.paced = PacedClients()
         self._dirty: dict[str, RoomFeed] = {}
         self.metrics = Metrics()
         self.liveness = Liveness(
@@ -205,7 +206,7 @@ class Node:
     def disconnect(self, conn: ClientConnection) -> None:
         """A connection ended: it leaves every room it was in."""
         self.connections.discard(conn)
-        self.paced.pop(conn, None)
+        self.paced.discard(conn)
         sessions = self.users.get(conn.user)
         if sessions is not None:
             sessions.pop(conn, None)
@@ -398,8 +399,7 @@ class Node:
                 if self._ticking():
                     # Cleared before the work: what asks for a tick during it gets the next.
                     self._tick_wanted = False
-                    for conn in list(self.paced):
-                        conn.poll_input()  # busy clients' updates make this tick's gossip
+                    self.paced.read()  # busy clients' updates make this tick's gossip
                     if gossip is not None:
                         gossip.tick(self._local_dirty)
                         if gossip.paced:
