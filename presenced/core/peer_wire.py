@@ -27,7 +27,7 @@ This module only converts between bytes and typed values; it never touches the n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from math import isfinite
 from typing import Any, Final
 
@@ -464,17 +464,23 @@ def _delta(row: list[Any]) -> Delta:
     parsed: list[Record] = []
     for record in _rows(records, 5, "records"):
         room, user, session, counter, meta = record
+        # (one test for the common case; the helpers name what is wrong otherwise)
+        if not (
+            type(room) is str
+            and type(user) is str
+            and type(session) is str
+            and 0 < len(room) <= MAX_NAME
+            and 0 < len(user) <= MAX_NAME
+            and 0 < len(session) <= MAX_NAME
+        ):
+            _name(room, "room"), _name(user, "user"), _name(session, "session")
+        if type(counter) is not int or not 0 <= counter < 2**63:
+            _count(counter, "counter")
         if meta is not None:
             if type(meta) is not dict:
                 raise PeerProtocolError("a meta must be a map")
             _json_value(meta, MAX_DEPTH)
-        parsed.append(
-            (
-                (_name(room, "room"), _name(user, "user"), _name(session, "session")),
-                _count(counter, "counter"),
-                meta,
-            )
-        )
+        parsed.append(((room, user, session), counter, meta))
     return Delta(
         _replica(node, inc),
         _name(region, "region"),
@@ -486,8 +492,11 @@ def _delta(row: list[Any]) -> Delta:
 
 
 def _rows(value: Any, width: int, what: str) -> list[list[Any]]:
-    if type(value) is not list or any(type(r) is not list or len(r) != width for r in value):
+    if type(value) is not list:
         raise PeerProtocolError(f"'{what}' must be a list of {width}-element lists")
+    for row in value:
+        if type(row) is not list or len(row) != width:
+            raise PeerProtocolError(f"'{what}' must be a list of {width}-element lists")
     return value
 
 
@@ -513,9 +522,9 @@ def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
     Integers of any size pass: clients may send them, and CBOR carries them as bignums. A
     container met twice is a CBOR shared reference (tags 28/29, resolved by cbor2 before we
     see the data): refused, since a few hundred bytes of them expand to billions of values.
-    A value counts one level of ``depth``, its container one more. (Strings, booleans, nulls
-    and finite floats are passed in the container's loop: this runs for every meta a peer
-    sends, and a call per leaf was most of its cost.)
+    A value counts one level of ``depth``, its container one more. (Plain leaves are passed in
+    the container's loop: this runs for every meta a peer sends, and a call per leaf was most
+    of its cost.)
     """
     if depth <= 0:
         raise PeerProtocolError("value nested too deeply")
@@ -530,22 +539,22 @@ def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
     seen.add(id(value))
     if depth == 1 and value:
         raise PeerProtocolError("value nested too deeply")
+    items: Iterable[Any] = value
     if kind is dict:
-        for key, item in value.items():
+        for key in value:
             if type(key) is not str:
                 raise PeerProtocolError("map keys must be strings")
-            child = type(item)
-            if not (
-                child is str or child is bool or item is None or (child is float and isfinite(item))
-            ):
-                _json_value(item, depth - 1, seen)
-    else:
-        for item in value:
-            child = type(item)
-            if not (
-                child is str or child is bool or item is None or (child is float and isfinite(item))
-            ):
-                _json_value(item, depth - 1, seen)
+        items = value.values()
+    for item in items:
+        child = type(item)
+        if child is str or child is bool or item is None:
+            continue
+        if child is float:
+            if isfinite(item):
+                continue
+        elif child is int and item.bit_length() <= MAX_INT_BITS:
+            continue
+        _json_value(item, depth - 1, seen)
 
 
 def _json_leaf(value: Any, kind: type) -> None:
