@@ -30,6 +30,7 @@ from presenced.server.websocket import (
     binary_payload,
     complete_text_messages,
     frame_header,
+    text_frame,
 )
 
 
@@ -179,3 +180,9 @@ def test_non_minimal_lengths_are_left_to_wsproto() -> None:
         header = frame_header(frame, 0)
         assert header is not None and header[1] == 5
         assert binary_payload(frame, 0, header, masked=False) is None
+
+
+@given(st.one_of(st.text(max_size=300), st.sampled_from(["x" * 65_535, "é" * 40_000])))
+def test_text_frame_is_what_wsproto_writes(text: str) -> None:
+    _, server = connected()
+    assert text_frame(text) == server.send(TextMessage(data=text))

