@@ -12,16 +12,16 @@ once (leading edge), so light traffic sees no tick delay.
 
 Aligned ticks: tick boundaries are multiples of the tick in wall-clock time, so every daemon of
 a cluster ticks at the same moment (NTP keeps real regions within a millisecond or so). At a
-boundary a daemon first sends its local changes to its peers, and flushes its rooms
-``flush_lag`` later (an eighth of the tick; at once if it has no peer links). Peers' batches
-of the same tick arrive within that lag on a nearby network, so a member gets one frame per
-tick with every region's changes in it, instead of one per region: fewer frames, writes and
-wake-ups on both ends, for a few milliseconds of latency. A peer batch that arrives at any
+boundary a daemon reads its busy clients and sends its local changes to its peers. It flushes
+its rooms once the near peers' batches of the same tick are in (:meth:`Node.flush_time`): a
+member gets one frame per tick with every region's changes in it, instead of one per region:
+fewer frames, writes and wake-ups on both ends, for a few milliseconds of latency. Near peers
+are not even waited for one by one: the ticker reads paced links itself ``flush_lag`` after
+the boundary (see :mod:`presenced.server.peer_links`), and a link whose last batch came
+within ``hold`` of its boundary is waited for up to ``hold``. A batch that arrives at any
 other time (a distant region) is flushed at once: waiting would add latency and fold nothing
-in (batches ready together are still handled before the ticker runs, so they share one flush).
-Near peers are not even waited for: the ticker reads their links itself at the flush point
-(paced peer links, see :mod:`presenced.server.peer_links`), so a tick costs a daemon two
-wake-ups (the boundary and the flush point) however many regions it hears from.
+in. So a tick costs a busy daemon two wake-ups (the boundary and the poll point) however many
+regions it hears from, and the ticker sleeps on a kernel timer (:mod:`presenced.server.alarm`).
 """
 
 from __future__ import annotations
@@ -233,10 +233,10 @@ class Node:
 
         A room that has not flushed since the start of the previous tick interval flushes at
         once (leading edge); others wait for the tick's flush. ``from_peer`` marks changes a
-        peer already coalesced over its own tick: they join the flush ``flush_lag`` after the
-        tick boundary if they arrive before it, else the ticker flushes them as soon as it
-        runs, so a cross-region update waits one tick, not two. ``immediate`` flushes touched
-        rooms now (liveness transitions: rare, and users expect to see them at once).
+        peer already coalesced over its own tick: they are flushed at :meth:`flush_time` (at
+        once, unless near peers' batches of the tick are still to come), so a cross-region
+        update waits one tick, not two. ``immediate`` flushes touched rooms now (liveness
+        transitions: rare, and users expect to see them at once).
         """
         now = self.clock()
         touched: dict[str, RoomFeed] = {}
