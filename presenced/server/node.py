@@ -267,9 +267,9 @@ class Node:
 
     def flush_time(self, now: float) -> float:
         """When this tick's changes are flushed: once near peers' batches of the tick are in,
-        so a member gets them all in one frame. A peer whose batches came early in each of the
-        last few ticks is waited for, up to ``hold`` after the boundary; paced links are read
-        at the flush point; with neither, at once."""
+        so a member gets them all in one frame. A peer whose previous batch came within
+        ``hold`` of its boundary is waited for, up to ``hold`` after this boundary; paced
+        links are read at the poll point (``flush_lag``); with neither, at once."""
         gossip = self.gossip
         if gossip is None:
             return now
@@ -374,9 +374,9 @@ class Node:
         return self._tick_wanted or bool(self.paced) or (gossip is not None and bool(gossip.paced))
 
     async def run_ticker(self) -> None:
-        """At each aligned tick boundary that has work (see :meth:`want_tick`) send local
-        changes to peers; flush rooms a little later (``flush_lag``), and whenever a peer's
-        batch asks for it."""
+        """At each aligned tick boundary that has work (see :meth:`want_tick`) read busy
+        clients and send local changes to peers; read paced links ``flush_lag`` later; flush
+        rooms at :meth:`flush_time`."""
         self._alarm = open_alarm(self.clock)
         try:
             await self._tick_forever(self._alarm)

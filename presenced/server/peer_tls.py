@@ -493,7 +493,12 @@ class TlsPeerChannel:
                 self._ws.receive_data(bytes(buffer[at:end]))
                 self._handle_events()
             at = end
-        self._inbox = bytearray(buffer[at:]) if at < size and self._closing is None else bytearray()
+        if at >= size or self._closing is not None:
+            self._inbox.clear()
+        elif buffer is self._inbox:
+            del self._inbox[:at]  # (nothing moves while a big frame is still arriving)
+        else:
+            self._inbox = bytearray(buffer[at:])
 
     def _too_big(self) -> None:
         self._fail(1009, "message too big")
