@@ -400,26 +400,36 @@ class Node:
                     # Cleared before the work: what asks for a tick during it gets the next.
                     self._tick_wanted = False
                     self.paced.read()  # busy clients' updates make this tick's gossip
+                    woke = now
                     if gossip is not None:
                         gossip.tick(self._local_dirty)
                         if gossip.paced:
-                            self._poll_at = now + self.flush_lag
+                            # Batches already in (the work above takes a while) are read now:
+                            # the poll point is only for those still to come.
+                            now = self._read_paced(gossip, early=True)
+                            if gossip.paced_pending():
+                                self._poll_at = woke + self.flush_lag
                     self._local_dirty = False
                     if self._dirty:
                         self._flush_by(self.flush_time(now))
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:
-                    self._holding = True
-                    try:
-                        gossip.poll_paced()  # near peers' batches of this tick join its flush
-                    finally:
-                        self._holding = False
-                    now = self.clock()  # (what the reads dirtied is flushed in this pass)
+                    now = self._read_paced(gossip, early=False)
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()
             self.metrics.observe_flush(time.perf_counter() - started)
+
+    def _read_paced(self, gossip: PeerManager, *, early: bool) -> float:
+        """Read paced peer links; what they change is flushed in one frame per room (no
+        leading-edge flush per link). Returns the time after the reads."""
+        self._holding = True
+        try:
+            gossip.poll_paced(early=early)
+        finally:
+            self._holding = False
+        return self.clock()
 
     def room_snapshot(self, room: str) -> dict[str, Any]:
         """A fresh `state` frame for a member that must resync (slow reader)."""

@@ -138,8 +138,8 @@ class PeerLink:
         self._in_window = 0
         #: The tick of the last gossip batch (a tick's first gossip message), and that tick
         #: again if the batch came within the node's ``hold`` of the boundary: see
-        #: :meth:`awaited`.
-        self._batch_tick = -1
+        #: :meth:`awaited` and :meth:`PeerManager.paced_pending`.
+        self.batch_tick = -1
         self._early_tick = -1
         #: The tick in which the reader paced the link: it has read that tick's batch
         #: itself, so the ticker's read at that tick's flush point is skipped.
@@ -364,8 +364,9 @@ class PeerLink:
             else:
                 self._in_window = 0
 
-    def poll(self) -> None:
-        """Read what a paced link's peer sent (the ticker calls this at its flush point).
+    def poll(self, early: bool = False) -> None:
+        """Read what a paced link's peer sent (the ticker calls this at its poll point, and
+        ``early`` right after the boundary's own work, when a batch may already be in).
 
         Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
         recorded and ends this link alone.
@@ -386,7 +387,7 @@ class PeerLink:
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
             return
-        if read == 0:
+        if read == 0 and not early:
             self._unpace()  # nothing this tick: wait for the peer's next message
 
     def _give_up(self, exc: Exception) -> None:
@@ -461,8 +462,8 @@ class PeerLink:
         node = self.node
         now = node.clock()
         tick = node.tick_number()
-        if self._batch_tick != tick:  # the tick's first gossip is its batch (later ones relay)
-            self._batch_tick = tick
+        if self.batch_tick != tick:  # the tick's first gossip is its batch (later ones relay)
+            self.batch_tick = tick
             self._early_tick = tick if node.tick_phase() < node.hold else -1
         for beat in message.beats:
             node.on_transitions(node.liveness.observe(beat, now))
@@ -697,10 +698,15 @@ class PeerManager:
         tick = self.node.tick_number()
         return any(link.awaited(tick) for link in self.links.values())
 
-    def poll_paced(self) -> None:
-        """The flush point of a tick: read the links that are paced (see :meth:`PeerLink.poll`)."""
+    def poll_paced(self, early: bool = False) -> None:
+        """Read the links that are paced (see :meth:`PeerLink.poll`)."""
         for link in list(self.paced):
-            link.poll()
+            link.poll(early)
+
+    def paced_pending(self) -> bool:
+        """Whether a paced link's batch of this tick has not been read yet."""
+        tick = self.node.tick_number()
+        return any(link.batch_tick != tick for link in self.paced)
 
     def request_digests(self) -> None:
         """Ask every link to exchange digests now (a replica came back up: repair fast)."""
