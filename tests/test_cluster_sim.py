@@ -246,6 +246,27 @@ async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) ->
         nursery.cancel_scope.cancel()
 
 
+async def test_an_early_read_that_finds_nothing_keeps_the_link_paced(
+    autojump_clock: object,
+) -> None:
+    """Right after the boundary's own work the ticker reads paced links once early: a batch
+    not in yet is no miss (it is read at the poll point), so the link stays paced; only the
+    poll point's empty read hands it back to its reader."""
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await move_every_tick(clients, 20)
+        gossip = cluster.node("eu").gossip
+        assert gossip is not None
+        link = next(iter(gossip.paced))
+        link.poll(early=True)  # (whatever is in: read it)
+        link.poll(early=True)  # nothing now
+        assert link.paced
+        link.poll()
+        assert not link.paced
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""
