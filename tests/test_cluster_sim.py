@@ -246,12 +246,12 @@ async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) ->
         nursery.cancel_scope.cancel()
 
 
-async def test_an_early_read_that_finds_nothing_keeps_the_link_paced(
+async def test_only_the_final_read_that_finds_nothing_unpaces_a_link(
     autojump_clock: object,
 ) -> None:
-    """Right after the boundary's own work the ticker reads paced links once early: a batch
-    not in yet is no miss (it is read at the poll point), so the link stays paced; only the
-    poll point's empty read hands it back to its reader."""
+    """The ticker reads paced links right after the boundary's own work and at the poll
+    point: a batch not in yet is no miss, so the link stays paced; only the tick's last,
+    final read (at the hold) hands a link with nothing back to its reader."""
     async with trio.open_nursery() as nursery:
         cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
@@ -259,8 +259,8 @@ async def test_an_early_read_that_finds_nothing_keeps_the_link_paced(
         gossip = cluster.node("eu").gossip
         assert gossip is not None
         link = next(iter(gossip.paced))
-        link.poll(early=True)  # (whatever is in: read it)
-        link.poll(early=True)  # nothing now
+        link.poll(final=False)  # (whatever is in: read it)
+        link.poll(final=False)  # nothing now
         assert link.paced
         link.poll()
         assert not link.paced

@@ -105,6 +105,8 @@ class Node:
         self._flush_at = math.inf
         #: When the ticker reads paced peer links next (this tick's flush point, or inf).
         self._poll_at = math.inf
+        #: Whether that read is the tick's last for a paced link's batch (see PeerLink.poll).
+        self._final_poll = True
         #: True while the ticker reads paced peer links: what they change is flushed right
         #: after, in one frame per room (no leading-edge flush per link).
         self._holding = False
@@ -406,27 +408,34 @@ class Node:
                         if gossip.paced:
                             # Batches already in (the work above takes a while) are read now:
                             # the poll point is only for those still to come.
-                            now = self._read_paced(gossip, early=True)
+                            now = self._read_paced(gossip, final=False)
                             if gossip.paced_pending():
                                 self._poll_at = woke + self.flush_lag
+                                self._final_poll = False
                     self._local_dirty = False
                     if self._dirty:
                         self._flush_by(self.flush_time(now))
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:
-                    now = self._read_paced(gossip, early=False)
+                    final = self._final_poll
+                    now = self._read_paced(gossip, final=final)
+                    if not final and gossip.paced_pending():
+                        # A late batch gets a last read at the hold, when the tick's flush
+                        # waits for it anyway: no wake-up of its own, and the link stays paced.
+                        self._poll_at = max(now, self.interval_start(now) + self.hold)
+                        self._final_poll = True
             if now >= self._flush_at:
                 self._flush_at = math.inf
                 self.flush_dirty()
             self.metrics.observe_flush(time.perf_counter() - started)
 
-    def _read_paced(self, gossip: PeerManager, *, early: bool) -> float:
+    def _read_paced(self, gossip: PeerManager, *, final: bool) -> float:
         """Read paced peer links; what they change is flushed in one frame per room (no
         leading-edge flush per link). Returns the time after the reads."""
         self._holding = True
         try:
-            gossip.poll_paced(early=early)
+            gossip.poll_paced(final=final)
         finally:
             self._holding = False
         return self.clock()

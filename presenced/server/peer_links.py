@@ -364,9 +364,11 @@ class PeerLink:
             else:
                 self._in_window = 0
 
-    def poll(self, early: bool = False) -> None:
-        """Read what a paced link's peer sent (the ticker calls this at its poll point, and
-        ``early`` right after the boundary's own work, when a batch may already be in).
+    def poll(self, final: bool = True) -> None:
+        """Read what a paced link's peer sent. The ticker calls this right after the
+        boundary's own work (a batch may be in by then), at its poll point, and, for a batch
+        still missing, a last time (``final``) at the hold: a link with nothing then goes back
+        to its reader task.
 
         Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
         recorded and ends this link alone.
@@ -387,7 +389,7 @@ class PeerLink:
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
             return
-        if read == 0 and not early:
+        if read == 0 and final:
             self._unpace()  # nothing this tick: wait for the peer's next message
 
     def _give_up(self, exc: Exception) -> None:
@@ -698,10 +700,10 @@ class PeerManager:
         tick = self.node.tick_number()
         return any(link.awaited(tick) for link in self.links.values())
 
-    def poll_paced(self, early: bool = False) -> None:
+    def poll_paced(self, final: bool = True) -> None:
         """Read the links that are paced (see :meth:`PeerLink.poll`)."""
         for link in list(self.paced):
-            link.poll(early)
+            link.poll(final)
 
     def paced_pending(self) -> bool:
         """Whether a paced link's batch of this tick has not been read yet."""
