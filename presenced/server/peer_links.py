@@ -23,10 +23,12 @@ Timing, chosen for latency and for few messages:
 
 Paced reading: a near peer's tick batch arrives within the flush lag of the boundary it was sent
 at. Once a link's gossip has arrived in that window a few times running, its reader task parks
-and the node's ticker reads the link once per tick, at the flush point, with
-``receive_nowait`` (:meth:`PeerLink.poll`): no wake-up per peer message, and the same flush
-the message would have joined anyway. A read that finds nothing (the peer was quiet, or its
-batch is late) hands the link back to its reader task, which waits for data as usual; a peer
+and the node's ticker reads the link with ``receive_nowait`` (:meth:`PeerLink.poll`): right
+after the boundary's own work, at the poll point (the flush lag) if the batch was not in yet,
+and a last time at the node's hold if it still was not: no wake-up per peer message, and the
+same flush the message would have joined anyway. Only that last read, finding nothing (the
+peer was quiet, or its batch is late), hands the link back to its reader task, which waits
+for data as usual; a peer
 whose batches land later in the tick (a far one, unless its delay is within the flush lag of
 a whole number of ticks: then pacing changes nothing either) is not paced. While a link is
 paced, its other messages (routed messages, pings) wait for that read: at most a tick and a
