@@ -96,7 +96,10 @@ class PacedClients:
         if conn not in self._fds:
             if self._epoll is None:
                 self._epoll = select.epoll()
-            self._epoll.register(fd, select.EPOLLIN)
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # (cannot happen while connections leave before closing)
+                self._epoll.modify(fd, select.EPOLLIN)
             self._fds[conn] = fd
 
     def discard(self, conn: ClientConnection) -> None:
