@@ -58,33 +58,19 @@ def complete_text_messages(data: bytes) -> list[str] | None:
     """The messages in ``data`` if it is exactly a run of complete, final, masked text frames
     (no extension bits, a minimally encoded length under 64 KiB, valid UTF-8); else None."""
     messages = []
-    size = len(data)
-    at = 0
+    at, size = 0, len(data)
     while at < size:
-        if size - at < 6 or data[at] != 0x81:  # FIN + text, no RSV bits
+        header = frame_header(data, at)
+        if header is None or header[1] >= 65_536 or header[0] + header[1] > size:
             return None
-        length = data[at + 1] ^ 0x80  # the mask bit must be set
-        if length >= 0x80:
+        payload = _plain_payload(data, at, header, 0x81, masked=True)
+        if payload is None:
             return None
-        start = at + 6
-        if length == 126:
-            if size - at < 8:
-                return None
-            length = int.from_bytes(data[at + 2 : at + 4], "big")
-            if length < 126:
-                return None  # not minimal: wsproto refuses it
-            start = at + 8
-        elif length == 127:
-            return None
-        end = start + length
-        if end > size:
-            return None
-        payload = unmask(data[start:end], data[start - 4 : start])
         try:
             messages.append(payload.decode("utf-8"))
         except UnicodeDecodeError:
             return None
-        at = end
+        at = header[0] + header[1]
     return messages or None
 
 
@@ -122,8 +108,17 @@ def binary_payload(
     """The payload of the whole frame at ``at`` (``header`` from :func:`frame_header`) if it is
     a final binary frame with no extension bits, a minimal length and a mask exactly when
     ``masked``; else None (wsproto must read it)."""
+    return _plain_payload(data, at, header, 0x82, masked)
+
+
+def _plain_payload(
+    data: bytes | bytearray, at: int, header: tuple[int, int, bool], first: int, masked: bool
+) -> bytes | None:
+    """The payload of the whole frame at ``at`` if its first byte is ``first`` (FIN, no
+    extension bits, the opcode), its length minimal and its mask there exactly when
+    ``masked``; else None."""
     start, length, minimal = header
-    if data[at] != 0x82 or not minimal or bool(data[at + 1] & 0x80) != masked:
+    if data[at] != first or not minimal or bool(data[at + 1] & 0x80) != masked:
         return None
     payload = data[start : start + length]
     if masked:
