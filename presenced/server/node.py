@@ -20,8 +20,9 @@ are not even waited for one by one: the ticker reads paced links itself ``flush_
 the boundary (see :mod:`presenced.server.peer_links`), and a link whose last batch came
 within ``hold`` of its boundary is waited for up to ``hold``. A batch that arrives at any
 other time (a distant region) is flushed at once: waiting would add latency and fold nothing
-in. So a tick costs a busy daemon two wake-ups (the boundary and the poll point) however many
-regions it hears from, and the ticker sleeps on a kernel timer (:mod:`presenced.server.alarm`).
+in. So a tick costs a busy daemon at most two wake-ups (the boundary, and the poll point when
+a near batch was not in by the end of the boundary's work) however many regions it hears
+from, and the ticker sleeps on a kernel timer (:mod:`presenced.server.alarm`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Node:
         self._local_dirty = False
         #: When the ticker flushes dirty rooms next (clock time; inf: not scheduled).
         self._flush_at = math.inf
-        #: When the ticker reads paced peer links next (this tick's flush point, or inf).
+        #: When the ticker reads paced peer links next (this tick's poll point or hold, or inf).
         self._poll_at = math.inf
         #: Whether that read is the tick's last for a paced link's batch (see PeerLink.poll).
         self._final_poll = True
