@@ -267,6 +267,30 @@ async def test_only_the_final_read_that_finds_nothing_unpaces_a_link(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tick_whose_batches_are_all_read_flushes_at_once(autojump_clock: object) -> None:
+    """Once every paced link's batch of the tick is read (on a loaded machine they are often
+    all in by the end of the boundary's own work), the tick's flush waits for nothing: no
+    wake-up at the poll point just to flush."""
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await move_every_tick(clients, 20)
+        node = cluster.node("eu")
+        gossip = node.gossip
+        assert gossip is not None and len(gossip.paced) == 2
+        for client in clients.values():
+            client.update("r", {"x": "next"})
+        # 2 ms into the next tick: the peers' batches (1 ms away) are in, not read yet
+        await trio.sleep(node.tick - node.tick_phase() + 0.002)
+        now = trio.current_time()
+        assert gossip.paced_pending()
+        assert node.flush_time(now) > now
+        gossip.poll_paced(final=False)
+        assert not gossip.paced_pending()
+        assert node.flush_time(now) == now
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""

@@ -271,14 +271,16 @@ class Node:
     def flush_time(self, now: float) -> float:
         """When this tick's changes are flushed: once near peers' batches of the tick are in,
         so a member gets them all in one frame. A peer whose previous batch came within
-        ``hold`` of its boundary is waited for, up to ``hold`` after this boundary; paced
-        links are read at the poll point (``flush_lag``); with neither, at once."""
+        ``hold`` of its boundary is waited for, up to ``hold`` after this boundary; a paced
+        link whose batch is not read yet, until the poll point (``flush_lag``); with neither,
+        at once. (On a loaded machine every batch is often in by the end of the boundary's
+        own work: the tick then flushes in that same wake-up.)"""
         gossip = self.gossip
         if gossip is None:
             return now
         if gossip.awaiting_batches():
             return max(now, self.interval_start(now) + self.hold)
-        if gossip.paced:
+        if gossip.paced_pending():
             return max(now, self.interval_start(now) + self.flush_lag)
         return now
 
