@@ -291,6 +291,50 @@ async def test_a_tick_whose_batches_are_all_read_flushes_at_once(autojump_clock:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_ping_hands_a_paced_link_to_its_reader_for_the_pong_only(
+    autojump_clock: object,
+) -> None:
+    """A ping's pong is read as it arrives (for an honest RTT): the link goes back to its
+    reader once the ticker has read the peer's batch, and the pong paces it again, so a
+    ping costs one reader wake-up, not the few ticks three batches on time took."""
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        node = cluster.node("eu")
+        await trio.sleep(node.tick - node.tick_phase() + node.tick / 2)  # mid-tick
+        await move_every_tick(clients, 20)
+        unpaced = 0
+        for step in range(200):  # 5 s: two or three pings on each link
+            for client in clients.values():
+                client.update("r", {"x": step})
+            await trio.sleep(0.025)
+            unpaced += 6 - sum(len(links) for links in paced(cluster).values())
+        assert unpaced == 0
+        for name in ("eu", "us", "ap"):
+            for link in cluster.node(name).gossip.links.values():  # type: ignore[union-attr]
+                assert link.rtt is not None and 0.0019 <= link.rtt <= 0.002 + 2 * node.flush_lag
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_late_batch_unpaces_a_link_until_the_next_on_time(autojump_clock: object) -> None:
+    """A near peer's batch that misses the hold (a stalled daemon) hands the link to its
+    reader; the next batch on time paces it again at once."""
+    async with trio.open_nursery() as nursery:
+        cluster, net = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        node = cluster.node("eu")
+        await trio.sleep(node.tick - node.tick_phase() + node.tick / 2)  # mid-tick
+        await move_every_tick(clients, 20)
+        assert paced(cluster)["eu"] == ["ap", "us"]
+        net.set_latency("us", "eu", 0.010, both_ways=False)
+        await move_every_tick(clients, 1)
+        assert paced(cluster)["eu"] == ["ap"]
+        net.set_latency("us", "eu", 0.001, both_ways=False)
+        await move_every_tick(clients, 2, start=1)
+        assert paced(cluster)["eu"] == ["ap", "us"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""

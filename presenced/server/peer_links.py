@@ -28,13 +28,15 @@ after the boundary's own work, at the poll point (the flush lag) if the batch wa
 and a last time at the node's hold if it still was not: no wake-up per peer message, and the
 same flush the message would have joined anyway. Only that last read, finding nothing (the
 peer was quiet, or its batch is late), hands the link back to its reader task, which waits
-for data as usual; a peer
-whose batches land later in the tick (a far one, unless its delay is within the flush lag of
-a whole number of ticks: then pacing changes nothing either) is not paced. While a link is
-paced, its other messages (routed messages, pings) wait for that read: at most a tick and a
-flush lag. RTT pings go out with the next gossip message (normally the tick's), and the
-pinging side reads the pong as it arrives; a paced peer answers at its flush point, so a near
-link's RTT reads up to one flush lag high.
+for data as usual, and the link's next batch on time paces it again. A peer whose batches
+land later in the tick (a far one, unless its delay is within the flush lag of a whole number
+of ticks: then pacing changes nothing either) is not paced. While a link is paced, its other
+messages (routed messages, pings) wait for that read: at most a tick and a flush lag. RTT
+pings go out with the next gossip message (normally the tick's); once the ticker has read
+the peer's batch of that tick, the link goes back to its reader, which reads the pong as it
+arrives and paces the link again (one wake-up per ping). A paced peer answers at its flush
+point, and a pong that lands before the batch is read with it, so a near link's RTT reads up
+to two flush lags high.
 
 Repair: every ``digest_interval`` each side sends its digest; the other side resets ``sent``
 to it and wakes its writer, which then sends exactly what is missing (a whole partition if
@@ -136,8 +138,11 @@ class PeerLink:
         #: waits on ``_resume`` meanwhile.
         self.paced = False
         self._resume = trio.Event()
-        #: Gossip messages in a row that arrived within the flush lag of their tick.
+        #: Ticks in a row whose gossip batch arrived within the flush lag of the boundary.
         self._in_window = 0
+        #: Whether the next late batch leaves ``_in_window`` as it is: a paced link handed
+        #: back for one late batch (or for a pong) is still a near peer's.
+        self._forgive_late = False
         #: The tick of the last gossip batch (a tick's first gossip message), and that tick
         #: again if the batch came within the node's ``hold`` of the boundary: see
         #: :meth:`awaited` and :meth:`PeerManager.paced_pending`.
@@ -344,27 +349,45 @@ class PeerLink:
             self.node.want_tick()
 
     def _new_ping(self) -> wire.PeerPing:
-        """An RTT ping to send now; its pong is read as it arrives (not at the next tick)."""
+        """An RTT ping to send now. Its pong is read as it arrives: a paced link goes back to
+        its reader once the ticker has read the tick's batch (:meth:`poll`), and the pong
+        paces it again (:meth:`_reader`)."""
         ping_id = next(self._ping_ids)
         self._pings = {ping_id: self.node.clock()}
-        self._unpace()
         return wire.PeerPing(ping_id)
 
     # ------------------------------------------------------------------ reading
 
     async def _reader(self) -> None:
-        node = self.node
         while True:
             if self.paced:
                 await self._resume.wait()
                 continue
+            previous_batch = self.batch_tick
             message = self._receive(await self.channel.receive())
-            if isinstance(message, wire.Gossip) and node.tick_phase() < node.flush_lag:
-                self._in_window += 1
-                if self._in_window >= PACE_AFTER and not self._pings:
-                    self._pace()
+            if isinstance(message, wire.Gossip) and self.batch_tick != previous_batch:
+                pace = self._count_batch(previous_batch)
+            else:
+                pace = isinstance(message, wire.PeerPong)  # (see _new_ping)
+            if pace and self._in_window >= PACE_AFTER and not self._pings:
+                self._pace()
+
+    def _count_batch(self, previous_batch: int) -> bool:
+        """The reader read a tick's batch: count the ticks in a row whose batch came within
+        the flush lag of the boundary (a busy near peer, which pacing suits; a quiet one's
+        heartbeats are not in a row). Returns whether this one did."""
+        node = self.node
+        if node.tick_phase() >= node.flush_lag:
+            if self._forgive_late:
+                self._forgive_late = False
             else:
                 self._in_window = 0
+            return False
+        if previous_batch == self.batch_tick - 1:
+            self._in_window += 1
+        else:
+            self._in_window = 1
+        return True
 
     def poll(self, final: bool = True) -> None:
         """Read what a paced link's peer sent. The ticker calls this right after the
@@ -375,7 +398,8 @@ class PeerLink:
         Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
         recorded and ends this link alone.
         """
-        if self._paced_tick == self.node.tick_number():
+        tick = self.node.tick_number()
+        if self._paced_tick == tick:
             return  # paced in this tick, after its reader read this tick's batch
         read = 0
         try:
@@ -391,8 +415,10 @@ class PeerLink:
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
             return
-        if read == 0 and final:
-            self._unpace()  # nothing this tick: wait for the peer's next message
+        if final and self.batch_tick != tick:
+            self._unpace(eligible=True)  # no batch this tick: wait for the peer's next message
+        elif self._pings and self.batch_tick == tick:
+            self._unpace(eligible=True)  # the pong is read as it arrives
 
     def _give_up(self, exc: Exception) -> None:
         """The ticker met what breaks this link (in a send or a paced read): end the link."""
@@ -415,13 +441,17 @@ class PeerLink:
     def _pace(self) -> None:
         if not self.paced:
             self.paced = True
-            self._paced_tick = self.node.tick_number()
+            self._paced_tick = self.batch_tick
             self._resume = trio.Event()
             self.manager.paced[self] = None
             self.node.want_tick()  # (an idle ticker sleeps through boundaries)
 
-    def _unpace(self) -> None:
-        self._in_window = 0
+    def _unpace(self, *, eligible: bool = False) -> None:
+        """Hand the link back to its reader task. An ``eligible`` link (a near peer that
+        missed one tick, or a ping's pong to read on arrival) is paced again by its next
+        batch on time, or by the pong: one reader wake-up, not ``PACE_AFTER``."""
+        self._in_window = PACE_AFTER if eligible else 0
+        self._forgive_late = eligible
         if self.paced:
             self.paced = False
             self.manager.paced.pop(self, None)
