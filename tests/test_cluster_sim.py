@@ -335,6 +335,25 @@ async def test_a_late_batch_unpaces_a_link_until_the_next_on_time(autojump_clock
         nursery.cancel_scope.cancel()
 
 
+async def test_changes_read_at_a_boundary_wake_no_link(autojump_clock: object) -> None:
+    """The ticker reads busy clients at a tick boundary, right before the tick's gossip goes
+    out: their changes must not also wake each link's writer (the leading edge of an idle
+    link), which then found nothing left to send."""
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await trio.sleep(0.1)  # every link idle for more than a tick
+        node = cluster.node("eu")
+        links = list(node.gossip.links.values())  # type: ignore[union-attr]
+        node._reading_clients = True  # (what the ticker sets around its reads of paced clients)
+        clients["eu"].update("r", {"x": "boundary"})
+        node._reading_clients = False
+        assert not any(link._wakeup.is_set() for link in links)
+        clients["eu"].update("r", {"x": "mid-tick"})  # any other change: the leading edge
+        assert all(link._wakeup.is_set() for link in links)
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""

@@ -111,6 +111,10 @@ class Node:
         #: True while the ticker reads paced peer links: what they change is flushed right
         #: after, in one frame per room (no leading-edge flush per link).
         self._holding = False
+        #: True while the ticker reads busy clients at a boundary: their changes go out with
+        #: the tick's gossip right after, so they wake no link (leading edge) and ask for no
+        #: tick (a link woken there found nothing left to send, ~10 times a second).
+        self._reading_clients = False
         #: The next tick boundary (clock time), and whether the ticker must wake for it
         #: (besides paced clients and links, which keep it ticking): an idle daemon sleeps.
         self._next_boundary = -math.inf
@@ -225,6 +229,8 @@ class Node:
         """Changes of this replica's own entries: show them, and let peers know."""
         self.apply(changes)
         self._local_dirty = True
+        if self._reading_clients:
+            return
         self.want_tick()
         if self.gossip is not None:
             self.gossip.local_changed()
@@ -404,7 +410,11 @@ class Node:
                 if self._ticking():
                     # Cleared before the work: what asks for a tick during it gets the next.
                     self._tick_wanted = False
-                    self.paced.read()  # busy clients' updates make this tick's gossip
+                    self._reading_clients = True
+                    try:
+                        self.paced.read()  # busy clients' updates make this tick's gossip
+                    finally:
+                        self._reading_clients = False
                     woke = now
                     if gossip is not None:
                         gossip.tick(self._local_dirty)
