@@ -105,6 +105,14 @@ class GossipSettings:
     max_queued: int = 10_000
 
 
+def _is_batch(message: wire.Gossip, sender: ReplicaId) -> bool:
+    """Whether a gossip message is the sender's tick batch: one with its own changes, which
+    go out at tick boundaries. Relays, link-state news and heartbeats riding on them go out
+    whenever they come in, and the ticker may read one a tick after it landed: taken for
+    that tick's batch, it made the tick's flush go without the real one."""
+    return any(delta.replica == sender for delta in message.deltas)
+
+
 class LinkRefused(Exception):
     """The handshake failed: wrong version, wrong certificate, or a link to ourselves."""
 
@@ -143,14 +151,11 @@ class PeerLink:
         #: Whether the next late batch leaves ``_in_window`` as it is: a paced link handed
         #: back for one late batch (or for a pong) is still a near peer's.
         self._forgive_late = False
-        #: The tick of the last gossip batch (a tick's first gossip message), and that tick
+        #: The tick of the last gossip batch (see :func:`_is_batch`), and that tick
         #: again if the batch came within the node's ``hold`` of the boundary: see
         #: :meth:`awaited` and :meth:`PeerManager.paced_pending`.
         self.batch_tick = -1
         self._early_tick = -1
-        #: The tick in which the reader paced the link: it has read that tick's batch
-        #: itself, so the ticker's read at that tick's flush point is skipped.
-        self._paced_tick = -1
         #: Whether this replica's own changes go out at the next wake-up (the tick, the
         #: leading edge, or a repair); relays in between carry only other replicas' deltas.
         self._own_due = True
@@ -241,7 +246,7 @@ class PeerLink:
             self._wakeup.set()  # the writer sends it after what it has, in order
             return
         try:
-            for message in self._due():
+            for message in self._due(ping=True):
                 self._send_now(message)
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
@@ -262,16 +267,18 @@ class PeerLink:
                     sent += 1
                     if sent % 64 == 0:
                         await trio.lowlevel.checkpoint()  # (sends the socket takes never yield)
-                for message in self._due():
+                for message in self._due(ping=False):
                     await self._send(message)
             finally:
                 self._writing = False
 
-    def _due(self) -> list[wire.PeerMessage]:
-        """What goes out now besides routed messages: the gossip message, then a due ping."""
+    def _due(self, *, ping: bool) -> list[wire.PeerMessage]:
+        """What goes out now besides routed messages: the gossip message, then a due ping if
+        this is the tick's send (a ping sent mid-tick, with a pong or a relay, waits for the
+        peer's next tick read, and its pong for ours: its RTT read a tick high)."""
         message = self._build()
         due: list[wire.PeerMessage] = [] if message is None else [message]
-        if self._ping_due:
+        if ping and self._ping_due:
             self._ping_due = False
             due.append(self._new_ping())
         return due
@@ -399,8 +406,6 @@ class PeerLink:
         recorded and ends this link alone.
         """
         tick = self.node.tick_number()
-        if self._paced_tick == tick:
-            return  # paced in this tick, after its reader read this tick's batch
         read = 0
         try:
             while read < PACED_READ_LIMIT:
@@ -441,7 +446,6 @@ class PeerLink:
     def _pace(self) -> None:
         if not self.paced:
             self.paced = True
-            self._paced_tick = self.batch_tick
             self._resume = trio.Event()
             self.manager.paced[self] = None
             self.node.want_tick()  # (an idle ticker sleeps through boundaries)
@@ -496,7 +500,7 @@ class PeerLink:
         node = self.node
         now = node.clock()
         tick = node.tick_number()
-        if self.batch_tick != tick:  # the tick's first gossip is its batch (later ones relay)
+        if self.batch_tick != tick and _is_batch(message, self.remote):
             self.batch_tick = tick
             self._early_tick = tick if node.tick_phase() < node.hold else -1
         for beat in message.beats:
