@@ -81,6 +81,10 @@ async def test_the_system_clock_gets_the_kernel_timer_where_there_is_one() -> No
     assert isinstance(alarm, expected)
     alarm.close()
     assert isinstance(open_alarm(lambda: 0.0), ScopeAlarm)  # not trio's clock
+    # (what a node reads: the running clock's own method, trio.current_time without its wrappers)
+    alarm = open_alarm(trio.lowlevel.current_clock().current_time)
+    assert isinstance(alarm, expected)
+    alarm.close()
 
 
 def test_a_mock_clock_gets_trios_deadlines() -> None:
@@ -90,3 +94,16 @@ def test_a_mock_clock_gets_trios_deadlines() -> None:
         await alarm.sleep_until(trio.current_time() + 1000)  # virtual: autojumps
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_node_reads_the_running_clock_and_sleeps_on_the_kernel_timer() -> None:
+    from presenced.config import Config
+    from presenced.core.crdt import ReplicaId
+    from presenced.server.node import Node
+
+    node = Node(Config(allow_anonymous=True), ReplicaId("eu", 1))
+    assert node.clock == trio.lowlevel.current_clock().current_time
+    assert abs(node.clock() - trio.current_time()) < 0.01
+    alarm = open_alarm(node.clock)
+    assert isinstance(alarm, ScopeAlarm if _libc_with_timerfd() is None else KernelAlarm)
+    alarm.close()

@@ -137,13 +137,14 @@ def _libc_with_timerfd() -> ctypes.CDLL | None:
 def open_alarm(clock: Callable[[], float]) -> Alarm:
     """The cheapest alarm that keeps ``clock``'s time: a kernel timer when ``clock`` is trio's
     system clock on Linux, trio's own deadlines otherwise."""
-    if clock is trio.current_time and not isinstance(
-        trio.lowlevel.current_clock(), trio.testing.MockClock
+    run_clock = trio.lowlevel.current_clock()
+    if (clock is trio.current_time or clock == run_clock.current_time) and not isinstance(
+        run_clock, trio.testing.MockClock
     ):
         libc = _libc_with_timerfd()
         if libc is not None:
             try:
-                return KernelAlarm(libc)
+                return KernelAlarm(libc, clock)
             except OSError:
                 pass
     return ScopeAlarm()
