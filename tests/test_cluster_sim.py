@@ -384,6 +384,32 @@ async def test_news_that_lands_late_in_a_tick_is_not_the_next_tick_batch(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tick_encodes_the_gossip_every_peer_gets_once(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick's gossip is usually the same own changes for every peer: encoded once."""
+    from presenced.core import peer_wire
+
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        await cluster.settle(0.5)
+        gossip = cluster.node("eu").gossip
+        assert gossip is not None
+        for link in gossip.links.values():  # (nothing else due: the same message for both)
+            link._beat_due = link._digest_due = link._ping_due = False
+        clients["eu"].update("r", {"x": "once"})
+        encoded = []
+        real_encode = peer_wire.encode
+        monkeypatch.setattr(peer_wire, "encode", lambda m: encoded.append(m) or real_encode(m))
+        gossip.tick(True)
+        assert len(encoded) == 1
+        await cluster.settle(0.1)
+        for peer in ("us", "ap"):
+            assert clients[peer].sees("r")[("u-eu", clients["eu"].session)] == {"x": "once"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""

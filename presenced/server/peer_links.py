@@ -284,7 +284,7 @@ class PeerLink:
         return due
 
     def _encode(self, message: wire.PeerMessage) -> bytes:
-        data = wire.encode(message)
+        data = self.manager.encode(message)
         self.last_sent = self.node.clock()
         self.bytes_out += len(data)
         self.messages_out += 1
@@ -561,6 +561,9 @@ class PeerManager:
         self.links: dict[str, PeerLink] = {}
         #: Links the node's ticker reads at its flush point (an ordered set).
         self.paced: dict[PeerLink, None] = {}
+        #: While links send the tick's gossip: the last message encoded, and its bytes.
+        self._in_tick = False
+        self._tick_encoded: tuple[wire.PeerMessage, bytes] | None = None
         self._rng = rng or random.Random()
         self._seen_broadcasts: dict[str, None] = {}
         self._link_gone: dict[str, trio.Event] = {}
@@ -727,8 +730,25 @@ class PeerManager:
 
     def tick(self, local_changed: bool) -> None:
         """Called at every tick boundary: links send local changes and what else is due."""
-        for link in self.links.values():
-            link.tick(local_changed)
+        self._in_tick = True
+        try:
+            for link in self.links.values():
+                link.tick(local_changed)
+        finally:
+            self._in_tick = False
+            self._tick_encoded = None
+
+    def encode(self, message: wire.PeerMessage) -> bytes:
+        """Encode a message; at a tick boundary, a message equal to the one just sent to
+        another link is not encoded again (a tick's gossip is usually the same own changes
+        for every peer, and encoding it costs more than the test)."""
+        last = self._tick_encoded
+        if last is not None and last[0] == message:
+            return last[1]
+        data = wire.encode(message)
+        if self._in_tick:
+            self._tick_encoded = (message, data)
+        return data
 
     def awaiting_batches(self) -> bool:
         """Whether a link whose batches come early in each tick has not sent this tick's yet
