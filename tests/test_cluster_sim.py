@@ -45,7 +45,19 @@ def movers(cluster: Cluster) -> dict[str, FakeClient]:
     return clients
 
 
+TICK = 0.025
+
+
+async def to_mid_tick() -> None:
+    """Sleep to the middle of a tick (virtual time is the clock ticks are aligned to). Moves
+    are made there: one at the very instant of a boundary races that tick's work."""
+    phase = trio.current_time() % TICK
+    if abs(phase - TICK / 2) > 1e-6:
+        await trio.sleep((TICK / 2 - phase) % TICK)
+
+
 async def move_every_tick(clients: dict[str, FakeClient], ticks: int, start: int = 0) -> None:
+    await to_mid_tick()
     for step in range(start, start + ticks):
         for client in clients.values():
             client.update("r", {"x": step})
@@ -179,6 +191,7 @@ async def test_one_frame_per_tick_carries_every_region(autojump_clock: object) -
         watcher = clients["eu"]
         links = cluster.node("eu").gossip.links.values()  # type: ignore[union-attr]
         frames_before = len(watcher.messages)
+        await to_mid_tick()
         sent_before = sum(link.messages_out for link in links)
         ticks = 40
         for step in range(ticks):
@@ -251,7 +264,7 @@ async def test_only_the_final_read_that_finds_nothing_unpaces_a_link(
 ) -> None:
     """The ticker reads paced links right after the boundary's own work and at the poll
     point: a batch not in yet is no miss, so the link stays paced; only the tick's last,
-    final read (at the hold) hands a link with nothing back to its reader."""
+    final read (at the hold) hands a link with no batch that tick back to its reader."""
     async with trio.open_nursery() as nursery:
         cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
@@ -259,10 +272,10 @@ async def test_only_the_final_read_that_finds_nothing_unpaces_a_link(
         gossip = cluster.node("eu").gossip
         assert gossip is not None
         link = next(iter(gossip.paced))
-        link.poll(final=False)  # (whatever is in: read it)
-        link.poll(final=False)  # nothing now
+        await trio.sleep(TICK / 2 + 0.0005)  # next tick, before the batches (1 ms away)
+        link.poll(final=False)  # nothing yet
         assert link.paced
-        link.poll()
+        link.poll()  # no batch this tick
         assert not link.paced
         nursery.cancel_scope.cancel()
 
@@ -547,6 +560,7 @@ async def test_links_that_came_up_at_different_moments_stay_paced(autojump_clock
         for client in clients.values():
             client.join("r")
         await trio.sleep(1)
+        await to_mid_tick()
         paced_samples = samples = 0
         for step in range(200):
             for client in clients.values():

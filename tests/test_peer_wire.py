@@ -76,6 +76,7 @@ GOSSIP = Gossip(
     digest={EU: 19, US: 7},
     links=("us", "ap"),
     link_states=(LinkState("us", US.incarnation, 7, (("ap", 41250), ("eu", 40310))),),
+    tick=True,
 )
 BCAST = RoomBroadcast("9f1c", "lobby", "chat", {"text": "hi"}, "ann", "hHZKDMArXPmH", "eu")
 PING = PeerPing(7)
@@ -168,6 +169,7 @@ def test_wire_shapes_match_the_documentation() -> None:
         "digest": [["eu", 1795425640982113, 19], ["us", 1795425630000000, 7]],
         "links": ["us", "ap"],
         "ls": [["us", 1795425630000000, 7, [["ap", 41250], ["eu", 40310]]]],
+        "tk": True,
     }
     assert w._to_wire(BCAST) == {
         "t": "bcast",
@@ -558,6 +560,7 @@ def cases() -> list[Any]:
         add("gossip", f"{part}-row-too-short", drop((part, 0, width - 1)))
         add("gossip", f"{part}-row-too-long", append((part, 0), 0))
     add("gossip", "delta-full-int", put(("deltas", 0, 5), 0))
+    add("gossip", "tick-not-a-boolean", put(("tk",), 1))
     add("gossip", "delta-full-null", put(("deltas", 0, 5), None))
     add("gossip", "delta-records-not-a-list", put(("deltas", 0, 6), {"a": 1}))
     add("gossip", "record-not-a-list", put(("deltas", 0, 6, 0), "r"))
@@ -698,6 +701,7 @@ gossips = st.builds(
     st.none() | st.dictionaries(replicas, counts, max_size=3),
     st.none() | st.lists(short_names, max_size=4).map(tuple),
     st.lists(link_states, max_size=2).map(tuple),
+    st.booleans(),
 )
 directs = st.builds(
     Direct,

@@ -77,6 +77,9 @@ class Gossip:
     links: tuple[str, ...] | None = None
     #: Link-state advertisements (routing), only those the peer may not have yet.
     link_states: tuple[LinkState, ...] = ()
+    #: True on the message a tick boundary sends: the receiver waits for near peers' tick
+    #: batches to flush them together (repairs, relays and news go out whenever they come).
+    tick: bool = False
 
 
 @attrs.frozen
@@ -216,6 +219,8 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
                 [ls.node, ls.incarnation, ls.seq, [list(link) for link in ls.links]]
                 for ls in message.link_states
             ]
+        if message.tick:
+            wire["tk"] = True
         return wire
     if isinstance(message, Direct):
         return {
@@ -366,7 +371,10 @@ def _gossip(wire: dict[str, Any]) -> Gossip:
             raise PeerProtocolError("'links' must be a list of node names")
         links = tuple(_name(name, "links") for name in raw)
     link_states = tuple(_link_state(row) for row in _rows(wire.get("ls", []), 4, "ls"))
-    return Gossip(beats, deltas, digest, links, link_states)
+    tick = wire.get("tk", False)
+    if type(tick) is not bool:
+        raise PeerProtocolError("'tk' must be a boolean")
+    return Gossip(beats, deltas, digest, links, link_states, tick)
 
 
 def _routing(wire: dict[str, Any]) -> dict[str, Any]:

@@ -105,14 +105,6 @@ class GossipSettings:
     max_queued: int = 10_000
 
 
-def _is_batch(message: wire.Gossip, sender: ReplicaId) -> bool:
-    """Whether a gossip message is the sender's tick batch: one with its own changes, which
-    go out at tick boundaries. Relays, link-state news and heartbeats riding on them go out
-    whenever they come in, and the ticker may read one a tick after it landed: taken for
-    that tick's batch, it made the tick's flush go without the real one."""
-    return any(delta.replica == sender for delta in message.deltas)
-
-
 class LinkRefused(Exception):
     """The handshake failed: wrong version, wrong certificate, or a link to ourselves."""
 
@@ -137,11 +129,14 @@ class PeerLink:
         #: Nodes the peer has direct links to (from its gossip): not relayed to it.
         self.remote_links: frozenset[str] = frozenset()
         self.last_received = self.node.clock()
-        self.last_sent = float("-inf")
+        #: The tick in which the link last sent something.
+        self.sent_tick = -2
         self._wakeup = trio.Event()
         self._beat_due = True
         self._digest_due = True
         self._ping_due = True
+        self._next_digest = self.last_received + manager.settings.digest_interval
+        self._next_ping = self.last_received + manager.settings.ping_interval
         #: Whether the ticker reads this link (see "Paced reading" above); the reader task
         #: waits on ``_resume`` meanwhile.
         self.paced = False
@@ -151,7 +146,7 @@ class PeerLink:
         #: Whether the next late batch leaves ``_in_window`` as it is: a paced link handed
         #: back for one late batch (or for a pong) is still a near peer's.
         self._forgive_late = False
-        #: The tick of the last gossip batch (see :func:`_is_batch`), and that tick
+        #: The tick of the last gossip batch (the peer's tick message), and that tick
         #: again if the batch came within the node's ``hold`` of the boundary: see
         #: :meth:`awaited` and :meth:`PeerManager.paced_pending`.
         self.batch_tick = -1
@@ -165,8 +160,9 @@ class PeerLink:
         self._ping_ids = itertools.count(1)
         self._cancel = trio.CancelScope()
         #: True while the writer task is sending (the ticker then leaves the tick's gossip
-        #: to it, to keep the order of messages).
+        #: to it, to keep the order of messages), and whether it has a tick's message to send.
         self._writing = False
+        self._tick_deferred = False
         self.bytes_out = 0
         self.bytes_in = 0
         self.error: ChannelClosed | wire.PeerProtocolError | None = None
@@ -189,7 +185,7 @@ class PeerLink:
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
-                    for part in (self._reader, self._writer, self._timers):
+                    for part in (self._reader, self._writer):
                         nursery.start_soon(self._until_broken, part, nursery.cancel_scope)
         finally:
             self._unpace()
@@ -225,9 +221,12 @@ class PeerLink:
         self._wakeup.set()
         return True
 
-    def poke(self, now: float) -> None:
-        """Local state changed: send at once if idle for a tick, else at the next tick."""
-        if now - self.last_sent >= self.node.tick:
+    def poke(self, tick: int) -> None:
+        """Local state changed (in tick number ``tick``): send at once if the link sent
+        nothing in this tick or the previous one, else at the next tick. (By tick number, not
+        by time since the last send: a stream one tick apart then settles into tick batches,
+        instead of a leading-edge send per change, each a wake-up on both sides.)"""
+        if self.sent_tick < tick - 1:
             self._own_due = True
             self._wakeup.set()
 
@@ -243,10 +242,11 @@ class PeerLink:
         if not (local_changed or self._beat_due or self._digest_due or self._ping_due):
             return
         if self._writing or self._queue:
+            self._tick_deferred = True
             self._wakeup.set()  # the writer sends it after what it has, in order
             return
         try:
-            for message in self._due(ping=True):
+            for message in self._due(at_tick=True):
                 self._send_now(message)
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
@@ -267,25 +267,26 @@ class PeerLink:
                     sent += 1
                     if sent % 64 == 0:
                         await trio.lowlevel.checkpoint()  # (sends the socket takes never yield)
-                for message in self._due(ping=False):
+                at_tick, self._tick_deferred = self._tick_deferred, False
+                for message in self._due(at_tick=at_tick):
                     await self._send(message)
             finally:
                 self._writing = False
 
-    def _due(self, *, ping: bool) -> list[wire.PeerMessage]:
+    def _due(self, *, at_tick: bool) -> list[wire.PeerMessage]:
         """What goes out now besides routed messages: the gossip message, then a due ping if
         this is the tick's send (a ping sent mid-tick, with a pong or a relay, waits for the
         peer's next tick read, and its pong for ours: its RTT read a tick high)."""
-        message = self._build()
+        message = self._build(at_tick)
         due: list[wire.PeerMessage] = [] if message is None else [message]
-        if ping and self._ping_due:
+        if at_tick and self._ping_due:
             self._ping_due = False
             due.append(self._new_ping())
         return due
 
     def _encode(self, message: wire.PeerMessage) -> bytes:
         data = self.manager.encode(message)
-        self.last_sent = self.node.clock()
+        self.sent_tick = self.node.tick_number()
         self.bytes_out += len(data)
         self.messages_out += 1
         return data
@@ -297,7 +298,7 @@ class PeerLink:
         if not self.channel.send_nowait(self._encode(message)):
             self._wakeup.set()  # the socket is full: the writer waits for it
 
-    def _build(self) -> wire.Gossip | None:
+    def _build(self, at_tick: bool = False) -> wire.Gossip | None:
         node = self.node
         now = node.clock()
         beats = node.liveness.beats(now) if self._beat_due else []
@@ -332,28 +333,25 @@ class PeerLink:
                     sent[replica] = part.clock
         if not (beats or deltas or states or digest is not None):
             return None
-        return wire.Gossip(tuple(beats), tuple(deltas), digest, links, tuple(states))
+        return wire.Gossip(tuple(beats), tuple(deltas), digest, links, tuple(states), at_tick)
 
-    async def _timers(self) -> None:
-        """Heartbeats, digests, RTT pings, and the dead-link check."""
+    def on_heartbeat(self, now: float) -> None:
+        """Every heartbeat interval (the manager's heartbeat task: one wake-up for every
+        link, and their heartbeats go in the same tick's gossip, encoded once): heartbeats,
+        due digests and RTT pings ride on the next tick's message; a link that heard nothing
+        for ``link_timeout`` is closed."""
         settings = self.manager.settings
-        next_digest = self.node.clock() + settings.digest_interval
-        next_ping = self.node.clock()
-        while True:
-            await trio.sleep(settings.heartbeat_interval)
-            now = self.node.clock()
-            if now - self.last_received > settings.link_timeout:
-                log.warning("peer link to %s timed out; closing it", self.remote)
-                self.close()
-                return
-            self._beat_due = True  # rides on the next tick's message
-            if now >= next_digest:
-                self._digest_due = True
-                next_digest = now + settings.digest_interval
-            if now >= next_ping:
-                next_ping = now + settings.ping_interval
-                self._ping_due = True  # goes with the next tick's gossip (see the docstring)
-            self.node.want_tick()
+        if now - self.last_received > settings.link_timeout:
+            log.warning("peer link to %s timed out; closing it", self.remote)
+            self.close()
+            return
+        self._beat_due = True
+        if now >= self._next_digest:
+            self._digest_due = True
+            self._next_digest = now + settings.digest_interval
+        if now >= self._next_ping:
+            self._ping_due = True  # goes with the next tick's gossip (see the docstring)
+            self._next_ping = now + settings.ping_interval
 
     def _new_ping(self) -> wire.PeerPing:
         """An RTT ping to send now. Its pong is read as it arrives: a paced link goes back to
@@ -500,7 +498,10 @@ class PeerLink:
         node = self.node
         now = node.clock()
         tick = node.tick_number()
-        if self.batch_tick != tick and _is_batch(message, self.remote):
+        # Only the sender's tick message is its batch: a repair, relay or news sent mid-tick
+        # and read at the next tick's first read, taken for that tick's batch, made the
+        # tick flush without the real one.
+        if message.tick and self.batch_tick != tick:
             self.batch_tick = tick
             self._early_tick = tick if node.tick_phase() < node.hold else -1
         for beat in message.beats:
@@ -724,9 +725,9 @@ class PeerManager:
     # ------------------------------------------------------------------ gossip
 
     def local_changed(self) -> None:
-        now = self.node.clock()
+        tick = self.node.tick_number()
         for link in self.links.values():
-            link.poke(now)
+            link.poke(tick)
 
     def tick(self, local_changed: bool) -> None:
         """Called at every tick boundary: links send local changes and what else is due."""
@@ -809,9 +810,16 @@ class PeerManager:
                 self._nursery.start_soon(self._send_quietly, link, wire.Bye(replica))
 
     async def _heartbeat(self) -> None:
+        """This replica's heartbeat and liveness checks, and every link's timers."""
+        node = self.node
         while True:
-            self.node.liveness.beat()
-            self.node.on_transitions(self.node.liveness.check(self.node.clock()))
+            node.liveness.beat()
+            now = node.clock()
+            node.on_transitions(node.liveness.check(now))
+            for link in list(self.links.values()):
+                link.on_heartbeat(now)
+            if self.links:
+                node.want_tick()
             await trio.sleep(self.settings.heartbeat_interval)
 
     async def say_goodbye(self) -> None:
