@@ -67,11 +67,12 @@ class ReplicaId(NamedTuple):
         return f"{self.node}#{self.incarnation}"
 
 
-@attrs.frozen(slots=True)
-class Change:
+class Change(NamedTuple):
     """A change of what is visible: a presence appeared, changed its meta, or went away.
 
     For a leave, ``meta`` is the last meta that was visible, so a client can still say who left.
+    (A named tuple: one is made per write and per merged record, ~15 per busy tick, and a
+    tuple is built in C, in half the time of an attrs instance.)
     """
 
     kind: ChangeKind
