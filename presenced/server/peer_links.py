@@ -755,7 +755,10 @@ class PeerManager:
         """Whether a link whose batches come early in each tick has not sent this tick's yet
         (the node holds the tick's flush for it, see :meth:`Node.flush_time`)."""
         tick = self.node.tick_number()
-        return any(link.awaited(tick) for link in self.links.values())
+        for link in self.links.values():  # (a loop: no generator to resume, on every tick)
+            if link.awaited(tick):
+                return True
+        return False
 
     def poll_paced(self, final: bool = True) -> None:
         """Read the links that are paced (see :meth:`PeerLink.poll`)."""
@@ -765,7 +768,10 @@ class PeerManager:
     def paced_pending(self) -> bool:
         """Whether a paced link's batch of this tick has not been read yet."""
         tick = self.node.tick_number()
-        return any(link.batch_tick != tick for link in self.paced)
+        for link in self.paced:
+            if link.batch_tick != tick:
+                return True
+        return False
 
     def request_digests(self) -> None:
         """Ask every link to exchange digests now (a replica came back up: repair fast)."""
