@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: The latest poll point (seconds after a tick boundary), for long ticks.
+FLUSH_LAG_MAX = 0.002
+
+
 def _run_clock() -> Callable[[], float]:
     """trio's time without the two layers around it (the node reads it ~35 times per busy
     tick): the running loop's clock's own method; ``trio.current_time`` outside a run."""
@@ -82,8 +86,9 @@ class Node:
         self.tick = config.tick_ms / 1000.0
         #: When, after a tick boundary, the ticker reads paced peer links (and flushes what
         #: they bring; see the module docstring). Near batches that miss the boundary's own
-        #: work land within ~2 ms on a loaded 2-core VM; later ones get the hold's read.
-        self.flush_lag = self.tick / 12
+        #: work land within ~2 ms on a loaded 2-core VM, whatever the tick (it is the time
+        #: their daemon waits for a core); later ones get the hold's read.
+        self.flush_lag = min(self.tick / 12, FLUSH_LAG_MAX)
         #: How long after a tick boundary a tick's flush may wait for near peers' batches.
         self.hold = self.tick / 4
         self.clock = clock
