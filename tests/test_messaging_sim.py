@@ -411,3 +411,33 @@ async def test_recipient_daemon_confirms_only_after_its_commit(
         assert texts(bob)[shown:] == ["m3"]
         assert len(ann.received("delivered")) == 4
         nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_messenger_sweeps_only_while_something_can_time_out(
+    autojump_clock: object,
+) -> None:
+    """With nothing to retransmit, pump or time out, the messenger does not wake the daemon
+    twice a second; a message restarts its sweeps, and its retransmission still happens."""
+    async with trio.open_nursery() as nursery:
+        cluster = await line(nursery, SimNetwork(seed=8, latency=0.04))
+        messenger = cluster.node("eu").messenger
+        assert messenger is not None
+        sweeps: list[float] = []
+        real_sweep = messenger.sweep
+        messenger.sweep = lambda now: sweeps.append(now) or real_sweep(now)  # type: ignore[method-assign]
+        await trio.sleep(10)
+        assert len(sweeps) <= 1  # (the store's expiry pass)
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        bob.join("lobby")
+        await cluster.settle(1)
+        sweeps.clear()
+        cluster.net.partition(["eu"], ["us", "ap"])  # the first copy is lost...
+        ann.send_to("bob", {"text": "again"}, mode="reliable")
+        await committed()
+        await trio.sleep(1)
+        cluster.net.heal()  # ...and the sweep sends it again
+        await cluster.settle(10)
+        assert texts(bob) == ["again"]
+        assert len(sweeps) >= 10
+        nursery.cancel_scope.cancel()

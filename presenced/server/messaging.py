@@ -190,6 +190,8 @@ class Messenger:
         self.pending_users: set[str] = set(store.pending_recipients())
         self._to_pump: set[str] = set(self.pending_users)
         self._wakeup = trio.Event()
+        #: Whether the run loop sweeps every SWEEP_INTERVAL (else it sleeps until expiry).
+        self._sweeping = True
         #: Reliable messages in the open batch, and the receipts waiting for its commit.
         self._accepted: list[_Accepted] = []
         self._held: list[wire.Receipt] = []
@@ -292,6 +294,7 @@ class Messenger:
             self.node.clock() + PULL_TIMEOUT,
         )
         self._fetches[request] = state
+        self._sweep_soon()
         for dest in sorted(others | {self.name}):
             self._route(
                 wire.Pull(request, self.name, dest, HOP_LIMIT, conn.user, message.limit), None
@@ -445,6 +448,7 @@ class Messenger:
         self, message_id: str, conn: ClientConnection, ref: protocol.Ref, now: float
     ) -> None:
         self._senders[message_id] = _Sender(conn, ref, conn.user, now + SENDER_MEMORY)
+        self._sweep_soon()
         _evict_oldest(self._senders, MAX_SENDERS)
 
     def _tell_sender(
@@ -483,6 +487,7 @@ class Messenger:
                     # Sends go out as they are stored; the next sweep tops the window up
                     # (one query per recipient per sweep, not one per receipt).
                     self._to_pump.add(receipt.to)
+                    self._sweep_soon()
             sender = self._senders.get(receipt.id)
             if sender is not None:
                 if (receipt.to, receipt.region) in sender.confirmed:
@@ -507,6 +512,7 @@ class Messenger:
                 # Retried at the next sweep: the recipient may have appeared elsewhere while
                 # this copy was travelling (its join found the message still in flight).
                 self._to_pump.add(receipt.to)
+                self._sweep_soon()
             if kind == wire.ERROR:
                 log.debug("reliable message %s to %s: %s", receipt.id, receipt.to, receipt.code)
         elif kind == wire.ERROR:
@@ -530,6 +536,7 @@ class Messenger:
             return False
         attempt = self._attempts[key] = self._attempts.get(key, -1) + 1
         self._inflight[key] = self.node.clock() + ACK_TIMEOUT
+        self._sweep_soon()
         prev = self.store.previous_pending(item)
         for node in nodes:
             self._route(
@@ -610,7 +617,11 @@ class Messenger:
             nursery.start_soon(self._committer)
             next_expiry = self.node.clock()
             while True:
-                with trio.move_on_after(SWEEP_INTERVAL):
+                # Nothing that times out: sleep until the expiry pass (or a wake-up), not
+                # twice a second (each a wake-up of the whole daemon).
+                self._sweeping = self._sweep_due()
+                timeout = SWEEP_INTERVAL if self._sweeping else next_expiry - self.node.clock()
+                with trio.move_on_after(max(0.0, timeout)):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 now = self.node.clock()
@@ -685,6 +696,17 @@ class Messenger:
             return
         self._to_pump.update(self.pending_users)
         self._wakeup.set()
+
+    def _sweep_due(self) -> bool:
+        """Whether anything waits on the sweep: a retransmission, a recipient to pump, a
+        fetch's deadline, a sender to forget."""
+        return bool(self._inflight or self._to_pump or self._fetches or self._senders)
+
+    def _sweep_soon(self) -> None:
+        """Something the sweep must time out was added: restart the sweeps if they sleep."""
+        if not self._sweeping:
+            self._sweeping = True
+            self._wakeup.set()
 
     def sweep(self, now: float) -> None:
         """One pass: resend what timed out, deliver to who appeared, end late fetches."""
