@@ -26,9 +26,11 @@ at. Once a link's gossip has arrived in that window a few times running, its rea
 and the node's ticker reads the link with ``receive_nowait`` (:meth:`PeerLink.poll`): right
 after the boundary's own work, at the poll point (the flush lag) if the batch was not in yet,
 and a last time at the node's hold if it still was not: no wake-up per peer message, and the
-same flush the message would have joined anyway. Only that last read, finding nothing (the
-peer was quiet, or its batch is late), hands the link back to its reader task, which waits
-for data as usual, and the link's next batch on time paces it again. A peer whose batches
+same flush the message would have joined anyway. Only that last read, finding no batch of
+the tick (the peer was quiet, or its batch is late), hands the link back to its reader task,
+which waits for data as usual, and the link's next batch on time paces it again. A tick's
+batch is the message the peer's tick sent, marked ``tick`` on the wire: repairs, relays and
+link-state news go out whenever they come in. A peer whose batches
 land later in the tick (a far one, unless its delay is within the flush lag of a whole number
 of ticks: then pacing changes nothing either) is not paced. While a link is paced, its other
 messages (routed messages, pings) wait for that read: at most a tick and a flush lag. RTT
