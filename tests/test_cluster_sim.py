@@ -64,6 +64,18 @@ async def move_every_tick(clients: dict[str, FakeClient], ticks: int, start: int
         await trio.sleep(0.025)
 
 
+async def busy_near_mesh(
+    nursery: trio.Nursery,
+) -> tuple[Cluster, SimNetwork, dict[str, FakeClient]]:
+    """Three regions 1 ms apart, a user in each moving every tick (mid-tick): every link is
+    read by the ticker."""
+    cluster, net = await mesh_of_three(nursery, latency=0.001)
+    clients = movers(cluster)
+    await move_every_tick(clients, 20)
+    assert paced(cluster) == {"eu": ["ap", "us"], "us": ["ap", "eu"], "ap": ["eu", "us"]}
+    return cluster, net, clients
+
+
 def paced(cluster: Cluster, names: tuple[str, ...] = ("eu", "us", "ap")) -> dict[str, list[str]]:
     """Per node, the peers whose links its ticker reads."""
     return {
@@ -285,13 +297,10 @@ async def test_a_tick_whose_batches_are_all_read_flushes_at_once(autojump_clock:
     all in by the end of the boundary's own work), the tick's flush waits for nothing: no
     wake-up at the poll point just to flush."""
     async with trio.open_nursery() as nursery:
-        cluster, _ = await mesh_of_three(nursery, latency=0.001)
-        clients = movers(cluster)
+        cluster, _, clients = await busy_near_mesh(nursery)
         node = cluster.node("eu")
-        await trio.sleep(node.tick - node.tick_phase() + node.tick / 2)  # mid-tick
-        await move_every_tick(clients, 20)
         gossip = node.gossip
-        assert gossip is not None and len(gossip.paced) == 2
+        assert gossip is not None
         for client in clients.values():
             client.update("r", {"x": "next"})
         # 2 ms into the next tick: the peers' batches (1 ms away) are in, not read yet
@@ -312,11 +321,8 @@ async def test_a_ping_hands_a_paced_link_to_its_reader_for_the_pong_only(
     reader once the ticker has read the peer's batch, and the pong paces it again, so a
     ping costs one reader wake-up, not the few ticks three batches on time took."""
     async with trio.open_nursery() as nursery:
-        cluster, _ = await mesh_of_three(nursery, latency=0.001)
-        clients = movers(cluster)
+        cluster, _, clients = await busy_near_mesh(nursery)
         node = cluster.node("eu")
-        await trio.sleep(node.tick - node.tick_phase() + node.tick / 2)  # mid-tick
-        await move_every_tick(clients, 20)
         unpaced = 0
         for step in range(200):  # 5 s: two or three pings on each link
             for client in clients.values():
@@ -334,12 +340,7 @@ async def test_a_late_batch_unpaces_a_link_until_the_next_on_time(autojump_clock
     """A near peer's batch that misses the hold (a stalled daemon) hands the link to its
     reader; the next batch on time paces it again at once."""
     async with trio.open_nursery() as nursery:
-        cluster, net = await mesh_of_three(nursery, latency=0.001)
-        clients = movers(cluster)
-        node = cluster.node("eu")
-        await trio.sleep(node.tick - node.tick_phase() + node.tick / 2)  # mid-tick
-        await move_every_tick(clients, 20)
-        assert paced(cluster)["eu"] == ["ap", "us"]
+        cluster, net, clients = await busy_near_mesh(nursery)
         net.set_latency("us", "eu", 0.010, both_ways=False)
         await move_every_tick(clients, 1)
         assert paced(cluster)["eu"] == ["ap"]
@@ -375,12 +376,8 @@ async def test_news_that_lands_late_in_a_tick_is_not_the_next_tick_batch(
     first read of the paced link: taken for that tick's batch, the tick's flush went without
     the real batch, and the peer's moves reached members a tick late."""
     async with trio.open_nursery() as nursery:
-        cluster, _ = await mesh_of_three(nursery, latency=0.001)
-        clients = movers(cluster)
+        cluster, _, clients = await busy_near_mesh(nursery)
         eu = cluster.node("eu")
-        await trio.sleep(eu.tick - eu.tick_phase() + eu.tick / 2)  # mid-tick
-        await move_every_tick(clients, 20)
-        assert paced(cluster)["eu"] == ["ap", "us"]
         late = 0
         for step in range(20, 40):
             for client in clients.values():
