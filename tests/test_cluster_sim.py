@@ -420,6 +420,33 @@ async def test_a_tick_encodes_the_gossip_every_peer_gets_once(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tick_message_the_writer_sends_is_still_the_tick_batch(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With routed messages queued on a link, the tick's gossip goes after them, from the
+    link's writer task: it is still marked as the tick's message (else the peer would stop
+    pacing and awaiting it whenever direct messages flow)."""
+    from presenced.core import peer_wire
+
+    async with trio.open_nursery() as nursery:
+        cluster, _, clients = await busy_near_mesh(nursery)
+        gossip = cluster.node("eu").gossip
+        assert gossip is not None
+        link = gossip.links["us"]
+        sent: list[peer_wire.PeerMessage] = []
+        real_encode = link._encode
+        monkeypatch.setattr(link, "_encode", lambda m: sent.append(m) or real_encode(m))
+        clients["eu"].update("r", {"x": "queued"})
+        link.enqueue(peer_wire.PeerPing(999))  # (a routed message would do the same)
+        gossip.tick(True)
+        assert not sent  # the writer sends, in order
+        await trio.sleep(0.001)
+        ping, batch = sent[:2]
+        assert isinstance(ping, peer_wire.PeerPing)
+        assert isinstance(batch, peer_wire.Gossip) and batch.tick and batch.deltas
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""
