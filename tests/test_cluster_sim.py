@@ -447,6 +447,32 @@ async def test_a_tick_message_the_writer_sends_is_still_the_tick_batch(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_that_marks_no_tick_message_is_read_as_it_sends(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older peer sends no ``tk``: its messages are no tick batches, so its link is never
+    paced or waited for, and its moves are shown as they arrive."""
+    from presenced.core import peer_wire
+
+    real_to_wire = peer_wire._to_wire
+
+    def without_tick(message: peer_wire.PeerMessage) -> dict[str, object]:
+        wire = real_to_wire(message)
+        wire.pop("tk", None)
+        return wire
+
+    async with trio.open_nursery() as nursery:
+        cluster, _ = await mesh_of_three(nursery, latency=0.001)
+        clients = movers(cluster)
+        monkeypatch.setattr(peer_wire, "_to_wire", without_tick)  # every daemon "older"
+        await move_every_tick(clients, 20)
+        assert paced(cluster) == {"eu": [], "us": [], "ap": []}
+        clients["us"].update("r", {"x": "now"})
+        await trio.sleep(0.025 + 0.002)  # the next boundary, one link delay and a little
+        assert clients["eu"].sees("r")[("u-us", clients["us"].session)] == {"x": "now"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_far_peers_are_read_as_they_arrive(autojump_clock: object) -> None:
     """A far peer's batch lands mid-tick: waiting for the next flush point would add up to a
     tick of latency, so its link keeps its reader task."""
