@@ -1195,3 +1195,19 @@ def test_fuzz_new_types(kind: str, fields: dict[str, Any], ascii_only: bool) -> 
     frame = json.dumps({**fields, "type": kind}, ensure_ascii=ascii_only)
     check_new_frame(frame, SMALL_LIMITS)
     check_new_frame(frame, Limits(max_frame_bytes=1 << 20))
+
+
+@given(json_values)
+def test_frames_on_the_wire_are_the_same_json(value: Any) -> None:
+    """encode_frame (orjson, with the standard encoder for what it refuses: integers over 64
+    bits) writes the JSON encode writes, up to number formatting: same value back, UTF-8,
+    non-ASCII as is."""
+    message = {"type": "state", "room": "r", "data": value}
+    frame = p.encode_frame(message)
+    assert json.loads(frame.decode("utf-8")) == json.loads(p.encode(message))
+
+
+def test_frames_keep_non_ascii_and_integers_of_any_size() -> None:
+    assert p.encode_frame({"name": "Zoë 🦊"}) == '{"name":"Zoë 🦊"}'.encode()
+    huge = {"n": 2**70, "m": -(2**64)}  # (orjson refuses these: the standard encoder takes them)
+    assert p.encode_frame(huge) == p.encode(huge).encode()

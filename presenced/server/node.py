@@ -43,7 +43,7 @@ from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transit
 from presenced.server.alarm import Alarm, open_alarm
 from presenced.server.clients import PacedClients
 from presenced.server.metrics import Metrics
-from presenced.server.websocket import text_frame
+from presenced.server.websocket import utf8_text_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
@@ -208,7 +208,7 @@ class Node:
         if not members:
             return
         message = protocol.broadcast_event(room, user, session, region, event, data)
-        frame = text_frame(protocol.encode(message))
+        frame = utf8_text_frame(protocol.encode_frame(message))
         count = 0
         for member in members:
             if member is not sender or echo:
@@ -341,7 +341,8 @@ class Node:
         if diff is None:
             return
         joins, leaves, updates = diff
-        frame = text_frame(protocol.encode(protocol.diff(feed.room, joins, leaves, updates)))
+        message = protocol.diff(feed.room, joins, leaves, updates)
+        frame = utf8_text_frame(protocol.encode_frame(message))
         members = self.members.get(feed.room, ())
         for member in members:
             member.push(frame, room=feed.room)

@@ -46,7 +46,12 @@ _framer = FrameProtocol(client=False, extensions=[])
 def text_frame(text: str) -> bytes:
     """One complete, unmasked text frame, valid on any server connection. (Built here:
     wsproto's framer took 7.5 µs for what this does in about 1.)"""
-    return _frame(0x81, text.encode("utf-8"), None)
+    return utf8_text_frame(text.encode("utf-8"))
+
+
+def utf8_text_frame(payload: bytes) -> bytes:
+    """:func:`text_frame` of text already encoded as UTF-8."""
+    return _frame(0x81, payload, None)
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
