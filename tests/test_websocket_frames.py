@@ -185,4 +185,4 @@ def test_non_minimal_lengths_are_left_to_wsproto() -> None:
 @given(st.one_of(st.text(max_size=300), st.sampled_from(["x" * 65_535, "é" * 40_000])))
 def test_text_frame_is_what_wsproto_writes(text: str) -> None:
     _, server = connected()
-    assert text_frame(text) == server.send(TextMessage(data=text))
+    assert text_frame(text.encode("utf-8")) == server.send(TextMessage(data=text))

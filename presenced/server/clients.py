@@ -48,7 +48,7 @@ from presenced.server.websocket import (
     accept_websocket,
     close_frame,
     complete_text_messages,
-    utf8_text_frame,
+    text_frame,
 )
 
 if TYPE_CHECKING:
@@ -528,7 +528,7 @@ class ClientConnection:
 
     def send(self, message: dict[str, Any], room: str | None = None) -> None:
         """Queue one message for this client only."""
-        frame = utf8_text_frame(protocol.encode_frame(message))
+        frame = text_frame(protocol.encode_frame(message))
         self.node.metrics.count_frames(1, len(frame))
         self.push(frame, room=room)
 
@@ -574,7 +574,7 @@ class ClientConnection:
         for room in stale:
             if room in self.rooms:
                 snapshot = protocol.encode_frame(self.node.room_snapshot(room))
-                kept.append((room, utf8_text_frame(snapshot)))
+                kept.append((room, text_frame(snapshot)))
         self._outbox = kept
         self._queued_bytes = sum(len(frame) for _, frame in kept)
         if self._queued_bytes > 2 * self.limits.outbox_max_bytes:

@@ -73,7 +73,7 @@ import trio
 from presenced.core import peer_wire as wire
 from presenced.core import protocol
 from presenced.server.message_store import MessageStore, StoredMessage, StoreError, StoreFull
-from presenced.server.websocket import utf8_text_frame
+from presenced.server.websocket import text_frame
 
 if TYPE_CHECKING:
     from presenced.server.clients import ClientConnection
@@ -400,7 +400,7 @@ class Messenger:
                 self._route(self._receipt(message, wire.DEFERRED), None)
                 return
         mode = protocol.RELIABLE if message.reliable else protocol.FAST
-        frame = utf8_text_frame(
+        frame = text_frame(
             protocol.encode_frame(
                 protocol.direct_message(
                     message.id,
@@ -448,7 +448,6 @@ class Messenger:
         self, message_id: str, conn: ClientConnection, ref: protocol.Ref, now: float
     ) -> None:
         self._senders[message_id] = _Sender(conn, ref, conn.user, now + SENDER_MEMORY)
-        self._sweep_soon()
         _evict_oldest(self._senders, MAX_SENDERS)
 
     def _tell_sender(
@@ -699,8 +698,9 @@ class Messenger:
 
     def _sweep_due(self) -> bool:
         """Whether anything waits on the sweep: a retransmission, a recipient to pump, a
-        fetch's deadline, a sender to forget."""
-        return bool(self._inflight or self._to_pump or self._fetches or self._senders)
+        fetch's deadline. (Senders to forget can wait for the expiry pass: they are kept
+        600 s anyway, and their number is bounded.)"""
+        return bool(self._inflight or self._to_pump or self._fetches)
 
     def _sweep_soon(self) -> None:
         """Something the sweep must time out was added: restart the sweeps if they sleep."""

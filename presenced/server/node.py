@@ -43,7 +43,7 @@ from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transit
 from presenced.server.alarm import Alarm, open_alarm
 from presenced.server.clients import PacedClients
 from presenced.server.metrics import Metrics
-from presenced.server.websocket import utf8_text_frame
+from presenced.server.websocket import text_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
@@ -208,7 +208,7 @@ class Node:
         if not members:
             return
         message = protocol.broadcast_event(room, user, session, region, event, data)
-        frame = utf8_text_frame(protocol.encode_frame(message))
+        frame = text_frame(protocol.encode_frame(message))
         count = 0
         for member in members:
             if member is not sender or echo:
@@ -342,7 +342,7 @@ class Node:
             return
         joins, leaves, updates = diff
         message = protocol.diff(feed.room, joins, leaves, updates)
-        frame = utf8_text_frame(protocol.encode_frame(message))
+        frame = text_frame(protocol.encode_frame(message))
         members = self.members.get(feed.room, ())
         for member in members:
             member.push(frame, room=feed.room)
@@ -380,7 +380,7 @@ class Node:
 
     def tick_number(self) -> int:
         """The current tick's number (aligned wall time / tick)."""
-        return math.floor(self.phase_clock() / self.tick + 1e-9)  # (_tick_of, inlined: hot)
+        return self._tick_of(self.phase_clock())
 
     def _tick_of(self, wall: float) -> int:
         # (a hair of slack: at an exact boundary, k * tick / tick may come out just under k)

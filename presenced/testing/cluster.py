@@ -71,7 +71,7 @@ class FakeClient:
         self._receive(decode_frame(frame))
 
     def send(self, message: dict[str, Any], room: str | None = None) -> None:
-        self._receive(json.loads(protocol.encode(message)))
+        self._receive(json.loads(protocol.encode_frame(message)))
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
