@@ -30,9 +30,9 @@ same flush the message would have joined anyway. Only that last read, finding no
 the tick (the peer was quiet, or its batch is late), hands the link back to its reader task,
 which waits for data as usual, and the link's next batch on time paces it again. A tick's
 batch is the message the peer's tick sent, marked ``tick`` on the wire: repairs, relays and
-link-state news go out whenever they come in. A peer whose batches
-land later in the tick (a far one, unless its delay is within the flush lag of a whole number
-of ticks: then pacing changes nothing either) is not paced. While a link is paced, its other
+link-state news go out whenever they come in. A peer whose batches land later in the tick (a
+far one, unless its delay is within the flush lag of a whole number of ticks: then pacing
+changes nothing either) is not paced. While a link is paced, its other
 messages (routed messages, pings) wait for that read: at most a tick and a flush lag. RTT
 pings go out with the next gossip message (normally the tick's); once the ticker has read
 the peer's batch of that tick, the link goes back to its reader, which reads the pong as it
@@ -500,11 +500,10 @@ class PeerLink:
     def _on_gossip(self, message: wire.Gossip) -> None:
         node = self.node
         now = node.clock()
-        tick = node.tick_number()
         # Only the sender's tick message is its batch: a repair, relay or news sent mid-tick
         # and read at the next tick's first read, taken for that tick's batch, made the
         # tick flush without the real one.
-        if message.tick and self.batch_tick != tick:
+        if message.tick and self.batch_tick != (tick := node.tick_number()):
             self.batch_tick = tick
             self._early_tick = tick if node.tick_phase() < node.hold else -1
         for beat in message.beats:
