@@ -16,6 +16,7 @@ import trio_websocket
 from wsproto.events import BytesMessage
 
 from presenced.certs import CertError, init_ca, issue_node_cert
+from presenced.server import peer_tls
 from presenced.server.peer_tls import (
     SUBPROTOCOL,
     TlsWebSocketTransport,
@@ -320,6 +321,30 @@ async def test_receive_nowait_reads_only_what_has_arrived(pki: Pki) -> None:
                 await poll_until(accepted)
             with pytest.raises(ChannelClosed):
                 accepted.receive_nowait()
+
+
+@pytest.mark.parametrize("read_bytes", [65_536, 100])
+async def test_receive_nowait_finds_everything_that_arrived(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, read_bytes: int
+) -> None:
+    """A read is skipped when the kernel has nothing new; what is already in, left in the
+    kernel (more TLS records) or decrypted in OpenSSL (a record larger than one read, here
+    with 100-byte reads), still comes out of ``receive_nowait`` at once, to the last byte."""
+    monkeypatch.setattr(peer_tls, "_RECEIVE_BYTES", read_bytes)
+    us, eu = pki.transport("us"), pki.transport("eu")
+    messages = [bytes([n]) * (300 + 50 * n) for n in range(20)]
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            for message in messages:
+                await dialled.send(message)
+            await dialled.send(b"last")
+            assert await poll_until(accepted) == messages[0]  # everything is in by now
+            await trio.sleep(0.05)
+            assert [accepted.receive_nowait() for _ in messages[1:]] == messages[1:]
+            assert accepted.receive_nowait() == b"last"
+            assert accepted.receive_nowait() is None
 
 
 async def test_send_nowait_never_waits_and_keeps_order(pki: Pki) -> None:
