@@ -177,6 +177,45 @@ async def test_line_of_three_regions_survives_the_middle_being_killed(
     assert "refused peer" not in eu.logs()
 
 
+async def test_two_regions_streaming_cursors_see_every_last_move(
+    regions: dict[str, Region],
+) -> None:
+    """Both sides stream a move every tick for a second: the peer links get paced, so each
+    daemon waits for the other's batch on the socket itself (``wait_for_batches``), and
+    every move is seen on the far side in order, the last one included."""
+    eu, us = regions["eu"], regions["us"]
+    us.start([])
+    eu.start([us])
+    for region in (eu, us):
+        await wait_listening(region.client_port)
+    async with client(eu.url, "ann", "hq") as ann, client(us.url, "bob", "hq") as bob:
+        await wait_for(ann, "hq", {"ann", "bob"})
+        await wait_for(bob, "hq", {"ann", "bob"})
+        seen: dict[str, list[int]] = {"ann": [], "bob": []}
+
+        def far_x(watcher: PresenceClient, user: str) -> int:
+            return int(next(iter(watcher.presences("hq")[user].values()))["meta"].get("x", -1))
+
+        async def stream(mover: PresenceClient, watcher: PresenceClient, user: str) -> None:
+            for x in range(60):
+                await mover.update("hq", {"x": x})
+                seen[user].append(far_x(watcher, user))
+                await trio.sleep(0.02)
+            with trio.fail_after(5):
+                while far_x(watcher, user) != 59:
+                    await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, ann, bob, "ann")
+            nursery.start_soon(stream, bob, ann, "bob")
+        for observed in seen.values():
+            assert observed == sorted(observed)  # never backwards
+            assert observed[-1] > 40  # and kept up while streaming
+    for region in (eu, us):
+        assert region.stop() == 0
+        assert "Traceback" not in region.logs()
+
+
 async def test_a_peer_with_a_certificate_from_another_ca_is_refused(
     regions: dict[str, Region], tmp_path: Path
 ) -> None:

@@ -20,9 +20,11 @@ are not even waited for one by one: the ticker reads paced links itself ``flush_
 the boundary (see :mod:`presenced.server.peer_links`), and a link whose last batch came
 within ``hold`` of its boundary is waited for up to ``hold``. A batch that arrives at any
 other time (a distant region) is flushed at once: waiting would add latency and fold nothing
-in. So a tick costs a busy daemon at most two wake-ups (the boundary, and the poll point when
-a near batch was not in by the end of the boundary's work) however many regions it hears
-from, and the ticker sleeps on a kernel timer (:mod:`presenced.server.alarm`).
+in. So a tick costs a busy daemon one wake-up through trio (the boundary; the ticker sleeps
+on a kernel timer, :mod:`presenced.server.alarm`) however many regions it hears from: a near
+batch not in by the end of the boundary's work is waited for on its socket, blocking the
+thread up to the poll point (:meth:`PeerManager.wait_for_batches`), and only a batch later
+than that costs a second one (the hold).
 """
 
 from __future__ import annotations
@@ -440,6 +442,13 @@ class Node:
                             # Batches already in (the work above takes a while) are read now:
                             # the poll point is only for those still to come.
                             now = self._read_paced(gossip, final=False)
+                            poll_point = woke + self.flush_lag
+                            while (
+                                gossip.paced_pending()
+                                and now < poll_point
+                                and gossip.wait_for_batches(poll_point - now)
+                            ):
+                                now = self._read_paced(gossip, final=False)
                             if gossip.paced_pending():
                                 self._poll_at = woke + self.flush_lag
                                 self._final_poll = False

@@ -373,6 +373,9 @@ class TlsPeerChannel:
             self._receiving = False
         return messages.popleft()
 
+    def input_fd(self) -> int | None:
+        return None if self._sock.closed else self._sock.sock.fileno()
+
     def receive_nowait(self) -> bytes | None:
         """The next message if it has arrived, else None (never waits); raises ChannelClosed
         once the channel is gone, like ``receive``."""

@@ -50,6 +50,12 @@ class PeerChannel(Protocol):
         once per tick instead of waking for each of their messages.)"""
         ...
 
+    def input_fd(self) -> int | None:
+        """The OS descriptor that turns readable when a message may have arrived, or None
+        where there is none (the simulation). The ticker blocks on it for the millisecond or
+        two it waits for a near peer's batch, instead of a trip through trio's scheduler."""
+        ...
+
     async def aclose(self) -> None:
         """Close the channel (idempotent)."""
         ...

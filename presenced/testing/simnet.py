@@ -211,6 +211,9 @@ class SimChannel:
             with trio.move_on_at(deadline):
                 await wake.wait()
 
+    def input_fd(self) -> int | None:
+        return None  # (in virtual time nothing may block the thread)
+
     def receive_nowait(self) -> bytes | None:
         if self._closed or self._broken:
             raise ChannelClosed(f"channel to {self.remote_node} is closed")
