@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import attrs
 import pytest
@@ -17,6 +19,7 @@ from wsproto.events import BytesMessage
 
 from presenced.certs import CertError, init_ca, issue_node_cert
 from presenced.server import peer_tls
+from presenced.server.peer_links import PeerManager
 from presenced.server.peer_tls import (
     SUBPROTOCOL,
     TlsWebSocketTransport,
@@ -345,6 +348,54 @@ async def test_receive_nowait_finds_everything_that_arrived(
             assert [accepted.receive_nowait() for _ in messages[1:]] == messages[1:]
             assert accepted.receive_nowait() == b"last"
             assert accepted.receive_nowait() is None
+
+
+@attrs.define(eq=False)
+class PacedLink:
+    """What ``wait_for_batches`` reads of a paced link."""
+
+    batch_tick: int
+    channel: object
+
+
+async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki) -> None:
+    """``PeerManager.wait_for_batches`` blocks the thread on the sockets of the paced links
+    whose batch of this tick is missing: it returns True as soon as one has input, False
+    once the time is up (input on a link whose batch is in does not count), and False at
+    once for a transport without a socket (the simulation)."""
+    us, eu = pki.transport("us"), pki.transport("eu")
+    with trio.fail_after(10):
+        async with serving(us) as server, eu.running():
+            dialled = await eu.dial(server.url)
+            accepted = await server.channels.receive()
+            tick = 7
+            missing = PacedLink(batch_tick=tick - 1, channel=accepted)
+            arrived = PacedLink(batch_tick=tick, channel=dialled)
+            manager = SimpleNamespace(
+                node=SimpleNamespace(tick_number=lambda: tick),
+                paced={missing: None, arrived: None},
+            )
+            wait = functools.partial(PeerManager.wait_for_batches, manager)
+
+            async def timed(timeout: float) -> tuple[bool, float]:
+                await trio.sleep(0.02)  # (what was sent is in by then)
+                started = time.monotonic()
+                return wait(timeout), time.monotonic() - started
+
+            came, waited = await timed(0.05)
+            assert not came and waited >= 0.04
+            await accepted.send(b"for the link whose batch is in")
+            came, waited = await timed(0.05)
+            assert not came and waited >= 0.04
+            await dialled.send(b"the missing batch")
+            came, waited = await timed(5)
+            assert came and waited < 1
+            assert accepted.receive_nowait() == b"the missing batch"
+
+            no_socket = SimpleNamespace(input_fd=lambda: None)
+            manager.paced = {PacedLink(batch_tick=tick - 1, channel=no_socket): None}
+            came, waited = await timed(5)
+            assert not came and waited < 1
 
 
 async def test_send_nowait_never_waits_and_keeps_order(pki: Pki) -> None:
