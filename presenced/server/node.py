@@ -428,33 +428,7 @@ class Node:
             if now >= boundary or now >= self._next_boundary:
                 self._next_boundary = self.next_boundary(now)
                 if self._ticking():
-                    # Cleared before the work: what asks for a tick during it gets the next.
-                    self._tick_wanted = False
-                    self._reading_clients = True
-                    try:
-                        self.paced.read()  # busy clients' updates make this tick's gossip
-                    finally:
-                        self._reading_clients = False
-                    woke = now
-                    if gossip is not None:
-                        gossip.tick(self._local_dirty)
-                        if gossip.paced:
-                            # Batches already in (the work above takes a while) are read now:
-                            # the poll point is only for those still to come.
-                            now = self._read_paced(gossip, final=False)
-                            poll_point = woke + self.flush_lag
-                            while (
-                                gossip.paced_pending()
-                                and now < poll_point
-                                and gossip.wait_for_batches(poll_point - now)
-                            ):
-                                now = self._read_paced(gossip, final=False)
-                            if gossip.paced_pending():
-                                self._poll_at = woke + self.flush_lag
-                                self._final_poll = False
-                    self._local_dirty = False
-                    if self._dirty:
-                        self._flush_by(self.flush_time(now))
+                    now = self._boundary_work(now, gossip)
             if now >= self._poll_at:
                 self._poll_at = math.inf
                 if gossip is not None:
@@ -469,6 +443,42 @@ class Node:
                 self._flush_at = math.inf
                 self.flush_dirty()
             self.metrics.observe_flush(time.perf_counter() - started)
+
+    def _boundary_work(self, woke: float, gossip: PeerManager | None) -> float:
+        """Read busy clients, send the tick's gossip, read the near batches that are in (or
+        land before the poll point), and schedule the flush. Returns the time after it."""
+        # Cleared before the work: what asks for a tick during it gets the next.
+        self._tick_wanted = False
+        self._reading_clients = True
+        try:
+            self.paced.read()  # busy clients' updates make this tick's gossip
+        finally:
+            self._reading_clients = False
+        now = woke
+        if gossip is not None:
+            gossip.tick(self._local_dirty)
+            if gossip.paced:
+                now = self._await_paced(gossip, woke + self.flush_lag)
+        self._local_dirty = False
+        if self._dirty:
+            self._flush_by(self.flush_time(now))
+        return now
+
+    def _await_paced(self, gossip: PeerManager, poll_point: float) -> float:
+        """Read the near batches already in (the boundary's work takes a while), then wait
+        on their sockets for those still missing, up to the poll point; a batch later than
+        that is read at the poll point's own wake-up. Returns the time after the reads."""
+        now = self._read_paced(gossip, final=False)
+        while (
+            gossip.paced_pending()
+            and now < poll_point
+            and gossip.wait_for_batches(poll_point - now)
+        ):
+            now = self._read_paced(gossip, final=False)
+        if gossip.paced_pending():
+            self._poll_at = poll_point
+            self._final_poll = False
+        return now
 
     def _read_paced(self, gossip: PeerManager, *, final: bool) -> float:
         """Read paced peer links; what they change is flushed in one frame per room (no
