@@ -1,5 +1,6 @@
-"""The ticker's alarm: it wakes at its deadline, never before, and earlier once moved; the
-kernel timer and trio's own deadlines behave the same, and a mock clock gets trio's."""
+"""The ticker's alarm: it wakes at its deadline, never before, earlier once moved, either way
+once reset; the kernel timer and trio's own deadlines behave the same, and a mock clock gets
+trio's."""
 
 from __future__ import annotations
 
@@ -45,6 +46,26 @@ async def test_moved_earlier_while_sleeping() -> None:
                 await trio.sleep(0.01)
                 alarm.move(trio.current_time())
         alarm.move(0)  # nobody sleeps: no effect
+        alarm.close()
+
+
+async def test_reset_later_or_earlier_while_sleeping() -> None:
+    """``reset`` moves the wake-up either way: what the sleeper was to wake for is done."""
+    for alarm in alarms():
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(alarm.sleep_until, trio.current_time() + 0.01)
+                await trio.sleep(0.001)
+                later = trio.current_time() + 0.05
+                alarm.reset(later)
+            assert trio.current_time() >= later, alarm
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(alarm.sleep_until, trio.current_time() + 3600)
+                await trio.sleep(0.01)
+                earlier = trio.current_time() + 0.01
+                alarm.reset(earlier)
+            assert trio.current_time() >= earlier, alarm
+        alarm.reset(0)  # nobody sleeps: no effect
         alarm.close()
 
 
