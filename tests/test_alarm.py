@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -31,20 +32,35 @@ async def test_wakes_at_the_deadline_not_before() -> None:
         alarm.close()
 
 
+async def sleeper_wakes(alarm: Alarm, deadline: float, change: Callable[[Alarm], float]) -> None:
+    """Put a task to sleep until ``deadline``, apply ``change`` while it sleeps (it returns
+    the earliest time the sleeper may wake), and check that it woke, and not before then."""
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(alarm.sleep_until, deadline)
+            await trio.sleep(0.005)
+            earliest = change(alarm)
+    assert trio.current_time() >= earliest, alarm
+
+
+def moved_to(delay: float, *, reset: bool = False) -> Callable[[Alarm], float]:
+    def change(alarm: Alarm) -> float:
+        at = trio.current_time() + delay
+        (alarm.reset if reset else alarm.move)(at)
+        return at
+
+    return change
+
+
+def later_ignored_then_earlier(alarm: Alarm) -> float:
+    alarm.move(trio.current_time() + 7200)  # later than it sleeps: ignored
+    return moved_to(0.02)(alarm)
+
+
 async def test_moved_earlier_while_sleeping() -> None:
     for alarm in alarms():
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(alarm.sleep_until, trio.current_time() + 3600)
-                await trio.sleep(0.01)
-                alarm.move(trio.current_time() + 7200)  # later: ignored
-                moved = trio.current_time() + 0.02
-                alarm.move(moved)
-            assert trio.current_time() >= moved, alarm
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(alarm.sleep_until, math.inf)  # until moved
-                await trio.sleep(0.01)
-                alarm.move(trio.current_time())
+        await sleeper_wakes(alarm, trio.current_time() + 3600, later_ignored_then_earlier)
+        await sleeper_wakes(alarm, math.inf, moved_to(0))  # inf: until moved
         alarm.move(0)  # nobody sleeps: no effect
         alarm.close()
 
@@ -52,19 +68,8 @@ async def test_moved_earlier_while_sleeping() -> None:
 async def test_reset_later_or_earlier_while_sleeping() -> None:
     """``reset`` moves the wake-up either way: what the sleeper was to wake for is done."""
     for alarm in alarms():
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(alarm.sleep_until, trio.current_time() + 0.01)
-                await trio.sleep(0.001)
-                later = trio.current_time() + 0.05
-                alarm.reset(later)
-            assert trio.current_time() >= later, alarm
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(alarm.sleep_until, trio.current_time() + 3600)
-                await trio.sleep(0.01)
-                earlier = trio.current_time() + 0.01
-                alarm.reset(earlier)
-            assert trio.current_time() >= earlier, alarm
+        await sleeper_wakes(alarm, trio.current_time() + 0.01, moved_to(0.05, reset=True))
+        await sleeper_wakes(alarm, trio.current_time() + 3600, moved_to(0.01, reset=True))
         alarm.reset(0)  # nobody sleeps: no effect
         alarm.close()
 
