@@ -1,6 +1,5 @@
-"""The ticker's alarm: it wakes at its deadline, never before, earlier once moved, either way
-once reset; the kernel timer and trio's own deadlines behave the same, and a mock clock gets
-trio's."""
+"""The ticker's alarm: it wakes at its deadline, never before, and earlier once moved; the
+kernel timer and trio's own deadlines behave the same, and a mock clock gets trio's."""
 
 from __future__ import annotations
 
@@ -43,10 +42,10 @@ async def sleeper_wakes(alarm: Alarm, deadline: float, change: Callable[[Alarm],
     assert trio.current_time() >= earliest, alarm
 
 
-def moved_to(delay: float, *, reset: bool = False) -> Callable[[Alarm], float]:
+def moved_to(delay: float) -> Callable[[Alarm], float]:
     def change(alarm: Alarm) -> float:
         at = trio.current_time() + delay
-        (alarm.reset if reset else alarm.move)(at)
+        alarm.move(at)
         return at
 
     return change
@@ -62,15 +61,6 @@ async def test_moved_earlier_while_sleeping() -> None:
         await sleeper_wakes(alarm, trio.current_time() + 3600, later_ignored_then_earlier)
         await sleeper_wakes(alarm, math.inf, moved_to(0))  # inf: until moved
         alarm.move(0)  # nobody sleeps: no effect
-        alarm.close()
-
-
-async def test_reset_later_or_earlier_while_sleeping() -> None:
-    """``reset`` moves the wake-up either way: what the sleeper was to wake for is done."""
-    for alarm in alarms():
-        await sleeper_wakes(alarm, trio.current_time() + 0.01, moved_to(0.05, reset=True))
-        await sleeper_wakes(alarm, trio.current_time() + 3600, moved_to(0.01, reset=True))
-        alarm.reset(0)  # nobody sleeps: no effect
         alarm.close()
 
 

@@ -33,10 +33,6 @@ class Alarm(Protocol):
         """Wake the sleeper at ``deadline`` if that is earlier than it would wake (no effect
         while nobody sleeps)."""
 
-    def reset(self, deadline: float) -> None:
-        """Wake the sleeper at ``deadline``, earlier or later than it would have (no effect
-        while nobody sleeps): what it was to wake for is done already."""
-
     def close(self) -> None:
         """Release what the alarm holds."""
 
@@ -56,10 +52,6 @@ class ScopeAlarm:
 
     def move(self, deadline: float) -> None:
         if self._scope is not None and deadline < self._scope.deadline:
-            self._scope.deadline = deadline
-
-    def reset(self, deadline: float) -> None:
-        if self._scope is not None:
             self._scope.deadline = deadline
 
     def close(self) -> None:
@@ -109,13 +101,6 @@ class KernelAlarm:
 
     def move(self, deadline: float) -> None:
         if self._deadline is not None and deadline < self._deadline:
-            self._deadline = deadline
-            self._arm(deadline)
-
-    def reset(self, deadline: float) -> None:
-        # (re-arming also clears an expiry not read yet: a sleeper already woken by it finds
-        # nothing to read and sleeps on, see sleep_until)
-        if self._deadline is not None and deadline != self._deadline:
             self._deadline = deadline
             self._arm(deadline)
 

@@ -291,7 +291,7 @@ class Node:
                 self._dirty[room] = feed
                 deferred = True
         if deferred and from_peer:
-            self._flush_peer_changes(now)
+            self._flush_by(self.flush_time(now))
 
     def flush_time(self, now: float) -> float:
         """When this tick's changes are flushed: once near peers' batches of the tick are in,
@@ -308,24 +308,6 @@ class Node:
         if gossip.paced_pending():
             return max(now, self.interval_start(now) + self.flush_lag)
         return now
-
-    def _flush_peer_changes(self, now: float) -> None:
-        """Flush what a peer's batch changed at :meth:`flush_time`.
-
-        When the tick's flush was held for this batch (a near link read by its own task, not
-        paced) and nothing else is awaited now, the task that read it flushes, rather than
-        waking the ticker only to flush: two wake-ups for one batch. Otherwise the ticker
-        flushes, which also folds in batches read by other links' tasks in the same scheduler
-        pass; and after its own reads (``_holding``) the ticker flushes anyway.
-        """
-        when = self.flush_time(now)
-        if when > now or self._holding or self._flush_at == math.inf:
-            self._flush_by(when)
-            return
-        self._flush_at = math.inf
-        self.flush_dirty()
-        if self._alarm is not None:
-            self._alarm.reset(min(self._boundary_due(), self._poll_at))
 
     def _flush_by(self, when: float) -> None:
         """Make the ticker flush dirty rooms no later than ``when``."""
@@ -418,10 +400,6 @@ class Node:
             if self._alarm is not None:
                 self._alarm.move(self._next_boundary)
 
-    def _boundary_due(self) -> float:
-        """The next tick boundary if the ticker has work at it, else inf."""
-        return self._next_boundary if self._ticking() else math.inf
-
     def _ticking(self) -> bool:
         gossip = self.gossip
         return self._tick_wanted or bool(self.paced) or (gossip is not None and bool(gossip.paced))
@@ -440,7 +418,7 @@ class Node:
     async def _tick_forever(self, alarm: Alarm) -> None:
         self._next_boundary = self.next_boundary(self.clock())
         while True:
-            boundary = self._boundary_due()
+            boundary = self._next_boundary if self._ticking() else math.inf
             await alarm.sleep_until(min(boundary, self._flush_at, self._poll_at))
             gossip = self.gossip
             now = self.clock()
