@@ -48,7 +48,7 @@ from presenced.server.websocket import (
     accept_websocket,
     close_frame,
     complete_text_messages,
-    text_frame,
+    message_frame,
 )
 
 if TYPE_CHECKING:
@@ -528,7 +528,7 @@ class ClientConnection:
 
     def send(self, message: dict[str, Any], room: str | None = None) -> None:
         """Queue one message for this client only."""
-        frame = text_frame(protocol.encode_frame(message))
+        frame = message_frame(message)
         self.node.metrics.count_frames(1, len(frame))
         self.push(frame, room=room)
 
@@ -573,8 +573,7 @@ class ClientConnection:
         kept = deque(item for item in self._outbox if item[0] is None)
         for room in stale:
             if room in self.rooms:
-                snapshot = protocol.encode_frame(self.node.room_snapshot(room))
-                kept.append((room, text_frame(snapshot)))
+                kept.append((room, message_frame(self.node.room_snapshot(room))))
         self._outbox = kept
         self._queued_bytes = sum(len(frame) for _, frame in kept)
         if self._queued_bytes > 2 * self.limits.outbox_max_bytes:

@@ -73,7 +73,7 @@ import trio
 from presenced.core import peer_wire as wire
 from presenced.core import protocol
 from presenced.server.message_store import MessageStore, StoredMessage, StoreError, StoreFull
-from presenced.server.websocket import text_frame
+from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
     from presenced.server.clients import ClientConnection
@@ -400,18 +400,16 @@ class Messenger:
                 self._route(self._receipt(message, wire.DEFERRED), None)
                 return
         mode = protocol.RELIABLE if message.reliable else protocol.FAST
-        frame = text_frame(
-            protocol.encode_frame(
-                protocol.direct_message(
-                    message.id,
-                    message.sender,
-                    message.session,
-                    message.region,
-                    message.group,
-                    message.data,
-                    mode,
-                    message.sent_at,
-                )
+        frame = message_frame(
+            protocol.direct_message(
+                message.id,
+                message.sender,
+                message.session,
+                message.region,
+                message.group,
+                message.data,
+                mode,
+                message.sent_at,
             )
         )
         for conn in conns:

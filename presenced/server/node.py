@@ -45,7 +45,7 @@ from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transit
 from presenced.server.alarm import Alarm, open_alarm
 from presenced.server.clients import PacedClients
 from presenced.server.metrics import Metrics
-from presenced.server.websocket import text_frame
+from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
@@ -210,7 +210,7 @@ class Node:
         if not members:
             return
         message = protocol.broadcast_event(room, user, session, region, event, data)
-        frame = text_frame(protocol.encode_frame(message))
+        frame = message_frame(message)
         count = 0
         for member in members:
             if member is not sender or echo:
@@ -343,8 +343,7 @@ class Node:
         if diff is None:
             return
         joins, leaves, updates = diff
-        message = protocol.diff(feed.room, joins, leaves, updates)
-        frame = text_frame(protocol.encode_frame(message))
+        frame = message_frame(protocol.diff(feed.room, joins, leaves, updates))
         members = self.members.get(feed.room, ())
         for member in members:
             member.push(frame, room=feed.room)

@@ -28,6 +28,7 @@ one, so the next plain frame may again skip it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -35,12 +36,20 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.frame_protocol import CloseReason, FrameProtocol, XorMaskerSimple
 from wsproto.utilities import RemoteProtocolError
 
+from presenced.core import protocol
+
 #: The subprotocol a client may offer to pin the protocol version.
 SUBPROTOCOL = "presenced.v1"
 #: Bytes read from a socket per receive call.
 RECEIVE_BYTES = 65_536
 
 _framer = FrameProtocol(client=False, extensions=[])
+
+
+def message_frame(message: dict[str, Any]) -> bytes:
+    """One server message as a complete text frame: encoded once (by orjson, see
+    :func:`protocol.encode_frame`) however many members it goes to."""
+    return text_frame(protocol.encode_frame(message))
 
 
 def text_frame(payload: bytes) -> bytes:
