@@ -375,6 +375,8 @@ async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki)
                 node=SimpleNamespace(tick_number=lambda: tick),
                 paced={missing: None, arrived: None},
             )
+            # (the two PeerManager methods at work, on a stand-in holding what they read)
+            manager._missing_batches = functools.partial(PeerManager._missing_batches, manager)
             wait = functools.partial(PeerManager.wait_for_batches, manager)
 
             async def timed(timeout: float) -> tuple[bool, float]:

@@ -778,20 +778,22 @@ class PeerManager:
         lands a millisecond or two after this daemon's own boundary work. Nothing else is
         held up for longer than the poll point, and only while that batch is on its way.
         """
-        tick = self.node.tick_number()
         waiting = select.poll()
-        for link in self.paced:
-            if link.batch_tick != tick:
-                fd = link.channel.input_fd()
-                if fd is None:
-                    return False
-                waiting.register(fd, select.POLLIN)
+        for link in self._missing_batches():
+            fd = link.channel.input_fd()
+            if fd is None:
+                return False
+            waiting.register(fd, select.POLLIN)
         return bool(waiting.poll(max(0, math.ceil(timeout * 1000))))
 
     def paced_pending(self) -> bool:
         """Whether a paced link's batch of this tick has not been read yet."""
+        return bool(self._missing_batches())
+
+    def _missing_batches(self) -> list[PeerLink]:
+        """The paced links whose batch of this tick has not been read yet."""
         tick = self.node.tick_number()
-        return any(link.batch_tick != tick for link in self.paced)
+        return [link for link in self.paced if link.batch_tick != tick]
 
     def request_digests(self) -> None:
         """Ask every link to exchange digests now (a replica came back up: repair fast)."""
