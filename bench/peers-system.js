@@ -4,7 +4,7 @@
 // Environment:
 //   PRESENCED_PYTHON   the Python that has presenced installed (default: ../.venv/bin/python)
 //   PRESENCED_REGIONS  1 (one daemon) or 3 (eu, us, ap, full mesh of mTLS peer links). Default 3.
-//   PRESENCED_TICK_MS  the daemons' flush tick (default: the daemon's default, 25 ms)
+//   PRESENCED_TICK_MS  the daemons' flush tick (default: the daemon's default, 30 ms)
 //   PRESENCED_TOPOLOGY mesh (default) or line: eu — us — ap, so eu↔ap updates take two hops
 //   PRESENCED_HTTP_BASE a port: region i also serves its HTTP side port (/metrics) on BASE + i
 // With wanDelayMs (scenario S4/WAN), every inter-region link goes through the harness's delay

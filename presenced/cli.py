@@ -214,7 +214,7 @@ def _env(name: str) -> str:
     envvar=_env("tick_ms"),
     show_envvar=True,
     help="Milliseconds between batched room updates sent to clients (2-1000); lower is"
-    " snappier and costs more. Default: 25.",
+    " snappier and costs more. Default: 30.",
 )
 @click.option(
     "--max-connections",

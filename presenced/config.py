@@ -353,7 +353,7 @@ class Config:
     http: HostPort | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
     )
-    tick_ms: int = attrs.field(default=25, validator=_validate_field(_check_tick_exact))
+    tick_ms: int = attrs.field(default=30, validator=_validate_field(_check_tick_exact))
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
     #: Peer links are mutually authenticated TLS: this node's PEM certificate and key, and
     #: the CA certificate that signed every region's certificate (`presenced certs`).

@@ -83,7 +83,7 @@ def test_defaults() -> None:
     assert config.peer_listen is None
     assert config.token_secret is None
     assert config.log_level == "info"
-    assert config.tick_ms == 25
+    assert config.tick_ms == 30
     assert config.limits == Limits()
 
 
@@ -295,7 +295,7 @@ def test_precedence_flag_over_env_over_file_over_default(
     assert config.region == "flag-region"  # flag beats env and file
     assert config.listen == HostPort("127.0.0.1", 2222)  # env beats file
     assert config.node == "file-node"  # file beats default
-    assert config.tick_ms == 25  # default
+    assert config.tick_ms == 30  # default
     assert config.allow_anonymous is False  # env "false" beats file true
     assert config.token_secret == SECRET
     assert config.limits.max_connections == 33

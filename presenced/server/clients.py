@@ -76,8 +76,8 @@ class PacedClients:
     """The connections the ticker reads at tick boundaries (see the module docstring).
 
     One ``epoll_wait`` with no timeout tells which of them sent something: quiet ones cost
-    no failed read. (A client streaming cursor moves at 20 Hz has nothing for every other
-    40 Hz tick.) A connection leaves before its socket is closed, so a descriptor number the
+    no failed read. (A client streaming cursor moves at 20 Hz has nothing for a third of the
+    33 Hz ticks.) A connection leaves before its socket is closed, so a descriptor number the
     kernel reuses never reaches the wrong connection. The epoll descriptor exists only while
     some connection is paced.
     """

@@ -24,7 +24,7 @@ so a retransmission is confirmed again but never shown twice.
 
 Group commit. Store writes are not committed one by one: the first write of a batch opens
 one SQLite transaction (:meth:`MessageStore.begin`), every write until the commit joins it,
-and :meth:`Messenger.flush` commits it :data:`COMMIT_INTERVAL` (25 ms, one node tick)
+and :meth:`Messenger.flush` commits it :data:`COMMIT_INTERVAL` (25 ms, about a node tick)
 later. Under load every commit holds what arrived in those 25 ms (about 20 messages at 800
 per second) instead of one; the price is up to 25 ms more before ``stored``, before a
 reliable message's first copy leaves, and before a recipient daemon's ``delivered``. What

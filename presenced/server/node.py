@@ -390,7 +390,7 @@ class Node:
     def want_tick(self) -> None:
         """Something must happen at the next tick boundary (local changes to send, beats
         due): wake the ticker for it. Without such a reason, paced clients or paced links, the
-        ticker sleeps through boundaries, so an idle daemon does not wake 40 times a second."""
+        ticker sleeps through boundaries, so an idle daemon does not wake every tick."""
         if not self._tick_wanted:
             self._tick_wanted = True
             now = self.clock()

@@ -426,7 +426,7 @@ export class PresenceClient {
 
   /** The daemon's tick in ms (from `welcome`): the least useful gap between updates. */
   get tickMs() {
-    return (this.welcome && this.welcome.tick_ms) || 25;
+    return (this.welcome && this.welcome.tick_ms) || 30;
   }
 
   /** This connection's session id (changes on every reconnect). */
