@@ -13,12 +13,14 @@ import importlib
 import time
 from typing import Any
 
+import attrs
 import click
 from click.core import ParameterSource
 
 from presenced import __version__
 from presenced.auth import mint_token
 from presenced.config import (
+    DEFAULT_MESSAGE_MAX_AGE,
     LOG_FORMATS,
     LOG_LEVELS,
     Config,
@@ -27,6 +29,7 @@ from presenced.config import (
     load_toml,
     read_secret_file,
 )
+from presenced.core.limits import Limits
 
 __all__ = ["LAZY_COMMANDS", "cli", "main"]
 
@@ -78,6 +81,13 @@ def cli() -> None:
 main = cli
 
 
+def _default(owner: type, field: str) -> str:
+    """``field``'s default in the configuration class ``owner``, as ``--help`` shows it:
+    defaults live in one place, so the help cannot drift from them."""
+    value = getattr(attrs.fields(owner), field).default
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _env(name: str) -> str:
     return f"PRESENCED_{name.upper()}"
 
@@ -110,7 +120,7 @@ def _env(name: str) -> str:
     envvar=_env("listen"),
     show_envvar=True,
     help="Address for client WebSocket connections; ':PORT' means 127.0.0.1, '[::1]:PORT'"
-    " for IPv6, port 0 picks a free one. Default: 127.0.0.1:7400.",
+    f" for IPv6, port 0 picks a free one. Default: {_default(Config, 'listen')}.",
 )
 @click.option(
     "--peers",
@@ -158,7 +168,8 @@ def _env(name: str) -> str:
     envvar=_env("down_after"),
     show_envvar=True,
     help="Seconds without a heartbeat before a peer region's node is marked down: its users"
-    " leave every room everywhere (they return if it comes back in time). Default: 3.",
+    " leave every room everywhere (they return if it comes back in time)."
+    f" Default: {_default(Config, 'down_after')}.",
 )
 @click.option(
     "--purge-after",
@@ -167,7 +178,7 @@ def _env(name: str) -> str:
     envvar=_env("purge_after"),
     show_envvar=True,
     help="Seconds without a heartbeat before a down node's users are dropped; more than"
-    " --down-after. Default: 30.",
+    f" --down-after. Default: {_default(Config, 'purge_after')}.",
 )
 @click.option(
     "--token-secret-file",
@@ -190,7 +201,7 @@ def _env(name: str) -> str:
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     envvar=_env("log_level"),
     show_envvar=True,
-    help="Least severe log messages to print. Default: info.",
+    help=f"Least severe log messages to print. Default: {_default(Config, 'log_level')}.",
 )
 @click.option(
     "--log-format",
@@ -198,7 +209,7 @@ def _env(name: str) -> str:
     envvar=_env("log_format"),
     show_envvar=True,
     help="Log lines as readable text, or as one JSON object per line (ts, level, logger,"
-    " msg, exc) for log shippers. Default: text.",
+    f" msg, exc) for log shippers. Default: {_default(Config, 'log_format')}.",
 )
 @click.option(
     "--http",
@@ -214,42 +225,46 @@ def _env(name: str) -> str:
     envvar=_env("tick_ms"),
     show_envvar=True,
     help="Milliseconds between batched room updates sent to clients (2-1000); lower is"
-    " snappier and costs more. Default: 30.",
+    f" snappier and costs more. Default: {_default(Config, 'tick_ms')}.",
 )
 @click.option(
     "--max-connections",
     type=int,
     envvar=_env("max_connections"),
     show_envvar=True,
-    help="Most concurrent client connections. Default: 20000.",
+    help=f"Most concurrent client connections. Default: {_default(Limits, 'max_connections')}.",
 )
 @click.option(
     "--max-frame-bytes",
     type=int,
     envvar=_env("max_frame_bytes"),
     show_envvar=True,
-    help="Largest client WebSocket message, in bytes. Default: 16384.",
+    help="Largest client WebSocket message, in bytes."
+    f" Default: {_default(Limits, 'max_frame_bytes')}.",
 )
 @click.option(
     "--max-meta-bytes",
     type=int,
     envvar=_env("max_meta_bytes"),
     show_envvar=True,
-    help="Largest presence metadata of one member, in bytes of compact JSON. Default: 2048.",
+    help="Largest presence metadata of one member, in bytes of compact JSON."
+    f" Default: {_default(Limits, 'max_meta_bytes')}.",
 )
 @click.option(
     "--max-rooms-per-connection",
     type=int,
     envvar=_env("max_rooms_per_connection"),
     show_envvar=True,
-    help="Most rooms one connection may be in at once. Default: 32.",
+    help="Most rooms one connection may be in at once."
+    f" Default: {_default(Limits, 'max_rooms_per_connection')}.",
 )
 @click.option(
     "--max-msg-rate",
     type=float,
     envvar=_env("max_msg_rate"),
     show_envvar=True,
-    help="Sustained messages per second allowed per connection. Default: 200.",
+    help="Sustained messages per second allowed per connection."
+    f" Default: {_default(Limits, 'max_messages_per_second')}.",
 )
 @click.option(
     "--msg-burst",
@@ -257,7 +272,7 @@ def _env(name: str) -> str:
     envvar=_env("msg_burst"),
     show_envvar=True,
     help="Messages one connection may send in a burst above the rate. Default: twice the"
-    " --max-msg-rate (400).",
+    f" --max-msg-rate ({_default(Limits, 'message_burst')}).",
 )
 @click.option(
     "--data-dir",
@@ -273,7 +288,7 @@ def _env(name: str) -> str:
     envvar=_env("message_max_pending"),
     show_envvar=True,
     help="Undelivered reliable messages kept per recipient; more are refused with"
-    " store_full. Default: 1000.",
+    f" store_full. Default: {_default(Config, 'message_max_pending')}.",
 )
 @click.option(
     "--message-max-age",
@@ -282,7 +297,8 @@ def _env(name: str) -> str:
     envvar=_env("message_max_age"),
     show_envvar=True,
     help="Seconds an undelivered reliable message is kept before it expires (its sender"
-    " is told). Default: 604800 (7 days).",
+    f" is told). Default: {_default(Config, 'message_max_age')}"
+    f" ({DEFAULT_MESSAGE_MAX_AGE / 86400:g} days).",
 )
 def run(config_file: str | None, **params: Any) -> None:
     """Run the presence daemon until interrupted (Ctrl-C or SIGTERM)."""

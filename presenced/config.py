@@ -84,6 +84,8 @@ PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 DEFAULT_DOWN_AFTER = 3.0
 DEFAULT_PURGE_AFTER = 30.0
+#: How long an undelivered reliable message is kept: a week.
+DEFAULT_MESSAGE_MAX_AGE = 7 * 86400.0
 
 #: Limit flags of `presenced run` (option key -> `Limits` field). They are flags only; a file
 #: sets limits in its `[limits]` table by field name.
@@ -372,7 +374,9 @@ class Config:
     data_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     #: Pending reliable messages kept per recipient, and for how long (seconds).
     message_max_pending: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
-    message_max_age: float = attrs.field(default=7 * 86400.0, validator=attrs.validators.gt(0))
+    message_max_age: float = attrs.field(
+        default=DEFAULT_MESSAGE_MAX_AGE, validator=attrs.validators.gt(0)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.token_secret is None and not self.allow_anonymous:
