@@ -82,6 +82,8 @@ FILE_KEYS = frozenset(
 #: File keys holding paths, resolved against the config file's directory when relative.
 PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
+#: Milliseconds between ticks (see docs/operations.md: latency against CPU).
+DEFAULT_TICK_MS = 30
 DEFAULT_DOWN_AFTER = 3.0
 DEFAULT_PURGE_AFTER = 30.0
 #: How long an undelivered reliable message is kept: a week.
@@ -355,7 +357,9 @@ class Config:
     http: HostPort | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
     )
-    tick_ms: int = attrs.field(default=30, validator=_validate_field(_check_tick_exact))
+    tick_ms: int = attrs.field(
+        default=DEFAULT_TICK_MS, validator=_validate_field(_check_tick_exact)
+    )
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
     #: Peer links are mutually authenticated TLS: this node's PEM certificate and key, and
     #: the CA certificate that signed every region's certificate (`presenced certs`).

@@ -26,7 +26,13 @@ from typing import Any
 import attrs
 import trio
 
-from presenced.config import Config, HostPort
+from presenced.config import (
+    DEFAULT_DOWN_AFTER,
+    DEFAULT_PURGE_AFTER,
+    DEFAULT_TICK_MS,
+    Config,
+    HostPort,
+)
 from presenced.core import protocol
 from presenced.core.crdt import Meta
 from presenced.server.daemon import Daemon
@@ -179,9 +185,9 @@ class Cluster:
         nursery: trio.Nursery,
         net: SimNetwork,
         *,
-        tick_ms: int = 25,
-        down_after: float = 3.0,
-        purge_after: float = 30.0,
+        tick_ms: int = DEFAULT_TICK_MS,
+        down_after: float = DEFAULT_DOWN_AFTER,
+        purge_after: float = DEFAULT_PURGE_AFTER,
         settings: GossipSettings | None = None,
         data_root: Path | None = None,
     ) -> None:
