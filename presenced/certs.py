@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -260,14 +260,19 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     if not cert_path.exists() or not key_path.exists():
         missing = cert_path if not cert_path.exists() else key_path
         raise CertError(f"no CA in {folder} ({missing.name} is missing); run `certs init` first")
+    # cryptography's own messages run to a FAQ address and a parser state; say what is wrong.
     try:
         cert = x509.load_pem_x509_certificate(_read(cert_path))
-    except ValueError as exc:
-        raise CertError(f"cannot read the CA certificate {cert_path}: {_one_line(exc)}") from None
+    except ValueError:
+        raise CertError(
+            f"cannot read the CA certificate {cert_path}: not a PEM certificate"
+        ) from None
     try:
         key = serialization.load_pem_private_key(_read(key_path), password=None)
-    except (ValueError, TypeError) as exc:
-        raise CertError(f"cannot read the CA key {key_path}: {_one_line(exc)}") from None
+    except TypeError:  # it needs a password
+        raise CertError(f"cannot read the CA key {key_path}: it is encrypted") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError(f"cannot read the CA key {key_path}: not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertError(f"the CA key {key_path} is not an EC key")
     if key.public_key() != cert.public_key():

@@ -321,9 +321,18 @@ def run(config_file: str | None, **params: Any) -> None:
     except ConfigError as e:
         raise BadConfig(str(e)) from None
     _configure_logging(config.log_level, config.log_format)
+    _warn_at_start(options.get("token_secret_file"))
     # Ctrl-C is how a foreground daemon is meant to stop: no traceback, exit status 0.
     with contextlib.suppress(KeyboardInterrupt):
-        _start_daemon(config)
+        try:
+            _start_daemon(config)
+        except Exception as e:  # a TLS file or an address only the outside world refutes
+            from presenced.server.startup import find_startup_error
+
+            problem = find_startup_error(e)
+            if problem is None:
+                raise
+            raise BadConfig(problem.describe(where)) from None
 
 
 def _flag(ctx: click.Context, name: str) -> str:
@@ -339,6 +348,18 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     from presenced.logs import configure_logging
 
     configure_logging(level, fmt)
+
+
+def _warn_at_start(secret_file: object) -> None:
+    """Log what the daemon can run with but the operator should fix (one line each)."""
+    if isinstance(secret_file, str) and secret_file:
+        import logging
+
+        from presenced.server.startup import secret_file_warning
+
+        warning = secret_file_warning(secret_file)
+        if warning is not None:
+            logging.getLogger("presenced.startup").warning("%s", warning)
 
 
 def _start_daemon(config: Config) -> None:

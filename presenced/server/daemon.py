@@ -22,6 +22,7 @@ from presenced.server.message_store import MessageStore
 from presenced.server.messaging import Messenger
 from presenced.server.node import Node
 from presenced.server.peer_links import GossipSettings, PeerManager
+from presenced.server.startup import load_tls, node_cert_warning, open_listeners
 from presenced.server.transport import PeerTransport
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ SHUTDOWN_GRACE = 2.0
 def new_incarnation() -> int:
     """A fresh incarnation number: later starts get larger numbers (microseconds since 1970)."""
     return time.time_ns() // 1000
-
-
-async def _tcp_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    return await trio.open_tcp_listeners(port, host=host)
 
 
 class Daemon:
@@ -54,6 +51,11 @@ class Daemon:
         self.config = config
         replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
         self.node = Node(config, replica)
+        # The TLS files are checked before anything else is opened: a bad one is a
+        # StartupError (one line at the command line), and nothing is left to close.
+        if transport is None and (config.peers or config.peer_listen is not None):
+            transport = _tls_transport(config)
+        self.transport = transport
         self.store = _open_store(config)
         self.messenger = Messenger(self.node, self.store)
         self.client_port: int | None = None
@@ -61,9 +63,6 @@ class Daemon:
         self.http_port: int | None = None
         self.running = False
         self._stopping = trio.Event()
-        if transport is None and (config.peers or config.peer_listen is not None):
-            transport = _tls_transport(config)
-        self.transport = transport
         self.peers: PeerManager | None = None
         if transport is not None:
             self.peers = PeerManager(
@@ -94,14 +93,26 @@ class Daemon:
 
         ``listen_clients=False`` runs without a client socket (simulated clusters attach
         clients to the node directly).
+
+        Every listener (clients, peers, HTTP) is bound before anything is started or said
+        about serving: an address that cannot be used ends the start with a
+        :class:`~presenced.server.startup.ListenError` naming its option, and no half-started
+        daemon logs "accepting peers" or "up" first.
         """
         config = self.config
-        listeners = []
-        if listen_clients:
-            listeners = await _tcp_listeners(config.listen.host, config.listen.port)
-            self.client_port = listeners[0].socket.getsockname()[1]
+        listeners: list[trio.SocketListener] = []
+        http_listeners: list[trio.SocketListener] = []
+        bound: list[trio.SocketListener] = []  # all of them, closed at the end whatever happens
         self.running = True
         try:
+            if listen_clients:
+                listeners = await open_listeners(config.listen.host, config.listen.port, "listen")
+                bound += listeners
+                self.client_port = listeners[0].socket.getsockname()[1]
+            bound += await self._bind_peers()
+            if config.http is not None:
+                http_listeners = await open_listeners(config.http.host, config.http.port, "http")
+                bound += http_listeners
             async with self._transport_running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self.node.run_ticker)
                 nursery.start_soon(self.messenger.run)
@@ -110,7 +121,9 @@ class Daemon:
                 if config.http is not None:
                     from presenced.server.http_side import serve_http
 
-                    self.http_port = await nursery.start(serve_http, self, config.http)
+                    self.http_port = await nursery.start(
+                        serve_http, self, config.http, http_listeners
+                    )
                 async with trio.open_nursery() as connections:
                     accepting = trio.CancelScope()
                     if listeners:
@@ -119,6 +132,11 @@ class Daemon:
                         # Handlers in place before "up" is logged: a SIGTERM right after
                         # it is a graceful shutdown, not the default kill.
                         await nursery.start(self._watch_signals)
+                    if config.data_dir is None:
+                        log.warning(
+                            "no --data-dir: reliable direct messages are kept in memory and"
+                            " lost on restart"
+                        )
                     log.info(
                         "presenced %s (region %s) up: clients on %s:%s, peers on %s",
                         self.node.replica,
@@ -142,8 +160,20 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self.running = False
+            for listener in bound:  # their servers close them, unless a later bind failed
+                listener.socket.close()
             self.store.close()
         log.info("presenced stopped")
+
+    async def _bind_peers(self) -> list[trio.SocketListener]:
+        """Bind the TLS transport's peer listener now (other transports bind in ``serve``)."""
+        from presenced.server.peer_tls import TlsWebSocketTransport
+
+        if self.peers is None or not self.peers.accept:
+            return []
+        if not isinstance(self.transport, TlsWebSocketTransport):
+            return []
+        return await self.transport.listen()
 
     async def _accept(
         self,
@@ -185,11 +215,8 @@ class Daemon:
 
 
 def _open_store(config: Config) -> MessageStore:
-    """The reliable-message store: durable in --data-dir, else in memory (with a warning)."""
+    """The reliable-message store: durable in --data-dir, else in memory (``serve`` warns)."""
     if config.data_dir is None:
-        log.warning(
-            "no --data-dir: reliable direct messages are kept in memory and lost on restart"
-        )
         return MessageStore(
             ":memory:",
             max_pending_per_recipient=config.message_max_pending,
@@ -203,17 +230,26 @@ def _open_store(config: Config) -> MessageStore:
 
 
 def _tls_transport(config: Config) -> PeerTransport:
-    """The production peer transport: WebSocket over mutually authenticated TLS."""
-    from presenced.server.peer_tls import TlsWebSocketTransport, client_context, server_context
+    """The production peer transport: WebSocket over mutually authenticated TLS.
+
+    The TLS files are loaded here, at start, so a bad one stops the start (StartupError)
+    rather than failing every link later; a certificate that does not name this node is
+    only warned about (peers will refuse its links, but the clients' side still works).
+    """
+    from presenced.server.peer_tls import TlsWebSocketTransport
 
     if config.tls_cert is None or config.tls_key is None or config.tls_ca is None:
         raise ValueError("peer links need --tls-cert, --tls-key and --tls-ca")
+    tls = load_tls(config.tls_cert, config.tls_key, config.tls_ca)
+    warning = node_cert_warning(config.node, config.tls_cert, tls.names)
+    if warning is not None:
+        log.warning("%s", warning)
     listen = config.peer_listen
     return TlsWebSocketTransport(
         listen_host=listen.host if listen else "127.0.0.1",
         listen_port=listen.port if listen else 0,
-        server_ctx=server_context(config.tls_cert, config.tls_key, config.tls_ca),
-        client_ctx=client_context(config.tls_cert, config.tls_key, config.tls_ca),
+        server_ctx=tls.server_ctx,
+        client_ctx=tls.client_ctx,
     )
 
 

@@ -36,6 +36,7 @@ from prometheus_client.exposition import generate_latest
 
 from presenced import __version__
 from presenced.server.exporter import make_registry, readiness, status_document
+from presenced.server.startup import open_listeners
 
 if TYPE_CHECKING:
     from presenced.config import HostPort
@@ -213,10 +214,16 @@ class HttpSide:
     # ------------------------------------------------------------------ HTTP/1.1
 
     async def serve(
-        self, address: HostPort, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        address: HostPort,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``address`` until cancelled; ``task_status.started`` gets the port."""
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        """Listen on ``address`` (or accept on ``listeners``, already bound to it) until
+        cancelled; ``task_status.started`` gets the port."""
+        if listeners is None:
+            listeners = await open_listeners(address.host, address.port, "http")
         port = int(listeners[0].socket.getsockname()[1])
         host = f"[{address.host}]" if ":" in address.host else address.host
         log.info("http side port on http://%s:%d/", host, port)
@@ -333,8 +340,10 @@ def _read_small(path: Path) -> bytes:
 async def serve_http(
     daemon: Daemon,
     address: HostPort,
+    listeners: list[trio.SocketListener] | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the side port of ``daemon`` on ``address`` until cancelled (``Daemon.serve`` does)."""
-    await HttpSide(daemon).serve(address, task_status=task_status)
+    """Run the side port of ``daemon`` on ``address`` until cancelled (``Daemon.serve`` does),
+    on ``listeners`` if the daemon has bound them already."""
+    await HttpSide(daemon).serve(address, listeners, task_status=task_status)

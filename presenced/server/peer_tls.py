@@ -61,6 +61,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from presenced.certs import CertError, cert_names
+from presenced.server.startup import open_listeners
 from presenced.server.transport import ChannelClosed, ChannelHandler
 from presenced.server.websocket import binary_frame, binary_payload, frame_header
 
@@ -614,6 +615,8 @@ class TlsWebSocketTransport:
         self.close_timeout = close_timeout
         #: The port ``serve`` is listening on, once it is.
         self.bound_port: int | None = None
+        #: Bound by ``listen`` for the next ``serve``.
+        self._listeners: list[trio.SocketListener] | None = None
         #: Dialled channels still open (an ordered set), while ``running()``; None outside it.
         self._dialled: dict[TlsPeerChannel, None] | None = None
 
@@ -735,6 +738,16 @@ class TlsWebSocketTransport:
 
     # -- accepting ---------------------------------------------------------------------------
 
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind ``listen_host:listen_port`` now, for the next ``serve`` to accept on.
+
+        The daemon binds all its listeners before it starts anything, so that an address
+        it cannot use stops it before a line is logged. Failures are a ``ListenError``.
+        """
+        # Production's listen address is always --peer-listen's (see daemon._tls_transport).
+        self._listeners = await open_listeners(self.listen_host, self.listen_port, "peer_listen")
+        return self._listeners
+
     async def serve(
         self,
         handler: ChannelHandler,
@@ -751,7 +764,10 @@ class TlsWebSocketTransport:
         """
         if self.server_ctx is None and not self.allow_plain:
             raise RuntimeError("serve() needs a server TLS context (or allow_plain=True)")
-        listeners = await trio.open_tcp_listeners(self.listen_port, host=self.listen_host)
+        listeners, self._listeners = self._listeners, None
+        if listeners is None:
+            listeners = await self.listen()
+            self._listeners = None
         port = int(listeners[0].socket.getsockname()[1])
         self.bound_port = port
         scheme = "wss" if self.server_ctx is not None else "ws"
