@@ -1,13 +1,16 @@
 """Scale of one daemon: many idle connections, then one change to a very large room.
 
-    python bench/idle_connections.py --connections 10000 --rooms 100 --big-room 1000
+    python bench/idle_connections.py --connections 10000 --rooms 100 --big-room 1000 --idle-s 45
 
 Starts `presenced run` as a subprocess on 127.0.0.1, opens N WebSocket connections (a lean
 wsproto client, many per trio task tree in this one process), each saying hello and joining
 one of R rooms; the first B of them also join one big room. Then it reports:
 
 * the daemon's RSS growth per connection (VmRSS from /proc, after a GC settle);
-* the daemon's CPU use while everyone is connected and idle (10 s);
+* the daemon's CPU use while everyone is connected and idle (``--idle-s``, 45 s by
+  default: long enough for every connection to be pinged about four times, since an idle
+  connection is pinged after two thirds of ``--client-timeout`` quiet and each pong wakes
+  its reader; the clients answer pings as browsers do), and how many pings they answered;
 * the time from one update in the big room until every one of its B members has received it
   (an upper bound: it includes this client process reading B sockets);
 * the time from SIGTERM until the daemon has exited, everyone still connected (a graceful
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +54,10 @@ def cpu_s(pid: int) -> float:
 
 
 class Lean:
-    """A minimal client: handshake, JSON text frames, a reader that watches for a marker."""
+    """A minimal client: handshake, JSON text frames, a reader that watches for a marker and
+    answers pings (the daemon's liveness probe) as a browser does."""
+
+    pongs = 0
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -75,7 +81,10 @@ class Lean:
                 return
             self.ws.receive_data(data)
             for event in self.ws.events():
-                if isinstance(event, TextMessage):
+                if isinstance(event, Ping):
+                    Lean.pongs += 1
+                    await self.stream.send_all(self.ws.send(event.response()))
+                elif isinstance(event, TextMessage):
                     buffer = (buffer + event.data)[-4096:]
                     if marker in buffer:
                         if seen is not None:
@@ -87,7 +96,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     port = free_port()
     daemon = subprocess.Popen(
         [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--log-level", "warning",
-         "--listen", f"127.0.0.1:{port}", "--max-connections", str(args.connections + 10)],
+         "--listen", f"127.0.0.1:{port}", "--max-connections", str(args.connections + 10),
+         "--client-timeout", str(args.client_timeout)],
         cwd=ROOT,
     )  # fmt: skip
     try:
@@ -135,8 +145,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             await trio.sleep(5)  # join diffs delivered, daemon quiet
             rss = rss_kb(daemon.pid)
             cpu0 = cpu_s(daemon.pid)
-            await trio.sleep(10)
-            idle_cpu = (cpu_s(daemon.pid) - cpu0) / 10
+            pongs0 = Lean.pongs
+            await trio.sleep(args.idle_s)
+            idle_cpu = (cpu_s(daemon.pid) - cpu0) / args.idle_s
+            pongs = Lean.pongs - pongs0
             mover = big[0]  # writing while its own task reads is fine
             sent = time.perf_counter()
             await mover.send({"type": "update", "room": "big", "meta": {"marker": 1}})
@@ -160,7 +172,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "connect_all_s": round(connect_s, 1),
             "daemon_rss_mb": round(rss / 1024, 1),
             "daemon_rss_per_connection_kb": round((rss - base_rss) / args.connections, 1),
+            "idle_s": args.idle_s,
+            "client_timeout_s": args.client_timeout,
             "daemon_idle_cpu_cores": round(idle_cpu, 4),
+            "pings_answered_per_s": round(pongs / args.idle_s, 1),
             "big_room_update_to_all_members_ms": round(fanout_ms, 1),
             "sigterm_to_exit_s": round(shutdown_s, 1),
         }
@@ -175,4 +190,6 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--rooms", type=int, default=100)
     parser.add_argument("--big-room", type=int, default=1_000)
+    parser.add_argument("--idle-s", type=float, default=45.0)
+    parser.add_argument("--client-timeout", type=float, default=15.0)
     print(json.dumps(trio.run(main, parser.parse_args()), indent=2))

@@ -300,6 +300,26 @@ def _env(name: str) -> str:
     f" is told). Default: {_default(Config, 'message_max_age')}"
     f" ({DEFAULT_MESSAGE_MAX_AGE / 86400:g} days).",
 )
+@click.option(
+    "--client-timeout",
+    type=float,
+    metavar="SECONDS",
+    envvar=_env("client_timeout"),
+    show_envvar=True,
+    help="Seconds a client connection may show no sign of life (any frame, a pong) before it"
+    " is closed as dead; quiet ones are pinged after two thirds of it (1-3600)."
+    f" Default: {_default(Config, 'client_timeout_s')}.",
+)
+@click.option(
+    "--resume-grace",
+    type=float,
+    metavar="SECONDS",
+    envvar=_env("resume_grace"),
+    show_envvar=True,
+    help="Seconds a session whose connection dropped without a clean close stays in its"
+    " rooms for its client to resume it; 0 turns resume off (0-3600)."
+    f" Default: {_default(Config, 'resume_grace_s')}.",
+)
 def run(config_file: str | None, **params: Any) -> None:
     """Run the presence daemon until interrupted (Ctrl-C or SIGTERM)."""
     ctx = click.get_current_context()

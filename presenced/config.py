@@ -77,6 +77,8 @@ FILE_KEYS = frozenset(
         "data_dir",
         "message_max_pending",
         "message_max_age",
+        "client_timeout",
+        "resume_grace",
     }
 )
 #: File keys holding paths, resolved against the config file's directory when relative.
@@ -86,6 +88,13 @@ TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 DEFAULT_TICK_MS = 30
 DEFAULT_DOWN_AFTER = 3.0
 DEFAULT_PURGE_AFTER = 30.0
+#: Seconds without any sign of life (a frame, a pong) after which a client connection is
+#: dead, and seconds its session then waits for the client to resume it. With the sweep's
+#: second of slack, a vanished client leaves every room within ~27 s (docs/operations.md).
+DEFAULT_CLIENT_TIMEOUT_S = 15.0
+DEFAULT_RESUME_GRACE_S = 10.0
+CLIENT_TIMEOUT_RANGE_S = (1.0, 3600.0)
+RESUME_GRACE_RANGE_S = (0.0, 3600.0)
 #: How long an undelivered reliable message is kept: a week.
 DEFAULT_MESSAGE_MAX_AGE = 7 * 86400.0
 
@@ -298,6 +307,26 @@ def _check_seconds(value: object, what: str) -> None:
         raise ConfigError(f"{what}: expected a positive number of seconds, got {value!r}")
 
 
+def _check_range_s(value: object, what: str, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise ConfigError(f"{what}: must be {lo:g}..{hi:g} seconds, got {value!r}")
+    return float(value)
+
+
+def _check_client_timeout(value: object, what: str) -> float:
+    return _check_range_s(value, what, CLIENT_TIMEOUT_RANGE_S)
+
+
+def _check_resume_grace(value: object, what: str) -> float:
+    return _check_range_s(value, what, RESUME_GRACE_RANGE_S)
+
+
 def _optional_path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
@@ -380,6 +409,15 @@ class Config:
     message_max_pending: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     message_max_age: float = attrs.field(
         default=DEFAULT_MESSAGE_MAX_AGE, validator=attrs.validators.gt(0)
+    )
+    #: Seconds a client connection may show no sign of life before it is closed as dead
+    #: (it is pinged after two thirds of that), and seconds a session whose connection
+    #: dropped without a clean close waits to be resumed before it leaves (0: no resume).
+    client_timeout_s: float = attrs.field(
+        default=DEFAULT_CLIENT_TIMEOUT_S, validator=_validate_field(_check_client_timeout)
+    )
+    resume_grace_s: float = attrs.field(
+        default=DEFAULT_RESUME_GRACE_S, validator=_validate_field(_check_resume_grace)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -547,6 +585,14 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         if not 0 < age < math.inf:
             raise ConfigError(f"{what('message_max_age')}: must be a positive number of seconds")
         kwargs["message_max_age"] = age
+    if given("client_timeout"):
+        kwargs["client_timeout_s"] = _check_client_timeout(
+            _as_float(options["client_timeout"], what("client_timeout")), what("client_timeout")
+        )
+    if given("resume_grace"):
+        kwargs["resume_grace_s"] = _check_resume_grace(
+            _as_float(options["resume_grace"], what("resume_grace")), what("resume_grace")
+        )
     _check_ports_distinct(kwargs, what)
     down = kwargs.get("down_after", DEFAULT_DOWN_AFTER)
     purge = kwargs.get("purge_after", DEFAULT_PURGE_AFTER)

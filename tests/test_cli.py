@@ -93,6 +93,7 @@ def test_run_operations_options_from_flags_and_env(
 ) -> None:
     args = ["run", "--allow-anonymous", "--http", ":8400", "--log-format", "json"]
     args += ["--data-dir", str(tmp_path / "data"), "--message-max-pending", "5"]
+    args += ["--client-timeout", "20", "--resume-grace", "0"]
     result = CliRunner().invoke(cli_module.main, args)
     assert result.exit_code == 0, result.output
     monkeypatch.setenv("PRESENCED_HTTP", "127.0.0.1:9400")
@@ -103,6 +104,8 @@ def test_run_operations_options_from_flags_and_env(
     flags, env = started
     assert (flags.http, flags.log_format) == (HostPort("127.0.0.1", 8400), "json")
     assert (flags.data_dir, flags.message_max_pending) == (tmp_path / "data", 5)
+    assert (flags.client_timeout_s, flags.resume_grace_s) == (20.0, 0.0)
+    assert (env.client_timeout_s, env.resume_grace_s) == (15.0, 10.0)
     assert (env.http, env.log_format) == (HostPort("127.0.0.1", 9400), "text")
     assert env.message_max_age == 60.0 and env.data_dir is None
 
@@ -134,6 +137,8 @@ def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> No
         (["--http", ":7400"], "Error: --http (127.0.0.1:7400) and --listen (127.0.0.1:7400)"),
         (["--message-max-pending", "0"], "Error: --message-max-pending: must be at least 1"),
         (["--message-max-age", "0"], "Error: --message-max-age: must be a positive number"),
+        (["--client-timeout", "0.5"], "Error: --client-timeout: must be 1..3600 seconds"),
+        (["--resume-grace", "-1"], "Error: --resume-grace: must be 0..3600 seconds"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(

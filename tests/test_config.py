@@ -406,6 +406,23 @@ def test_message_store_options_rejected(key: str, value: str, message: str) -> N
         build_config({"allow_anonymous": True, key: value}, where)
 
 
+def test_liveness_options() -> None:
+    config = build_config({"allow_anonymous": True})
+    assert (config.client_timeout_s, config.resume_grace_s) == (15.0, 10.0)
+    config = build_config({"allow_anonymous": True, "client_timeout": "4", "resume_grace": 0})
+    assert (config.client_timeout_s, config.resume_grace_s) == (4.0, 0.0)
+    for key, value, message in [
+        ("client_timeout", "0", "must be 1..3600 seconds"),
+        ("client_timeout", "nan", "expected a number"),
+        ("resume_grace", "7200", "must be 0..3600 seconds"),
+        ("resume_grace", "soon", "expected a number"),
+    ]:
+        with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')}: {message}"):
+            build_config({"allow_anonymous": True, key: value}, {key: "--" + key.replace("_", "-")})
+    with pytest.raises(ConfigError, match=r"client_timeout_s: must be 1\.\.3600"):
+        Config(allow_anonymous=True, client_timeout_s=0.1)
+
+
 def test_data_dir_must_be_a_directory(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")

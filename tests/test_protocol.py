@@ -152,6 +152,17 @@ def test_hello_client_free_text() -> None:
     assert dec({"type": "hello", "client": ""}) == Hello(None, client="")
 
 
+def test_hello_resume() -> None:
+    frame = {"type": "hello", "user": "ann", "resume": "s1.mac"}
+    assert dec(frame) == Hello(None, user="ann", resume="s1.mac")
+    assert dec({"type": "hello", "resume": "x" * 128}).resume == "x" * 128  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("resume", ["", "x" * 129, "s1.m\nac", "tök.en", 5, ["a"], True])
+def test_hello_bad_resume(resume: Any) -> None:
+    assert_err({"type": "hello", "ref": 3, "resume": resume}, p.BAD_REQUEST, 3)
+
+
 # ------------------------------------------------------------------------------------------
 # Join / Update / Leave: rooms and meta
 # ------------------------------------------------------------------------------------------
@@ -482,6 +493,11 @@ def test_welcome() -> None:
     }
     assert "ref" not in p.welcome(None, "s1", "ann", "eu", "eu-1", 50, LIMITS)
     assert json.loads(p.encode(frame)) == frame
+    resumed = p.welcome(
+        "h", "s1", "ann", "eu", "eu-1", 50, LIMITS, resume="s1.x", resumed=True,
+        resume_grace_ms=10_000,
+    )  # fmt: skip
+    assert resumed == {**frame, "resume": "s1.x", "resumed": True, "resume_grace_ms": 10_000}
 
 
 def test_state_diff_left() -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_RECIPIENTS",
     "MAX_REF",
     "MAX_REF_LENGTH",
+    "MAX_RESUME_TOKEN",
     "NOT_JOINED",
     "NOT_ONLINE",
     "PROTOCOL_VERSION",
@@ -146,6 +147,8 @@ MAX_REF_LENGTH: Final = 64
 MAX_REF: Final = 2**53 - 1
 #: Longest ``client`` identification string in ``hello``.
 MAX_CLIENT_LENGTH: Final = 64
+#: Longest resume token (``hello``'s ``resume``, ``welcome``'s ``resume``).
+MAX_RESUME_TOKEN: Final = 128
 #: Longest broadcast ``event`` name.
 MAX_EVENT_LENGTH: Final = 64
 #: Most recipients of one group message.
@@ -207,6 +210,8 @@ class Hello:
     user: str | None = None
     client: str | None = None
     version: int = PROTOCOL_VERSION
+    #: A resume token from an earlier ``welcome``: get that session back (see docs/protocol.md).
+    resume: str | None = None
 
 
 @attrs.frozen
@@ -488,7 +493,18 @@ def _parse_hello(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -
             f"'v' must be {PROTOCOL_VERSION}, the only protocol version this server speaks",
             ref,
         )
-    return Hello(ref, token, user, client, version)
+    resume = obj.get("resume")
+    if resume is not None and (
+        type(resume) is not str
+        or not 0 < len(resume) <= MAX_RESUME_TOKEN
+        or not resume.isascii()
+        or not resume.isprintable()
+    ):
+        raise _bad(
+            f"'resume' must be a printable ASCII string of 1 to {MAX_RESUME_TOKEN} characters",
+            ref,
+        )
+    return Hello(ref, token, user, client, version, resume)
 
 
 def _parse_join(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Join:
@@ -738,8 +754,17 @@ def welcome(
     node: str,
     tick_ms: int,
     limits: Limits,
+    *,
+    resume: str | None = None,
+    resumed: bool = False,
+    resume_grace_ms: int = 0,
 ) -> dict[str, Any]:
-    """Reply to ``hello``: who the client is and the limits it should respect."""
+    """Reply to ``hello``: who the client is and the limits it should respect.
+
+    ``resume`` is the token that gets this session back after a drop (sent again in a later
+    ``hello``), ``resumed`` whether this hello got an earlier session back, and
+    ``resume_grace_ms`` how long a dropped session waits for its client to come back.
+    """
     out = _with_ref("welcome", ref)
     out["session"] = session
     out["user"] = user
@@ -748,6 +773,10 @@ def welcome(
     out["protocol"] = PROTOCOL_VERSION
     out["tick_ms"] = tick_ms
     out["limits"] = limits.public()
+    if resume is not None:
+        out["resume"] = resume
+        out["resumed"] = resumed
+        out["resume_grace_ms"] = resume_grace_ms
     return out
 
 

@@ -42,13 +42,17 @@ from presenced.auth import AuthError, Grant, anonymous_grant, verify_token
 from presenced.core import protocol
 from presenced.core.protocol import ProtocolError
 from presenced.core.ratelimit import TokenBucket
+from presenced.core.resume import CLEAN_CLOSE_CODES
+from presenced.server.sessions import configure_keepalive
 from presenced.server.websocket import (
+    PING_FRAME,
     RECEIVE_BYTES,
     HandshakeFailed,
     accept_websocket,
     close_frame,
     complete_text_messages,
     message_frame,
+    whole_control_frames,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +66,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
+#: Closes by the daemon after which the session may still be resumed (silence, a shutdown,
+#: a client too slow to read): any other (policy, too big, internal) ends it at once.
+_RESUMABLE_CLOSES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER})
 
 #: Most frames one message may be split into (each is held until the message is complete).
 MAX_FRAGMENTS = 64
@@ -162,6 +169,12 @@ class ClientConnection:
         self._stop_reading = False
         #: Whether reads still take the whole-text-frames fast path (see _handle_data).
         self._fast_frames = False
+        #: Liveness (see presenced.server.sessions): when input last came, when we pinged.
+        self.last_input = node.clock()
+        self.pinged_at = float("-inf")
+        #: The session must leave with this connection (a clean close, a policy close), not
+        #: wait for a resume.
+        self.session_ends = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +193,7 @@ class ClientConnection:
                     return
                 if isinstance(self.stream, trio.SocketStream):
                     self._fd = self.stream.socket.fileno()
+                    configure_keepalive(self.stream.socket, node.config.client_timeout_s)
                 node.connections.add(self)
                 node.metrics.connections_opened += 1
                 async with trio.open_nursery() as nursery:
@@ -196,7 +210,7 @@ class ClientConnection:
             self._close = self._close or (CLOSE_INTERNAL, "internal error")
         finally:
             self._fd = None  # never write to a descriptor number the kernel may reuse
-            node.disconnect(self)
+            node.sessions.connection_ended(self)
             await self._close_transport()
 
     def _admit(self) -> bool:
@@ -210,6 +224,8 @@ class ClientConnection:
         """Ask the connection to end with a close code (takes effect at its next checkpoint)."""
         if self._close is None:
             self._close = (code, reason)
+            if code not in _RESUMABLE_CLOSES:
+                self.session_ends = True
             self.node.metrics.count_close(code)
             if code == CLOSE_TRY_AGAIN_LATER:
                 self._outbox.clear()  # it could not take these; the close frame must go first
@@ -257,6 +273,7 @@ class ClientConnection:
                 if self._stop_reading:
                     return
             data = await self.stream.receive_some(RECEIVE_BYTES)
+            self.last_input = self.node.clock()
             if not data:
                 return
             self.node.metrics.bytes_in += len(data)
@@ -303,6 +320,7 @@ class ClientConnection:
             self._unpace()  # end of stream or an error: the reader task meets it itself
             return
         self._idle_polls = 0
+        self.last_input = self.node.clock()
         self.node.metrics.bytes_in += len(data)
         try:
             keep = self._handle_data(ws, data)
@@ -325,7 +343,9 @@ class ClientConnection:
                     if not self._on_fragment(message, True) or self._close is not None:
                         return False
                 return True
-            self._fast_frames = False
+            # Whole control frames (the pong to our liveness ping) leave wsproto holding
+            # nothing: the next read may take the fast path again.
+            self._fast_frames = whole_control_frames(data)
         ws.receive_data(data)
         return self._handle_events(ws)
 
@@ -342,6 +362,7 @@ class ClientConnection:
                 self.push(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
+                    self.session_ends = event.code in CLEAN_CLOSE_CODES
                     self.push(ws.send(event.response()))
                 elif ws.state is ConnectionState.OPEN:
                     # wsproto reports a framing error (bad UTF-8, unmasked or unknown frame)
@@ -429,26 +450,16 @@ class ClientConnection:
                 self._refuse(message.ref, exc.message)
                 return
         elif config.allow_anonymous:
-            self.grant = anonymous_grant(message.user or f"anon-{secrets.token_hex(4)}")
+            user = message.user
+            if user is None and message.resume is not None:
+                user = self.node.sessions.user_of(message.resume)
+            self.grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
         else:
             self._refuse(message.ref, "a token is required")
             return
         self.user = self.grant.user
-        self.session = secrets.token_urlsafe(9)
         self._hello_scope.deadline = float("inf")
-        node = self.node
-        node.identified(self)
-        self.send(
-            protocol.welcome(
-                message.ref,
-                self.session,
-                self.user,
-                node.region,
-                node.replica.node,
-                node.config.tick_ms,
-                self.limits,
-            )
-        )
+        self.node.sessions.welcome(self, message)
 
     def _refuse(self, ref: Any, reason: str) -> None:
         self.node.metrics.count_error(protocol.UNAUTHORIZED)
@@ -531,6 +542,11 @@ class ClientConnection:
         frame = message_frame(message)
         self.node.metrics.count_frames(1, len(frame))
         self.push(frame, room=room)
+
+    def ping(self, now: float) -> None:
+        """A WebSocket ping: the client's pong (or anything else) is its sign of life."""
+        self.pinged_at = now
+        self.push(PING_FRAME)
 
     def push(self, frame: bytes, room: str | None = None) -> None:
         """Send or queue an encoded frame. ``room`` marks frames a later resync may replace.

@@ -116,6 +116,7 @@ class Daemon:
             async with self._transport_running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self.node.run_ticker)
                 nursery.start_soon(self.messenger.run)
+                nursery.start_soon(self.node.sessions.run)
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
                 if config.http is not None:

@@ -159,6 +159,23 @@ class DaemonCollector(Collector):
                 "Full room states sent to slow clients instead of a backlog.",
                 metrics.resyncs,
             ),
+            ("client_pings", "WebSocket pings sent to quiet clients.", metrics.pings_sent),
+            (
+                "clients_timed_out",
+                "Client connections closed after no sign of life for --client-timeout.",
+                metrics.clients_timed_out,
+            ),
+            (
+                "sessions_detached",
+                "Sessions whose connection dropped without a clean close (kept for the grace).",
+                metrics.sessions_detached,
+            ),
+            ("sessions_resumed", "Sessions resumed by a new connection.", metrics.sessions_resumed),
+            (
+                "sessions_expired",
+                "Detached sessions that left when their resume grace ran out.",
+                metrics.sessions_expired,
+            ),
         ):
             yield CounterMetricFamily(f"presenced_{name}", doc, value=value)
         cumulative, buckets = 0, []
@@ -186,6 +203,12 @@ class DaemonCollector(Collector):
         for close_code, count in sorted(metrics.closes.items()):
             closes.add_metric([str(close_code)], count)
         yield closes
+
+        yield GaugeMetricFamily(
+            "presenced_detached_sessions",
+            "Sessions waiting to be resumed (their connection dropped).",
+            value=len(node.sessions.detached),
+        )
 
         # -- presence
         yield GaugeMetricFamily(

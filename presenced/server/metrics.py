@@ -40,6 +40,13 @@ class Metrics:
     messages_stored: int = 0
     messages_delivered: int = 0
     message_errors: dict[str, int] = attrs.field(factory=dict)
+    #: Client liveness and resume: pings to quiet connections, connections closed as dead,
+    #: sessions detached by a drop, resumed, and ended by their grace running out.
+    pings_sent: int = 0
+    clients_timed_out: int = 0
+    sessions_detached: int = 0
+    sessions_resumed: int = 0
+    sessions_expired: int = 0
 
     def count_frames(self, count: int, size: int) -> None:
         self.frames_out += count

@@ -45,6 +45,7 @@ from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transit
 from presenced.server.alarm import Alarm, open_alarm
 from presenced.server.clients import PacedClients
 from presenced.server.metrics import Metrics
+from presenced.server.sessions import Sessions
 from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class Node:
         self.gossip: PeerManager | None = None
         #: Direct messages (the daemon sets it; a bare node in unit tests has none).
         self.messenger: Messenger | None = None
+        #: Client liveness (pings, dead connections) and sessions waiting to be resumed.
+        self.sessions = Sessions(self)
         self._local_dirty = False
         #: When the ticker flushes dirty rooms next (clock time; inf: not scheduled).
         self._flush_at = math.inf
@@ -241,6 +244,49 @@ class Node:
         for room in list(conn.rooms):
             self.leave(conn, room)
         conn.rooms.clear()
+
+    def detach(self, conn: ClientConnection) -> list[str]:
+        """A connection ended but its session may be resumed: stop writing to it, keep the
+        session's entries (everyone still sees it). Returns the rooms it is in."""
+        self.connections.discard(conn)
+        self.paced.discard(conn)
+        sessions = self.users.get(conn.user)
+        if sessions is not None:
+            sessions.pop(conn, None)
+            if not sessions:
+                del self.users[conn.user]
+        rooms = list(conn.rooms)
+        for room in rooms:
+            members = self.members.get(room)
+            if members is not None:
+                members.pop(conn, None)
+                if not members:
+                    del self.members[room]
+                    self.feeds.pop(room, None)
+                    self._dirty.pop(room, None)
+        conn.rooms.clear()
+        return rooms
+
+    def attach(self, conn: ClientConnection) -> None:
+        """A resumed session's new connection: it is a member of its rooms again and gets a
+        fresh ``state`` of each (without ``ref``), then the diffs that follow; its user's
+        waiting reliable messages are pumped now."""
+        for room in conn.rooms:
+            feed = self.feeds.get(room)
+            if feed is None:
+                feed = self.feeds[room] = RoomFeed(room, self.state.room_presences(room))
+            self.members.setdefault(room, {})[conn] = None
+            conn.send(protocol.state(None, room, feed.snapshot()), room=room)
+        messenger = self.messenger
+        if messenger is not None and conn.user in messenger.pending_users:
+            messenger.user_appeared(conn.user)
+
+    def end_session(self, user: str, session: str, rooms: Iterable[str]) -> None:
+        """A detached session's grace ran out (or it may not keep a room): it leaves."""
+        changes = [self.state.remove(room, user, session) for room in rooms]
+        left = [change for change in changes if change is not None]
+        if left:
+            self._local(left)
 
     # ------------------------------------------------------------------ fan-out
 
@@ -498,7 +544,9 @@ class Node:
     # ------------------------------------------------------------------ shutdown
 
     def remove_all_local(self) -> None:
-        """Shutdown: every local entry leaves (peers hear it before the links close)."""
+        """Shutdown: every local entry leaves (peers hear it before the links close), the
+        detached sessions' too, and no session waits to be resumed any more."""
+        self.sessions.shutdown()
         self._local(self.state.remove_all_local())
 
     def close_all(self, code: int, reason: str) -> None:

@@ -63,6 +63,23 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return bytes(_framer.close(CloseReason(code), reason))
 
 
+#: A ping with no payload (the daemon's liveness probe to a quiet client).
+PING_FRAME = b"\x89\x00"
+
+
+def whole_control_frames(data: bytes) -> bool:
+    """Whether ``data`` is exactly a run of complete, masked control frames (a pong, a ping,
+    a close): wsproto reads them whole and then holds no partial frame, so the text fast
+    path (:func:`complete_text_messages`) stays valid for the next read."""
+    at, size = 0, len(data)
+    while at < size:
+        header = frame_header(data, at)
+        if header is None or not data[at] & 0x08 or header[0] + header[1] > size:
+            return False
+        at = header[0] + header[1]
+    return size > 0
+
+
 def complete_text_messages(data: bytes) -> list[str] | None:
     """The messages in ``data`` if it is exactly a run of complete, final, masked text frames
     (no extension bits, a minimally encoded length under 64 KiB, valid UTF-8); else None."""

@@ -1,0 +1,234 @@
+"""Client liveness and sessions that outlive their connection (resume), for one daemon.
+
+Liveness. A phone that loses coverage or a laptop that sleeps sends no FIN or RST: without
+a probe its connection, and its presence in every room, would stay until the room's next
+write fails. So each connection keeps one number, the clock time of its last input (set
+where bytes are read: the reader task and the paced tick-boundary read), and **one sweeper
+task per daemon** looks at every connection once a second (:class:`Timing`'s ``sweep_s``):
+
+* quiet for ``ping_after_s`` (10 s by default) and not pinged since: one WebSocket ping
+  frame, written directly like any frame (browsers and libraries answer pong by themselves);
+* silent for ``client_timeout_s`` (15 s): closed as dead (1001), its session detached.
+
+Nothing is scheduled per connection and nothing runs per tick: an idle connection costs one
+comparison a second, plus one ping and one pong (a reader wake-up) per ``ping_after_s``.
+TCP keepalive and ``TCP_USER_TIMEOUT`` on every accepted socket are the kernel's backstop
+(:func:`configure_keepalive`).
+
+Resume. A session whose connection ends without a clean close (see
+:data:`presenced.core.resume.CLEAN_CLOSE_CODES`) is **detached**: its presence entries stay
+(nobody sees a leave), its connection is forgotten, and it waits ``resume_grace_s`` for a
+``hello`` carrying its resume token. That hello gets the same session back, in the same
+rooms with the same metas, and a fresh ``state`` of each room. A token that names a session
+whose connection still looks alive here (the client saw its link die before we did: the
+usual case of a short drop) takes the session over: the old connection is closed. When the
+grace runs out the session leaves every room, as a clean close would have.
+
+Detached sessions are kept in a dict in insertion order, which is deadline order (the grace
+is the same for all): the sweep expires them from the front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from presenced.core import protocol
+from presenced.core.resume import Timing, resume_token, token_session, token_valid, verdict
+
+if TYPE_CHECKING:
+    from presenced.server.clients import ClientConnection
+    from presenced.server.node import Node
+
+log = logging.getLogger(__name__)
+
+#: Close code of a connection closed for silence, or taken over by a resume: "go away and
+#: come back" (the client reconnects and resumes).
+CLOSE_GOING_AWAY = 1001
+
+
+@attrs.define
+class Detached:
+    """A session whose connection dropped: it keeps its entries until ``deadline``."""
+
+    user: str
+    session: str
+    rooms: list[str]
+    deadline: float
+
+
+class Sessions:
+    """The sweeper and the sessions of one daemon (its live ones and its detached ones)."""
+
+    def __init__(self, node: Node) -> None:
+        config = node.config
+        self.node = node
+        self.timing = Timing(config.client_timeout_s, config.resume_grace_s)
+        #: Resume tokens are MACs under this key: the cluster's token secret when there is
+        #: one (any daemon can check them), else a key of this process.
+        self.key = config.token_secret or secrets.token_bytes(32)
+        #: session id -> its connection, for every connection that said hello.
+        self.live: dict[str, ClientConnection] = {}
+        #: session id -> detached session, oldest (soonest to expire) first.
+        self.detached: dict[str, Detached] = {}
+        self.closing = False
+
+    # ------------------------------------------------------------------ hello
+
+    def user_of(self, token: str) -> str | None:
+        """The user of the session ``token`` names here (an anonymous hello without
+        ``user`` resumes as that user; the token's MAC is checked by :meth:`resume`)."""
+        session = token_session(token)
+        if session is None:
+            return None
+        held: Detached | ClientConnection | None = self.detached.get(session)
+        if held is None:
+            held = self.live.get(session)
+        return None if held is None else held.user
+
+    def welcome(self, conn: ClientConnection, hello: protocol.Hello) -> None:
+        """``conn`` is authenticated: get its session back (``hello.resume``) or start one,
+        and welcome it. A resumed session then gets a ``state`` of each of its rooms."""
+        node = self.node
+        resumed = hello.resume is not None and self.resume(conn, hello.resume)
+        if not resumed:
+            conn.session = secrets.token_urlsafe(9)
+        node.identified(conn)
+        conn.send(
+            protocol.welcome(
+                hello.ref,
+                conn.session,
+                conn.user,
+                node.region,
+                node.replica.node,
+                node.config.tick_ms,
+                conn.limits,
+                resume=self.started(conn),
+                resumed=resumed,
+                resume_grace_ms=round(self.timing.resume_grace_s * 1000),
+            )
+        )
+        if resumed:
+            node.attach(conn)
+
+    def resume(self, conn: ClientConnection, token: str) -> bool:
+        """Give ``conn`` (authenticated, no session yet) the session ``token`` names, if it
+        is this user's and still here (detached, or on a connection we took for alive).
+        Sets ``conn.session`` and ``conn.rooms`` (:meth:`welcome` does the rest)."""
+        if self.closing or self.timing.resume_grace_s <= 0:
+            return False
+        session = token_session(token)
+        if session is None or not token_valid(self.key, conn.user, token):
+            return False
+        node = self.node
+        held = self.detached.pop(session, None)
+        if held is not None:
+            rooms = held.rooms
+        else:
+            old = self.live.get(session)
+            if old is None or old is conn or old.user != conn.user:
+                return False
+            rooms = node.detach(old)
+            old.close(CLOSE_GOING_AWAY, "session resumed on another connection")
+        conn.session = session
+        self.live[session] = conn
+        grant = conn.grant
+        allowed = [room for room in rooms if grant is None or grant.may_join(room)]
+        allowed = allowed[: conn.limits.max_rooms_per_connection]
+        if len(allowed) < len(rooms):  # a new token with fewer rooms: leave the others
+            node.end_session(conn.user, session, [r for r in rooms if r not in allowed])
+        conn.rooms = dict.fromkeys(allowed)
+        node.metrics.sessions_resumed += 1
+        return True
+
+    def started(self, conn: ClientConnection) -> str:
+        """``conn``'s session is live on it; returns its resume token."""
+        self.live[conn.session] = conn
+        return resume_token(self.key, conn.user, conn.session)
+
+    # ------------------------------------------------------------------ endings
+
+    def connection_ended(self, conn: ClientConnection) -> None:
+        """A connection's task is ending: its session leaves now (clean close, a policy
+        close, no resume, shutdown) or is detached for the grace."""
+        node = self.node
+        session = conn.session
+        if not session or self.live.get(session) is not conn:
+            node.disconnect(conn)  # no hello yet, or its session moved to a new connection
+            return
+        del self.live[session]
+        if conn.session_ends or self.closing or self.timing.resume_grace_s <= 0:
+            node.disconnect(conn)
+            return
+        rooms = node.detach(conn)
+        deadline = node.clock() + self.timing.resume_grace_s
+        self.detached[session] = Detached(conn.user, session, rooms, deadline)
+        node.metrics.sessions_detached += 1
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: every session leaves now (the caller removes the entries)."""
+        self.closing = True
+        self.detached.clear()
+
+    # ------------------------------------------------------------------ the sweeper
+
+    async def run(self) -> None:
+        """Sweep every ``sweep_s`` until cancelled."""
+        while True:
+            await trio.sleep(self.timing.sweep_s)
+            self.sweep(self.node.clock())
+
+    def sweep(self, now: float) -> None:
+        """Ping quiet connections, close dead ones, end sessions whose grace ran out."""
+        timing = self.timing
+        metrics = self.node.metrics
+        quiet_since = now - timing.ping_after_s
+        for conn in self.live.values():  # (nothing here changes ``live`` synchronously)
+            if conn.last_input > quiet_since:
+                continue
+            what = verdict(conn.last_input, conn.pinged_at, now, timing)
+            if what == "ping":
+                conn.ping(now)
+                metrics.pings_sent += 1
+            elif what == "dead":
+                log.info("client %s: no sign of life for %gs", conn.peer, now - conn.last_input)
+                metrics.clients_timed_out += 1
+                conn.close(CLOSE_GOING_AWAY, "no sign of life")
+        expired: list[Detached] = []
+        for held in self.detached.values():
+            if held.deadline > now:
+                break
+            expired.append(held)
+        for held in expired:
+            del self.detached[held.session]
+            metrics.sessions_expired += 1
+            self.node.end_session(held.user, held.session, held.rooms)
+
+    def status(self) -> dict[str, Any]:
+        return {"live": len(self.live), "detached": len(self.detached)}
+
+
+def configure_keepalive(sock: trio.socket.SocketType, timeout_s: float) -> None:
+    """The kernel's backstop for a peer that vanished: TCP keepalive probes after
+    ``timeout_s`` of idleness (3 unanswered probes a third of it apart close the socket),
+    and ``TCP_USER_TIMEOUT``: data unacknowledged for twice the timeout closes it too (a
+    dead peer's unanswered ping, where keepalive does not probe). Options the platform
+    lacks are skipped."""
+    idle = max(1, round(timeout_s))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, idle // 3)),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), 2000 * idle),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
