@@ -306,7 +306,7 @@ class PeerLink:
     def _build(self, at_tick: bool = False) -> wire.Gossip | None:
         node = self.node
         now = node.clock()
-        beats = node.liveness.beats(now) if self._beat_due else []
+        beats = node.liveness.beats(now, node.state.own.clock) if self._beat_due else []
         links = tuple(self.manager.links) if self._beat_due else None
         digest = node.state.digest() if self._digest_due else None
         if self._digest_due:
