@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from presenced.core import peer_wire as wire
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
 
@@ -189,6 +190,48 @@ async def test_graceful_stop_removes_users_everywhere_at_once(autojump_clock: ob
         await cluster.stop("eu")
         await trio.sleep(0.5)  # far less than down_after: the goodbye did it
         assert set(bob.sees("r")) == {("bob", bob.session)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bye_counts_only_from_the_node_it_names(autojump_clock: object) -> None:
+    """eu — us — ap. us (a peer with a valid certificate: the cluster trusts it) sends eu a
+    bye naming ap, whose link to us is up and which is alive. eu must not retire ap: a bye
+    only counts over the link of the replica it names. ap's user stays, and eu keeps
+    hearing ap. A real bye (ap stopping) retires ap at its neighbour us only: byes are not
+    relayed; eu learns of the stop from the removals ap sent first (at once) and from
+    liveness (down, then purged), and ap's next incarnation is welcome everywhere."""
+    async with trio.open_nursery() as nursery:
+        cluster = await line(
+            nursery, SimNetwork(seed=6, latency=0.02), down_after=3.0, purge_after=20.0
+        )
+        ann = cluster.client("eu", "ann")
+        bob = cluster.client("ap", "bob")
+        ann.join("r")
+        bob.join("r")
+        await cluster.settle(1)
+        ap = cluster.node("ap").replica
+        eu_link = cluster.node("us").gossip.links["eu"]  # type: ignore[union-attr]
+        await eu_link._send(wire.Bye(ap))
+        await cluster.settle(5)  # longer than down_after
+        eu = cluster.node("eu")
+        assert eu.liveness.status(ap) == "up"
+        assert ap not in eu.state.retired
+        assert set(ann.sees("r")) == {("ann", ann.session), ("bob", bob.session)}
+        assert eu.gossip.links["us"].remote == cluster.node("us").replica  # type: ignore[union-attr]
+
+        await cluster.stop("ap")
+        await trio.sleep(0.5)  # far less than down_after: the removals did it
+        assert set(ann.sees("r")) == {("ann", ann.session)}
+        assert cluster.node("us").liveness.status(ap) == "retired"
+        assert eu.liveness.status(ap) == "up"  # not relayed: it goes down in its own time
+        await cluster.settle(4)
+        assert eu.liveness.status(ap) == "down"
+        await cluster.start("ap", peers=["us"])
+        bob2 = cluster.client("ap", "bob")
+        bob2.join("r")
+        await cluster.settle(2)
+        assert set(ann.sees("r")) == {("ann", ann.session), ("bob", bob2.session)}
+        assert eu.liveness.status(ap) == "retired"  # replaced by the new incarnation
         nursery.cancel_scope.cancel()
 
 

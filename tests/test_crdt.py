@@ -11,6 +11,7 @@ from presenced.core.crdt import (
     Change,
     Delta,
     DeltaError,
+    MergeResult,
     PresenceState,
     ReplicaId,
 )
@@ -404,20 +405,20 @@ def test_full_delta_with_unordered_records_is_stored_in_counter_order() -> None:
 # ---------------------------------------------------------------------- liveness
 
 
-def test_set_up_down_and_back() -> None:
+def test_hide_and_show_again() -> None:
     a, b = state(A), state(B)
     a.put("r", "u1", "s1", {"n": 1})
     a.put("r", "u2", "s2", {"n": 2})
     sync(b, a)
-    down = b.set_up(A, False)
+    down = b.hide(A)
     assert sorted((c.kind, c.user, dict(c.meta)) for c in down) == [
         (LEAVE, "u1", {"n": 1}),
         (LEAVE, "u2", {"n": 2}),
     ]
     assert b.visible() == {}
     assert list(b.room_presences("r")) == []
-    assert b.set_up(A, False) == []  # already down
-    # Merges while down are stored but emit nothing.
+    assert b.hide(A) == []  # already hidden
+    # Merges while hidden are stored but emit nothing.
     a.put("r", "u1", "s1", {"n": 10})
     a.remove("r", "u2", "s2")
     a.put("r", "u3", "s3", {"n": 3})
@@ -425,7 +426,7 @@ def test_set_up_down_and_back() -> None:
     assert changes == []
     assert b.visible() == {}
     assert b.digest()[A] == 5
-    up = b.set_up(A, True)
+    up = b.show(A, a.own.clock)
     assert sorted((c.kind, c.user, dict(c.meta)) for c in up) == [
         (JOIN, "u1", {"n": 10}),
         (JOIN, "u3", {"n": 3}),
@@ -433,14 +434,85 @@ def test_set_up_down_and_back() -> None:
     assert all(c.region == "region-a" for c in up)
     assert b.visible() == a.visible()
     assert sorted(b.room_presences("r")) == sorted(a.room_presences("r"))
-    assert b.set_up(A, True) == []
+    assert b.show(A, a.own.clock) == []
 
 
-def test_full_delta_while_down_emits_nothing() -> None:
+def test_a_returning_replica_stays_hidden_until_its_copy_is_current() -> None:
+    """The heal bug: b holds a's partition from before a cut; during the cut u2 leaves. When
+    liveness says a is up again (with a's clock at that heartbeat), b must not show its stored
+    copy (u2 would join, and leave a round trip later); it shows a once a merge brings the copy
+    to that clock, and then only what is live."""
+    a, b = state(A), state(B)
+    a.put("r", "u1", "s1", {"n": 1})
+    a.put("r", "u2", "s2", {"n": 2})
+    sync(b, a)
+    b.hide(A)  # a is down: cut off
+    held = b.digest()[A]
+    a.remove("r", "u2", "s2")
+    a.put("r", "u1", "s1", {"n": 11})
+    assert b.show(A, a.own.clock) == []  # the stored copy is older than a's heartbeat
+    assert b.awaiting == {A: a.own.clock}
+    assert b.visible() == {}
+    # A delta that does not reach the clock keeps it hidden.
+    partial = a.extract(A, held)
+    assert partial is not None
+    first = Delta(A, partial.region, held, held + 1, partial.records[:1])
+    assert b.merge(first) == MergeResult("applied", [])
+    assert b.visible() == {}
+    # The one that does shows exactly what is live.
+    result = b.merge(a.extract(A, b.digest()[A]))  # type: ignore[arg-type]
+    assert result == MergeResult("applied", [Change(JOIN, "r", "u1", "s1", {"n": 11}, "region-a")])
+    assert b.awaiting == {}
+    assert b.visible() == a.visible()
+    # Shown replicas are kept current as usual.
+    assert sync(b, a) == []
+    a.put("r", "u4", "s4", {})
+    assert [c.kind for c in sync(b, a)] == [JOIN]
+
+
+def test_a_replica_first_heard_of_by_its_heartbeat_waits_for_its_clock() -> None:
+    """A replica liveness reports before any delta of it arrived (a restarted daemon hears
+    of it through a relay): its first deltas are held back until one reaches the clock the
+    heartbeat carried. A clock of 0 (a peer that does not gossip clocks) shows at once."""
+    a, b = state(A), state(B)
+    a.put("r", "u1", "s1", {"n": 1})
+    a.put("r", "u2", "s2", {"n": 2})
+    stale = a.extract(A, 0)
+    a.remove("r", "u2", "s2")
+    assert b.show(A, a.own.clock) == []
+    assert b.merge(stale) == MergeResult("applied", [])  # type: ignore[arg-type]
+    assert b.visible() == {} and b.awaiting == {A: 3}
+    result = b.merge(a.extract(A, b.digest()[A]))  # type: ignore[arg-type]
+    assert result.changes == [Change(JOIN, "r", "u1", "s1", {"n": 1}, "region-a")]
+    assert b.visible() == a.visible()
+    c = state(C)
+    assert c.show(A, 0) == []
+    assert c.awaiting == {}
+    assert [ch.user for ch in c.merge(stale).changes] == ["u1", "u2"]  # type: ignore[arg-type]
+
+
+def test_hide_forgets_an_awaited_clock() -> None:
+    a, b = state(A), state(B)
+    a.put("r", "u1", "s1", {})
+    sync(b, a)
+    b.hide(A)
+    a.put("r", "u2", "s2", {})
+    b.show(A, a.own.clock)
+    assert b.awaiting == {A: 2}
+    assert b.hide(A) == []
+    assert b.awaiting == {}
+    assert sync(b, a) == []  # down again: stored, not shown
+    assert b.show(A, 99) == []  # (a clock no copy holds yet)
+    assert b.drop(A) == [] and b.awaiting == {}  # purged: forgotten with the partition
+    assert b.show(A, 99) == [] and b.awaiting == {A: 99}
+    assert b.retire(A) == [] and b.awaiting == {}  # retired: for good
+
+
+def test_full_delta_while_hidden_emits_nothing() -> None:
     a, b = state(A, tombstone_limit=1), state(B)
     a.put("r", "u1", "s1", {"n": 1})
     sync(b, a)
-    b.set_up(A, False)
+    b.hide(A)
     a.remove("r", "u1", "s1")
     a.put("r", "u2", "s2", {})
     a.remove("r", "u2", "s2")
@@ -448,16 +520,19 @@ def test_full_delta_while_down_emits_nothing() -> None:
     delta = a.extract(A, 1)
     assert delta is not None and delta.full
     assert b.merge(delta).changes == []
-    assert b.set_up(A, True) == [Change(JOIN, "r", "u3", "s3", {"n": 3}, "region-a")]
+    assert b.show(A, a.own.clock) == [Change(JOIN, "r", "u3", "s3", {"n": 3}, "region-a")]
 
 
-def test_set_up_ignores_local_and_unknown() -> None:
+def test_hide_and_show_ignore_local_and_unknown() -> None:
     a = state(A)
     a.put("r", "u1", "s1", {})
-    assert a.set_up(A, False) == []
+    assert a.hide(A) == []
     assert a.visible() != {}
-    assert a.set_up(B, False) == []
-    assert a.set_up(B, True) == []
+    assert a.show(A, 5) == [] and a.awaiting == {}
+    assert a.hide(B) == []
+    assert a.show(B, 0) == []
+    a.retire(C)
+    assert a.show(C, 3) == [] and a.awaiting == {}
 
 
 def test_retire() -> None:
@@ -500,7 +575,7 @@ def test_retire_a_down_replica_emits_nothing() -> None:
     a, b = state(A), state(B)
     a.put("r", "u1", "s1", {"n": 1})
     sync(b, a)
-    b.set_up(A, False)
+    b.hide(A)
     assert b.retire(A) == []
 
 

@@ -7,8 +7,10 @@ every step the invariants the daemon relies on:
   partition as it was right after W's c-th write (so nothing stale can resurrect a leave);
 * every extracted delta turns W's state at ``since`` into W's state at ``clock``;
 * merge outcomes (applied / stale / gap) are exactly what the clocks say;
-* the changes emitted by writes, merges, ``set_up`` and ``retire``, folded into a dict,
-  reproduce ``visible()``, and the room index agrees with ``visible()``.
+* the changes emitted by writes, merges, ``hide``, ``show`` and ``retire``, folded into a
+  dict, reproduce ``visible()``, and the room index agrees with ``visible()``;
+* a replica shown with a clock stays hidden until its copy holds that clock (a copy older than
+  what liveness reported is never shown: it could show a session that has left since).
 
 ``HYPOTHESIS_PROFILE=long`` runs 2500 examples per law instead of 200 (about 80 s).
 """
@@ -194,6 +196,8 @@ def expected_changes(state: PresenceState, delta: Delta, outcome: str) -> list[C
     """Exactly the changes a merge must emit, from the receiver's state before the merge:
     leaves of a retired older incarnation, then one change per record that changes what is
     visible (nothing spurious, nothing missing), nothing at all for a partition that is down.
+    (A hidden partition that the merge makes current enough to show adds the joins of what it
+    then holds: :meth:`Net.merge` appends those, from the state after the merge.)
     """
     replica = delta.replica
     if outcome in ("own", "retired") and replica in state.partitions:
@@ -207,7 +211,7 @@ def expected_changes(state: PresenceState, delta: Delta, outcome: str) -> list[C
             if other.node == replica.node and older.up:
                 out += [(LEAVE, key, meta, older.region) for key, meta in older.live()]
         records: dict[Key, tuple[int, Any]] = {}
-        clock, up, region = 0, True, delta.region
+        clock, up, region = 0, replica not in state.awaiting, delta.region
     else:
         records = {key: (r.counter, r.meta) for key, r in part.records.items()}
         clock, up, region = part.clock, part.up, part.region
@@ -286,6 +290,11 @@ class Net:
     def check(self, state: PresenceState) -> None:
         assert self.models[state.local] == state.visible()
         check_index(state)
+        # A replica waiting to be shown is hidden, and its copy is older than it must be.
+        for replica, clock in state.awaiting.items():
+            part = state.partitions.get(replica)
+            assert part is None or (not part.up and part.clock < clock)
+            assert replica not in state.retired and replica != state.local
 
     def write(self, state: PresenceState, op: tuple[str, int, Any]) -> None:
         kind, slot, meta = op
@@ -344,8 +353,19 @@ class Net:
             outcome: expected_changes(state, delta, outcome)
             for outcome in ("applied", "stale", "gap", "retired", "own")
         }
+        awaited = state.awaiting.get(replica)
         result = state.merge(delta)
-        assert change_tuples(result.changes) == expected_for[result.outcome]
+        expected_now = expected_for[result.outcome]
+        if result.outcome == "applied" and awaited is not None and delta.clock >= awaited:
+            # Current enough at last: shown as it is now (after the merge), and only now.
+            event("merge: shows an awaited replica")
+            shown = state.partitions[replica]
+            expected_now = expected_now + [(JOIN, k, m, shown.region) for k, m in shown.live()]
+            assert replica not in state.awaiting
+        elif awaited is not None and result.outcome not in ("retired",):
+            assert state.awaiting.get(replica) == awaited
+            assert replica not in state.partitions or not state.partitions[replica].up
+        assert change_tuples(result.changes) == expected_now
         event(
             f"merge: {result.outcome}{' (full)' if delta.full else ''}{' (down)' if down else ''}"
         )
@@ -654,7 +674,7 @@ def test_merge_is_commutative_associative_idempotent(
 CHANGE_KINDS = (
     *("write",) * 8,
     *("push", "deliver") * 4,
-    *("exchange", "set_up") * 3,
+    *("exchange", "liveness") * 3,
     "retire",
     "drop",
     # A node restarts: a new incarnation; the old one lingers as a source of stale deltas.
@@ -673,8 +693,9 @@ def change_step(d: Digits) -> tuple[Any, ...]:
         return ("deliver", d.take(256), d.pick(("consume", "keep")))
     if kind == "exchange":
         return ("exchange", d.take(8), d.take(8))
-    if kind == "set_up":
-        return ("set_up", d.take(8), d.take(8))
+    if kind == "liveness":
+        # (the clock liveness reports: the copy's own, or the writer's current one)
+        return ("liveness", d.take(8), d.take(8), d.pick(("held", "writer")))
     if kind in ("retire", "drop"):
         return (kind, d.take(8), d.take(8))
     return ("restart", d.take(8))
@@ -734,20 +755,28 @@ def test_changes_reproduce_visible(limits: list[int], script: list[tuple[Any, ..
             src = receivers()[step[1] % len(receivers())]
             dst = receivers()[step[2] % len(receivers())]
             net.exchange(src, dst)
-        elif kind in ("set_up", "retire", "drop"):
+        elif kind in ("liveness", "retire", "drop"):
             state = receivers()[step[1] % len(receivers())]
             remote = sorted(r for r in state.partitions if r != state.local)
             if not remote:
                 continue
             replica = remote[step[2] % len(remote)]
-            if kind == "set_up":
-                # Liveness flips the replica: down if it was up, up if it was down.
-                up = not state.partitions[replica].up
-                event(f"set_up {up}")
-                changes = state.set_up(replica, up)
-                assert state.partitions[replica].up == up
-                part = state.partitions[replica]
-                expected = [(JOIN if up else LEAVE, k, m, part.region) for k, m in part.live()]
+            part = state.partitions[replica]
+            if kind == "liveness" and part.up:
+                event("hide")
+                changes = state.hide(replica)
+                assert not part.up and replica not in state.awaiting
+                expected = [(LEAVE, k, m, part.region) for k, m in part.live()]
+                assert change_tuples(changes) == expected
+            elif kind == "liveness":
+                # Up again, with the clock of its heartbeat: what the copy holds, or (the
+                # writer wrote on meanwhile) more: then it stays hidden until merges catch up.
+                clock = part.clock if step[3] == "held" else len(net.history[replica]) - 1
+                shown = clock <= part.clock
+                event(f"show {'now' if shown else 'later'}")
+                changes = state.show(replica, clock)
+                assert part.up == shown and (replica in state.awaiting) != shown
+                expected = [(JOIN, k, m, part.region) for k, m in part.live()] if shown else []
                 assert change_tuples(changes) == expected
             else:
                 # retire: goodbye, or replaced (for good); drop: purged (it may come back).

@@ -59,7 +59,7 @@ US = ReplicaId("us", 1795425630000000)
 
 HELLO = Hello("eu", "eu", EU.incarnation)
 GOSSIP = Gossip(
-    beats=(Beat(EU, 42, 0.0), Beat(US, 40, 0.13)),
+    beats=(Beat(EU, 42, 0.0, 19), Beat(US, 40, 0.13, 7)),
     deltas=(
         Delta(
             EU,
@@ -152,6 +152,7 @@ def test_wire_shapes_match_the_documentation() -> None:
     assert w._to_wire(GOSSIP) == {
         "t": "gossip",
         "hb": [["eu", 1795425640982113, 42, 0], ["us", 1795425630000000, 40, 130]],
+        "hbc": [19, 7],
         "deltas": [
             [
                 "eu",
@@ -267,6 +268,19 @@ def test_beat_age_is_whole_milliseconds() -> None:
     assert w._to_wire(Gossip(beats=(beat,)))["hb"] == [[EU.node, EU.incarnation, 1, 13]]
     (back,) = decode(encode(Gossip(beats=(beat,)))).beats  # type: ignore[union-attr]
     assert back == Beat(EU, 1, 0.013)
+
+
+def test_heartbeat_clocks_are_optional() -> None:
+    """Clocks travel in their own list, so a peer that does not know them ignores them, and
+    rows without one (from such a peer, or all zero) decode with clock 0: not known."""
+    wire = wire_of(GOSSIP)
+    del wire["hbc"]
+    assert decode(cbor2.dumps(wire)).beats == (Beat(EU, 42, 0.0), Beat(US, 40, 0.13))  # type: ignore[union-attr]
+    unknown = Gossip(beats=(Beat(EU, 42, 0.0), Beat(US, 40, 0.13)))
+    assert "hbc" not in w._to_wire(unknown)
+    mixed = Gossip(beats=(Beat(EU, 42, 0.0, 0), Beat(US, 40, 0.13, 7)))
+    assert w._to_wire(mixed)["hbc"] == [0, 7]
+    assert decode(encode(mixed)) == mixed
 
 
 def test_limits_are_inclusive() -> None:
@@ -481,6 +495,8 @@ def cases() -> list[Any]:
             ("hb", 0, 1),
             ("hb", 0, 2),
             ("hb", 0, 3),
+            ("hbc", 0),
+            ("hbc", 1),
             ("deltas", 0, 1),
             ("deltas", 0, 3),
             ("deltas", 0, 4),
@@ -559,6 +575,12 @@ def cases() -> list[Any]:
         add("gossip", f"{part}-row-tuple-like-map", put((part, 0), {i: 0 for i in range(width)}))
         add("gossip", f"{part}-row-too-short", drop((part, 0, width - 1)))
         add("gossip", f"{part}-row-too-long", append((part, 0), 0))
+    # Heartbeat clocks: a list, one per heartbeat row.
+    for label, value in {"map": {"a": 1}, "string": "x", "null": None, "int": 1}.items():
+        add("gossip", f"hbc-not-a-list={label}", put(("hbc",), value))
+    add("gossip", "hbc-too-short", drop(("hbc", 1)))
+    add("gossip", "hbc-too-long", append(("hbc",), 0))
+    add("gossip", "hbc-without-hb", drop(("hb",)))
     add("gossip", "delta-full-int", put(("deltas", 0, 5), 0))
     add("gossip", "tick-not-a-boolean", put(("tk",), 1))
     add("gossip", "delta-full-null", put(("deltas", 0, 5), None))
@@ -674,7 +696,7 @@ json_values = st.recursive(
 metas = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 replicas = st.builds(ReplicaId, short_names | names, counts)
 # Ages travel in whole milliseconds: generate them that way so equality is exact.
-beats = st.builds(Beat, replicas, counts, st.integers(0, 10**12).map(lambda ms: ms / 1000))
+beats = st.builds(Beat, replicas, counts, st.integers(0, 10**12).map(lambda ms: ms / 1000), counts)
 records = st.tuples(st.tuples(short_names, short_names, short_names), counts, st.none() | metas)
 deltas = st.builds(
     Delta,

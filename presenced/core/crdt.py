@@ -24,7 +24,13 @@ Scuttlebutt-style reconciliation:
 
 Merging returns :class:`Change` values (joins, leaves, updates of visible presences), so the
 shell can compute diffs for its local clients without rescanning anything. Partitions can be
-marked down (liveness): their entries stay stored but become invisible.
+hidden (liveness: the replica is down): their entries stay stored but become invisible.
+
+A hidden partition is shown again only once it is known to be current (:meth:`PresenceState.show`):
+liveness says the replica is up and what its clock was at that heartbeat, and the entries stay
+hidden until this copy holds at least that clock. Showing the stored copy at once would show
+whatever changed while the replica was cut off as if it had not: a session that left during the
+cut would join again, and leave a round trip later when anti-entropy brings the newer state.
 
 Nothing here does I/O, reads a clock or draws random numbers.
 """
@@ -177,6 +183,9 @@ class PresenceState:
         self.partitions: dict[ReplicaId, Partition] = {local: Partition(local, region)}
         #: Replicas known to be dead (an older incarnation, or purged): never resurrected.
         self.retired: set[ReplicaId] = set()
+        #: Replicas liveness says are up whose copy here is older than their clock at that
+        #: heartbeat: hidden until a merge brings the copy to that clock (see :meth:`show`).
+        self.awaiting: dict[ReplicaId, int] = {}
         #: room -> (user, session) -> replica, for visible entries only.
         self._rooms: dict[str, dict[tuple[str, str], ReplicaId]] = {}
         #: user -> replica -> number of visible entries: where a user can be reached.
@@ -303,6 +312,8 @@ class PresenceState:
             if not self._admit(replica, changes):
                 return MergeResult("retired", changes)
             part = self.partitions[replica] = Partition(replica, delta.region)
+            # (a replica first heard of by its heartbeat waits for the clock it announced)
+            part.up = replica not in self.awaiting
         if delta.clock <= part.clock:
             return MergeResult("stale", changes)
         if delta.full:
@@ -313,6 +324,10 @@ class PresenceState:
             self._apply(part, delta, changes)
         part.clock = delta.clock
         self._collect_tombstones(part)
+        awaited = self.awaiting.get(replica)
+        if awaited is not None and part.clock >= awaited:
+            del self.awaiting[replica]
+            self._reveal(part, changes)
         return MergeResult("applied", changes)
 
     def _admit(self, replica: ReplicaId, changes: list[Change]) -> bool:
@@ -421,22 +436,55 @@ class PresenceState:
 
     # ------------------------------------------------------------------ liveness hooks
 
-    def set_up(self, replica: ReplicaId, up: bool) -> list[Change]:
-        """Make a replica's entries visible (up) or invisible (down) without losing them."""
+    def hide(self, replica: ReplicaId) -> list[Change]:
+        """Make a replica's entries invisible without losing them (liveness: it is down).
+
+        Merges keep its copy up to date meanwhile, silently; only :meth:`show` shows it again.
+        """
+        self.awaiting.pop(replica, None)
         part = self.partitions.get(replica)
-        if part is None or part.up == up or replica == self.local:
+        if part is None or not part.up or replica == self.local:
             return []
         changes: list[Change] = []
-        if up:
-            part.up = True
-            for (room, user, session), meta in part.live():
-                self._index(room, user, session, replica)
-                changes.append(Change(JOIN, room, user, session, meta, part.region))
-        else:
-            for key, meta in part.live():
-                self._forget(part, key, meta, changes)
-            part.up = False
+        for key, meta in part.live():
+            self._forget(part, key, meta, changes)
+        part.up = False
         return changes
+
+    def show(self, replica: ReplicaId, clock: int) -> list[Change]:
+        """Liveness says ``replica`` is up, and its own clock was ``clock`` when it said so:
+        show its entries once this copy is that current, not before.
+
+        Returns the joins if the copy already holds ``clock`` (for every entry live in it:
+        what is true, not what was true when it was hidden); otherwise the replica waits in
+        :attr:`awaiting` and the merge that brings the copy to ``clock`` returns them. A copy
+        shown already stays shown (it is being kept current). ``clock`` 0 (not known: a peer
+        that does not gossip clocks) shows what is stored at once.
+        """
+        if replica == self.local or replica in self.retired:
+            return []
+        part = self.partitions.get(replica)
+        if part is None:
+            if clock > 0:
+                self.awaiting[replica] = clock
+            return []
+        if part.up:
+            return []
+        if part.clock < clock:
+            self.awaiting[replica] = max(clock, self.awaiting.get(replica, 0))
+            return []
+        self.awaiting.pop(replica, None)
+        changes: list[Change] = []
+        self._reveal(part, changes)
+        return changes
+
+    def _reveal(self, part: Partition, changes: list[Change]) -> None:
+        if part.up:
+            return
+        part.up = True
+        for (room, user, session), meta in part.live():
+            self._index(room, user, session, part.replica)
+            changes.append(Change(JOIN, room, user, session, meta, part.region))
 
     def retire(self, replica: ReplicaId) -> list[Change]:
         """Drop a replica for good (it said goodbye, or a newer incarnation replaced it)."""
@@ -451,6 +499,7 @@ class PresenceState:
         """
         if replica == self.local:
             raise ValueError("a replica cannot drop itself")
+        self.awaiting.pop(replica, None)
         part = self.partitions.pop(replica, None)
         if part is None:
             return []

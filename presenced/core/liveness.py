@@ -9,7 +9,12 @@ daemon at about the same moment instead of a relay-hop later.
 
 * A replica whose heartbeat has not advanced for ``down_after`` is **down**: its entries stay
   stored but invisible, so its users leave every room at once (no ghosts).
-* Back before ``purge_after``: **up** again, and its users return with their state.
+* Back before ``purge_after``: **up** again, and its users return with their state, as it is
+  now: a row also carries the replica's CRDT clock when it beat (its single writer knows it
+  exactly; relays pass the row on unchanged), and the ``up`` transition carries that clock, so
+  the node shows the replica's entries only once its copy has caught up with it (see
+  :meth:`presenced.core.crdt.PresenceState.show`). A stored copy is what was true when the
+  replica went silent; shown as it is, it brings back sessions that left meanwhile.
 * Silent for ``purge_after``: **purged**: its partition is dropped. The heartbeat it had is
   remembered, so a stale relay of the same counter does not bring it back, while a real
   comeback (a higher counter) does.
@@ -39,6 +44,10 @@ class Transition:
 
     replica: ReplicaId
     status: Status
+    #: For ``up``: the replica's CRDT clock as of its newest heartbeat known here (0: not
+    #: known, a peer that does not gossip clocks): its entries are shown once the local copy
+    #: holds that clock.
+    clock: int = 0
 
 
 @attrs.define
@@ -47,6 +56,8 @@ class Health:
     #: Local time at which ``heartbeat`` was (estimated to be) issued.
     seen_at: float
     status: Status = UP
+    #: The replica's CRDT clock when it issued ``heartbeat`` (or an earlier one; 0: not known).
+    clock: int = 0
 
 
 @attrs.frozen
@@ -57,6 +68,8 @@ class Beat:
     heartbeat: int
     #: Seconds since this heartbeat was issued, as far as the sender knows.
     age: float
+    #: The replica's CRDT clock when it issued this heartbeat (0: the row did not say).
+    clock: int = 0
 
 
 class Liveness:
@@ -87,22 +100,24 @@ class Liveness:
         if replica == self.local or beat.heartbeat <= self.gone.get(replica, -1):
             return []
         issued = now - max(0.0, beat.age)
+        clock = beat.clock
         health = self.table.get(replica)
         if health is not None:
             if beat.heartbeat <= health.heartbeat:
                 return []
             health.heartbeat = beat.heartbeat
             health.seen_at = max(health.seen_at, issued)
+            health.clock = max(health.clock, clock)  # (a single writer's clock only grows)
             if health.status == DOWN and now - health.seen_at < self.down_after:
                 health.status = UP
-                return [Transition(replica, UP)]
+                return [Transition(replica, UP, health.clock)]
             return []
         if now - issued >= self.down_after:
             return []  # news of a replica that is already silent: nothing to show
         transitions = self._supersede(replica)
         self.gone.pop(replica, None)
-        self.table[replica] = Health(beat.heartbeat, issued)
-        transitions.append(Transition(replica, UP))
+        self.table[replica] = Health(beat.heartbeat, issued, clock=clock)
+        transitions.append(Transition(replica, UP, clock))
         return transitions
 
     def _supersede(self, replica: ReplicaId) -> list[Transition]:
@@ -140,11 +155,13 @@ class Liveness:
                 transitions.append(Transition(replica, PURGED))
         return transitions
 
-    def beats(self, now: float) -> list[Beat]:
-        """The table to gossip: this replica's own heartbeat and every tracked one."""
-        rows = [Beat(self.local, self.heartbeat, 0.0)]
+    def beats(self, now: float, clock: int) -> list[Beat]:
+        """The table to gossip: this replica's own heartbeat with its CRDT ``clock`` now, and
+        every tracked one with the clock its row came with."""
+        rows = [Beat(self.local, self.heartbeat, 0.0, clock)]
         for replica, health in self.table.items():
-            rows.append(Beat(replica, health.heartbeat, max(0.0, now - health.seen_at)))
+            age = max(0.0, now - health.seen_at)
+            rows.append(Beat(replica, health.heartbeat, age, health.clock))
         return rows
 
     def status(self, replica: ReplicaId) -> Status | None:

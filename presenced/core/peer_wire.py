@@ -8,8 +8,10 @@ types, sizes, and that metas are JSON-compatible (they are relayed to browsers a
 Shapes (arrays rather than maps inside, to keep deltas compact):
 
 * ``hello``  ``{t, v, node, region, inc}``
-* ``gossip`` ``{t, hb?, deltas?, digest?, links?}`` where ``hb`` rows are
-  ``[node, inc, heartbeat, age_ms]``, ``deltas`` rows are
+* ``gossip`` ``{t, hb?, hbc?, deltas?, digest?, links?}`` where ``hb`` rows are
+  ``[node, inc, heartbeat, age_ms]`` and ``hbc`` lists, row for row, each replica's CRDT clock
+  when it issued that heartbeat (0: not known; a separate list, not a fifth column, so that
+  peers which do not know it ignore it), ``deltas`` rows are
   ``[node, inc, region, since, clock, full, records]`` with records
   ``[room, user, session, counter, meta|null]``, and ``digest`` rows ``[node, inc, clock]``
 * ``bcast``  ``{t, id, room, event, data, user, session, region}`` (room broadcast, flooded)
@@ -208,6 +210,8 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
                 [b.replica.node, b.replica.incarnation, b.heartbeat, round(b.age * 1000)]
                 for b in message.beats
             ]
+            if any(b.clock for b in message.beats):
+                wire["hbc"] = [b.clock for b in message.beats]
         if message.deltas:
             wire["deltas"] = [_delta_to_wire(d) for d in message.deltas]
         if message.digest is not None:
@@ -353,9 +357,18 @@ _BROADCAST_NAMES = ("id", "room", "event", "user", "session", "region")
 
 
 def _gossip(wire: dict[str, Any]) -> Gossip:
+    rows = _rows(wire.get("hb", []), 4, "hb")
+    clocks = wire.get("hbc", [0] * len(rows))
+    if type(clocks) is not list or len(clocks) != len(rows):
+        raise PeerProtocolError("'hbc' must be a list of clocks, one per 'hb' row")
     beats = tuple(
-        Beat(_replica(row[0], row[1]), _count(row[2], "heartbeat"), _count(row[3], "age") / 1000)
-        for row in _rows(wire.get("hb", []), 4, "hb")
+        Beat(
+            _replica(row[0], row[1]),
+            _count(row[2], "heartbeat"),
+            _count(row[3], "age") / 1000,
+            _count(clock, "hbc"),
+        )
+        for row, clock in zip(rows, clocks, strict=True)
     )
     deltas = tuple(_delta(row) for row in _rows(wire.get("deltas", []), 7, "deltas"))
     digest = None

@@ -367,13 +367,15 @@ class Node:
         for transition in transitions:
             replica, status = transition.replica, transition.status
             if status == UP:
+                # Its entries show once this copy holds the clock it beat with (now, or at
+                # the merge that brings it: the digests asked for here fetch what is missing).
                 log.info("replica %s is up", replica)
-                self.apply(self.state.set_up(replica, True), immediate=True)
+                self.apply(self.state.show(replica, transition.clock), immediate=True)
                 if self.gossip is not None:
                     self.gossip.request_digests()
             elif status == DOWN:
                 log.warning("replica %s is down: its users leave every room", replica)
-                self.apply(self.state.set_up(replica, False), immediate=True)
+                self.apply(self.state.hide(replica), immediate=True)
             elif status == PURGED:
                 log.info("replica %s purged", replica)
                 self.apply(self.state.drop(replica), immediate=True)

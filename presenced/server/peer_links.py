@@ -217,6 +217,13 @@ class PeerLink:
         self._digest_due = self._own_due = True
         self._wakeup.set()
 
+    def relay_now(self) -> None:
+        """Build the gossip the peer lacks now, and queue it for the writer (in order after
+        what it is sending): for changes that must leave before the state they come from."""
+        message = self._build()
+        if message is not None:
+            self.enqueue(message)
+
     def enqueue(self, message: wire.PeerMessage) -> bool:
         """Queue a routed message for the writer; False if the queue is full (dropped)."""
         if len(self._queue) >= self.manager.settings.max_queued:
@@ -306,7 +313,7 @@ class PeerLink:
     def _build(self, at_tick: bool = False) -> wire.Gossip | None:
         node = self.node
         now = node.clock()
-        beats = node.liveness.beats(now) if self._beat_due else []
+        beats = node.liveness.beats(now, node.state.own.clock) if self._beat_due else []
         links = tuple(self.manager.links) if self._beat_due else None
         digest = node.state.digest() if self._digest_due else None
         if self._digest_due:
@@ -828,14 +835,31 @@ class PeerManager:
         with contextlib.suppress(ChannelClosed):
             await link._send(message)
 
-    def on_bye(self, replica: ReplicaId, source: PeerLink | None) -> None:
-        node = self.node
-        if node.liveness.status(replica) == "retired" and source is not None:
+    def on_bye(self, replica: ReplicaId, source: PeerLink) -> None:
+        """A peer says it is stopping: retire it for good, here only.
+
+        Only the replica at the other end of the link may say goodbye for itself: a bye is
+        the one message that retires a replica at once and for ever, so one naming another
+        node (a bug, or a peer speaking for others) is ignored, and byes are not relayed.
+        Other daemons learn of the stop from the removals it sent before its bye (relayed
+        like any delta) and from liveness (down after ``down_after``).
+        """
+        if replica != source.remote:
+            log.warning(
+                "peer %s sent a bye for %s: only a replica's own link may retire it; ignored",
+                source.remote,
+                replica,
+            )
             return
-        node.on_transitions([node.liveness.retire(replica)])
+        node = self.node
+        if node.liveness.status(replica) == RETIRED:
+            return
+        # Its removals came just before: merging them woke the links that relay them, but
+        # once it is retired its partition is gone and they would find nothing to send.
         for link in self.links.values():
-            if link is not source and self._nursery is not None:
-                self._nursery.start_soon(self._send_quietly, link, wire.Bye(replica))
+            if link is not source:
+                link.relay_now()
+        node.on_transitions([node.liveness.retire(replica)])
 
     async def _heartbeat(self) -> None:
         """This replica's heartbeat and liveness checks, and every link's timers. (It sleeps

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,9 @@ class FakeClient:
         self.view: View = {}
         self.closed: tuple[int, str] | None = None
         self._refs = itertools.count(1)
+        #: Called with every message this client receives, as it arrives (tests check
+        #: safety laws on each frame, not only on the final view).
+        self.on_message: Callable[[FakeClient, dict[str, Any]], None] | None = None
         node.connections.add(self)  # type: ignore[arg-type]
         node.identified(self)  # type: ignore[arg-type]
 
@@ -135,6 +138,8 @@ class FakeClient:
 
     def _receive(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
+        if self.on_message is not None:
+            self.on_message(self, message)
         kind = message["type"]
         if kind == "state":
             self.view[message["room"]] = {}
