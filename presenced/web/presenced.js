@@ -419,6 +419,8 @@ export class PresenceClient {
     this.welcome = null;
     /** The `resume` token of the last `welcome`, offered in the next `hello`. */
     this._resume = null;
+    /** The socket whose `welcome` was taken in. */
+    this._welcomedOn = null;
     /** Rooms left while disconnected that a resumed session may still be in. */
     this._leftWhileDown = new Set();
     /** @type {"connecting" | "connected" | "reconnecting" | "closed"} */
@@ -531,8 +533,9 @@ export class PresenceClient {
   }
 
   /**
-   * The connection status changed: "connected", "reconnecting" (with the delay before the
-   * next attempt, ms) or "closed" (for good: `close()`, or the daemon refused us).
+   * The connection status changed: "connected" (with the `welcome`, and `resumed`: whether the
+   * session was resumed), "reconnecting" (with the delay before the next attempt, ms) or
+   * "closed" (for good: `close()`, or the daemon refused us).
    * @param {(status: string, detail: Object) => void} callback
    */
   onStatus(callback) {
@@ -805,8 +808,14 @@ export class PresenceClient {
     ws.onerror = () => {}; // a close event follows
   }
 
+  /**
+   * Taken in as the `welcome` frame is read, before the frames after it (a resumed room's
+   * `state` comes right after: it must find the room waiting for it), then again (a no-op)
+   * when the hello's promise resolves.
+   */
   _onWelcome(ws, welcome) {
-    if (ws !== this._ws) return;
+    if (ws !== this._ws || this._welcomedOn === ws) return;
+    this._welcomedOn = ws;
     const before = this.welcome;
     // Trust `resumed` only for the session we asked for (a daemon must keep the id anyway).
     const resumed =
@@ -960,6 +969,9 @@ export class PresenceClient {
   _onFrame(frame) {
     const ref = frame.ref;
     switch (frame.type) {
+      case "welcome":
+        if (ref !== undefined && this._requests.has(ref)) this._onWelcome(this._ws, frame);
+        break;
       case "state":
         this._onState(frame);
         return;

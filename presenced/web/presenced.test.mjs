@@ -576,3 +576,25 @@ test("client: after a resume, a room without its state, or joined again offline,
   assert.deepEqual(second.last("join").meta, { name: "Ann" });
   client.close();
 });
+
+test("client: a resumed room's state read right after the welcome (same tick) is taken", async () => {
+  const events = [];
+  const { client, first } = await joinedHq(events);
+  events.length = 0;
+  first.drop(1006);
+  await until(() => FakeSocket.all.length === 2 && FakeSocket.all[1].sent("hello").length === 1);
+  const second = FakeSocket.all[1];
+  const hello = second.last("hello");
+  // Both frames in one read, as a socket library may deliver them: no await in between.
+  second.receive({ type: "welcome", ref: hello.ref, session: "S1", user: "ann", ...resumable("R2", true) });
+  second.receive({ type: "state", ref: null, room: "hq", presences: { ann: [s("S1", { name: "Ann" })] } });
+  await until(() => client.status === "connected", "connected");
+  const ping = second.last("ping");
+  second.receive({ type: "pong", ref: ping.ref, t: ping.t, server_time: Date.now() });
+  await sleep(10);
+  assert.deepEqual(second.sent("join"), [], "the state was not missed");
+  assert.deepEqual(events, [["leave", "bob", ["b1"]]]);
+  client.update("hq", { x: 3 });
+  assert.deepEqual(second.last("update").meta, { x: 3 }, "the room is live");
+  client.close();
+});
