@@ -863,6 +863,7 @@ export class PresenceClient {
       if (entry.joined && !entry.waiters.length) entry.resuming = true;
       else this._sendJoin(room, entry);
     }
+    if (![...this._rooms.values()].some((entry) => entry.resuming)) return;
     quiet(
       this._request({ type: "ping", t: Date.now() }, ws).then(() => {
         if (ws !== this._ws) return;
