@@ -10,8 +10,12 @@
 //   await sent;                                          // stored by the daemon: its id
 //   sent.on("read", ({ by }) => console.log(by, "read it"));
 //
-// The client reconnects by itself (exponential backoff with jitter), joins every room again
-// with its latest meta, and replaces each room's presence map with the fresh `state`.
+// The client reconnects by itself (exponential backoff with jitter) and offers the daemon the
+// `resume` token of its last `welcome`. If the daemon still holds the session (it dropped less
+// than the daemon's resume grace ago), it is resumed: same session id, still in every room, so
+// nobody saw it leave; the client sends no join, and the daemon's fresh `state` of each room
+// replaces its presence map (onJoin/onLeave fire only for what really changed meanwhile). If
+// not, it joins every room again with its latest meta and takes the fresh `state` likewise.
 
 /** The subprotocol offered to the daemon. */
 export const SUBPROTOCOL = "presenced.v1";
@@ -20,6 +24,8 @@ export const SUBPROTOCOL = "presenced.v1";
 const FATAL_CLOSE_CODES = new Set([1008]);
 /** How many message ids are remembered to drop retransmissions. */
 const SEEN_IDS = 10000;
+/** Longest resume token a daemon sends (and accepts back in `hello`). */
+const MAX_RESUME_TOKEN = 128;
 
 /**
  * One session of a user in a room, as the daemon describes it.
@@ -169,6 +175,26 @@ export function applyPatch(meta, patch) {
     else out[key] = value;
   }
   return out;
+}
+
+/**
+ * The patch that turns meta `from` into meta `to` (the daemon merges patches with
+ * {@link applyPatch}): changed or new keys with their value, removed keys with null. Used after
+ * a resume to bring the daemon's copy of this session's meta up to date with the updates made
+ * while disconnected (or lost in the drop). Values are compared by their JSON text.
+ * @param {Object<string, any>} from
+ * @param {Object<string, any>} to
+ * @returns {Object<string, any> | null} null when they are the same
+ */
+export function metaPatch(from, to) {
+  const patch = {};
+  for (const [key, value] of Object.entries(to || {})) {
+    if (!from || !(key in from) || JSON.stringify(from[key]) !== JSON.stringify(value)) {
+      patch[key] = value;
+    }
+  }
+  for (const key of Object.keys(from || {})) if (!to || !(key in to)) patch[key] = null;
+  return Object.keys(patch).length ? patch : null;
 }
 
 /**
@@ -391,6 +417,12 @@ export class PresenceClient {
     if (!this._WebSocket) throw new Error("no WebSocket class: pass options.WebSocket");
     /** The daemon's `welcome` frame (session, user, region, tick_ms, limits). */
     this.welcome = null;
+    /** The `resume` token of the last `welcome`, offered in the next `hello`. */
+    this._resume = null;
+    /** The socket whose `welcome` was taken in. */
+    this._welcomedOn = null;
+    /** Rooms left while disconnected that a resumed session may still be in. */
+    this._leftWhileDown = new Set();
     /** @type {"connecting" | "connected" | "reconnecting" | "closed"} */
     this.status = "connecting";
     this._ws = null;
@@ -402,7 +434,11 @@ export class PresenceClient {
     this._fatal = null;
     /** ref -> {resolve, reject} of requests waiting for a reply */
     this._requests = new Map();
-    /** room -> {meta, presences, active, ref, waiters, patch, timer, lastSent, outbox} */
+    /**
+     * room -> {meta, presences, active, joined, resuming, ref, waiters, patch, timer, lastSent,
+     * outbox}. `joined`: the daemon confirmed the join for the current session (it stays true
+     * across a drop, for a resume); `resuming`: resumed, waiting for the room's `state`.
+     */
     this._rooms = new Map();
     /** Frames (not tied to a room) waiting for the connection. */
     this._outbox = [];
@@ -429,7 +465,7 @@ export class PresenceClient {
     return (this.welcome && this.welcome.tick_ms) || 30;
   }
 
-  /** This connection's session id (changes on every reconnect). */
+  /** This session's id: kept by a resumed reconnect, new after any other reconnect. */
   get session() {
     return this.welcome ? this.welcome.session : null;
   }
@@ -497,8 +533,9 @@ export class PresenceClient {
   }
 
   /**
-   * The connection status changed: "connected", "reconnecting" (with the delay before the
-   * next attempt, ms) or "closed" (for good: `close()`, or the daemon refused us).
+   * The connection status changed: "connected" (with the `welcome`, and `resumed`: whether the
+   * session was resumed), "reconnecting" (with the delay before the next attempt, ms) or
+   * "closed" (for good: `close()`, or the daemon refused us).
    * @param {(status: string, detail: Object) => void} callback
    */
   onStatus(callback) {
@@ -528,6 +565,8 @@ export class PresenceClient {
         meta: {},
         presences: {},
         active: false,
+        joined: false,
+        resuming: false,
         ref: null,
         waiters: [],
         patch: null,
@@ -539,6 +578,7 @@ export class PresenceClient {
     }
     entry.meta = { ...meta };
     entry.patch = null; // the join carries the whole meta
+    this._leftWhileDown.delete(room);
     const done = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
     if (this.status === "connected") this._sendJoin(room, entry);
     return done;
@@ -584,13 +624,19 @@ export class PresenceClient {
     if (entry.timer !== null) clearTimeout(entry.timer);
     const error = new PresencedError("left", `left room ${JSON.stringify(room)}`);
     for (const waiter of entry.waiters.splice(0)) waiter.reject(error);
-    if (this.status === "connected" && entry.ref !== null) {
-      try {
-        await this._request({ type: "leave", room });
-      } catch (exc) {
-        if (!(exc instanceof PresencedError && ["closed", "not_joined"].includes(exc.code))) {
-          throw exc;
-        }
+    const mayBeIn = entry.ref !== null || entry.joined;
+    if (!mayBeIn) return;
+    if (this.status !== "connected") {
+      this._leftWhileDown.add(room); // a resume would find the session still in it
+      return;
+    }
+    try {
+      await this._request({ type: "leave", room });
+    } catch (exc) {
+      if (exc instanceof PresencedError && exc.code === "closed") {
+        if (!this._rooms.has(room)) this._leftWhileDown.add(room);
+      } else if (!(exc instanceof PresencedError && exc.code === "not_joined")) {
+        throw exc;
       }
     }
   }
@@ -736,6 +782,7 @@ export class PresenceClient {
       const hello = { type: "hello", v: 1, client: this.options.client || "presenced.js" };
       if (this.options.token) hello.token = this.options.token;
       if (this.options.user) hello.user = this.options.user;
+      if (this._resume) hello.resume = this._resume;
       this._request(hello, ws).then(
         (welcome) => this._onWelcome(ws, welcome),
         (error) => {
@@ -761,13 +808,37 @@ export class PresenceClient {
     ws.onerror = () => {}; // a close event follows
   }
 
+  /**
+   * Taken in as the `welcome` frame is read, before the frames after it (a resumed room's
+   * `state` comes right after: it must find the room waiting for it), then again (a no-op)
+   * when the hello's promise resolves.
+   */
   _onWelcome(ws, welcome) {
-    if (ws !== this._ws) return;
+    if (ws !== this._ws || this._welcomedOn === ws) return;
+    this._welcomedOn = ws;
+    const before = this.welcome;
+    // Trust `resumed` only for the session we asked for (a daemon must keep the id anyway).
+    const resumed =
+      welcome.resumed === true &&
+      this._resume !== null &&
+      before !== null &&
+      welcome.session === before.session;
     this.welcome = welcome;
+    const token = welcome.resume;
+    this._resume =
+      typeof token === "string" && token && token.length <= MAX_RESUME_TOKEN ? token : null;
     this._attempt = 0;
-    this._setStatus("connected", { welcome });
+    this._setStatus("connected", { welcome, resumed });
     this._welcomed.resolve(welcome);
-    for (const [room, entry] of this._rooms) this._sendJoin(room, entry);
+    if (resumed) this._resumeRooms(ws);
+    else {
+      for (const [room, entry] of this._rooms) {
+        entry.joined = false;
+        entry.resuming = false;
+        this._sendJoin(room, entry);
+      }
+    }
+    this._leftWhileDown.clear();
     for (const [frame, fail, onSent] of this._outbox.splice(0)) {
       if (this._send(frame, ws)) {
         if (onSent) onSent();
@@ -775,6 +846,35 @@ export class PresenceClient {
         this._outbox.push([frame, fail, onSent]);
       }
     }
+  }
+
+  /**
+   * The daemon gave the session back: it is still in every room it had joined, and a `state`
+   * (no ref) of each follows. Those rooms wait for it (see `_onState`); rooms whose join was
+   * not confirmed, or that the app joined again while disconnected, are joined now; rooms the
+   * app left meanwhile are left. A ping's answer, which the daemon sends after those states,
+   * ends the wait: a room still without its state is not the session's any more (joined anew).
+   */
+  _resumeRooms(ws) {
+    for (const room of this._leftWhileDown) {
+      if (!this._rooms.has(room)) quiet(this._request({ type: "leave", room }, ws));
+    }
+    for (const [room, entry] of this._rooms) {
+      if (entry.joined && !entry.waiters.length) entry.resuming = true;
+      else this._sendJoin(room, entry);
+    }
+    if (![...this._rooms.values()].some((entry) => entry.resuming)) return;
+    quiet(
+      this._request({ type: "ping", t: Date.now() }, ws).then(() => {
+        if (ws !== this._ws) return;
+        for (const [room, entry] of this._rooms) {
+          if (!entry.resuming) continue;
+          entry.resuming = false;
+          entry.joined = false;
+          this._sendJoin(room, entry);
+        }
+      })
+    );
   }
 
   _onClose(event) {
@@ -806,6 +906,7 @@ export class PresenceClient {
     }
     for (const entry of this._rooms.values()) {
       entry.active = false;
+      entry.resuming = false;
       entry.ref = null;
       if (entry.timer !== null) clearTimeout(entry.timer);
       entry.timer = null;
@@ -859,7 +960,7 @@ export class PresenceClient {
   }
 
   _roomByRef(ref) {
-    if (ref === undefined) return null;
+    if (ref === undefined || ref === null) return null;
     for (const [room, entry] of this._rooms) if (entry.ref === ref) return [room, entry];
     return null;
   }
@@ -869,6 +970,9 @@ export class PresenceClient {
   _onFrame(frame) {
     const ref = frame.ref;
     switch (frame.type) {
+      case "welcome":
+        if (ref !== undefined && this._requests.has(ref)) this._onWelcome(this._ws, frame);
+        break;
       case "state":
         this._onState(frame);
         return;
@@ -932,7 +1036,9 @@ export class PresenceClient {
   _onState(frame) {
     const entry = this._rooms.get(frame.room);
     if (!entry) return; // left meanwhile
-    if (frame.ref !== undefined && frame.ref !== entry.ref) return; // an older join's reply
+    // No ref (absent, or null after a resume): a resync or a resumed room's fresh state.
+    const reply = frame.ref !== undefined && frame.ref !== null;
+    if (reply && frame.ref !== entry.ref) return; // an older join's reply
     const room = frame.room;
     entry.presences = syncState(
       entry.presences,
@@ -940,9 +1046,20 @@ export class PresenceClient {
       (user, current, joined) => this._emit("join", room, user, current, joined),
       (user, remaining, left) => this._emit("leave", room, user, remaining, left)
     );
-    const joined = frame.ref !== undefined;
+    const resumed = !reply && entry.resuming;
+    if (resumed) {
+      entry.resuming = false;
+      // Bring the daemon's copy of our meta up to date: updates made while disconnected, and
+      // any lost in the drop. Without our session in the state, send what was patched offline.
+      const self = (frame.presences?.[this.welcome.user] || []).find(
+        (s) => s.session === this.welcome.session
+      );
+      if (self) entry.patch = metaPatch(self.meta, entry.meta);
+    }
+    const joined = reply || resumed;
     if (joined) {
       entry.active = true;
+      entry.joined = true;
       entry.lastSent = -Infinity;
       for (const waiter of entry.waiters.splice(0)) waiter.resolve(entry.presences);
     }

@@ -9,6 +9,7 @@ import {
   backoff,
   connect,
   list,
+  metaPatch,
   PresencedError,
   syncDiff,
   syncState,
@@ -150,6 +151,7 @@ class FakeSocket {
   }
 
   close(code = 1000) {
+    this.closedWith = code; // what the client sent: 1000 is a clean close
     this.drop(code);
   }
 
@@ -181,13 +183,13 @@ async function until(predicate, what = "condition", ms = 2000) {
   }
 }
 
-async function greeted(client, session = "S1", tick = 20) {
+async function greeted(client, session = "S1", tick = 20, extra = {}) {
   const fresh = () => FakeSocket.all.find((f) => !f.greeted && f.sent("hello").length === 1);
   await until(fresh, "hello on a new socket");
   const socket = fresh();
   socket.greeted = true;
   const hello = socket.last("hello");
-  socket.receive({ type: "welcome", ref: hello.ref, session, user: "ann", tick_ms: tick });
+  socket.receive({ type: "welcome", ref: hello.ref, session, user: "ann", tick_ms: tick, ...extra });
   await until(() => client.status === "connected", "connected");
   return socket;
 }
@@ -420,4 +422,179 @@ test("client: close() fails what still waits, and stops for good", async () => {
   assert.equal(client.status, "closed");
   await sleep(20);
   assert.equal(FakeSocket.all.length, 1);
+});
+
+// ------------------------------------------------------------------ resuming a dropped session
+
+const resumable = (resume, resumed) => ({ resume, resumed, resume_grace_ms: 10000 });
+
+/** A client joined to "hq" (ann S1 with bob) on a first connection that offered token R1. */
+async function joinedHq(events) {
+  FakeSocket.all = [];
+  const client = connect("ws://daemon/", {
+    user: "ann",
+    WebSocket: FakeSocket,
+    backoffBase: 10,
+    backoffMax: 20,
+  });
+  client.onJoin((room, user, current, joined) => events.push(["join", user, joined.map((x) => x.session)]));
+  client.onLeave((room, user, remaining, left) => events.push(["leave", user, left.map((x) => x.session)]));
+  const first = await greeted(client, "S1", 20, resumable("R1", false));
+  assert.equal(first.last("hello").resume, undefined, "nothing to resume on a first connect");
+  const joined = client.join("hq", { name: "Ann" });
+  first.receive({
+    type: "state",
+    ref: first.last("join").ref,
+    room: "hq",
+    presences: { ann: [s("S1", { name: "Ann" })], bob: [s("b1")] },
+  });
+  await joined;
+  return { client, first };
+}
+
+test("metaPatch: set, changed and removed keys", () => {
+  assert.equal(metaPatch({ a: 1, n: { x: 1 } }, { a: 1, n: { x: 1 } }), null);
+  assert.deepEqual(metaPatch({ a: 1, b: 2, n: { x: 1 } }, { a: 5, n: { x: 2 }, c: 3 }), {
+    a: 5,
+    n: { x: 2 },
+    c: 3,
+    b: null,
+  });
+  assert.deepEqual(applyPatch({ a: 1, b: 2 }, metaPatch({ a: 1, b: 2 }, { a: 2 })), { a: 2 });
+});
+
+test("client: resumes after a drop: same session, no rejoin, the state only adds what changed", async () => {
+  const events = [];
+  const { client, first } = await joinedHq(events);
+  const statuses = [];
+  client.onStatus((status, detail) => statuses.push([status, detail.resumed]));
+  const side = client.join("side", {});
+  first.receive({ type: "state", ref: first.last("join").ref, room: "side", presences: {} });
+  await side;
+  events.length = 0;
+
+  first.drop(1006);
+  client.update("hq", { x: 1 }); // while disconnected
+  await client.leave("side"); // while disconnected: resolves at once
+  const second = await greeted(client, "S1", 20, resumable("R2", true));
+  assert.equal(second.last("hello").resume, "R1", "the token of the last welcome");
+  assert.equal(client.session, "S1");
+  assert.deepEqual(second.sent("join"), [], "a resumed session is still in its rooms");
+  assert.deepEqual(
+    second.sent("leave").map((f) => f.room),
+    ["side"],
+    "a room left while disconnected is left on the daemon too"
+  );
+  // The daemon's fresh state: bob left and cat came meanwhile; ann is the same session.
+  second.receive({
+    type: "state",
+    ref: null,
+    room: "hq",
+    presences: { ann: [s("S1", { name: "Ann" })], cat: [s("c1")] },
+  });
+  assert.deepEqual(client.presences("hq"), { ann: [s("S1", { name: "Ann" })], cat: [s("c1")] });
+  assert.deepEqual(events, [
+    ["leave", "bob", ["b1"]],
+    ["join", "cat", ["c1"]],
+  ]);
+  // The daemon's copy of our meta lacks the offline update: the client sends it.
+  await until(() => second.sent("update").length === 1, "the offline update");
+  assert.deepEqual(second.last("update"), { type: "update", room: "hq", meta: { x: 1 } });
+  // The ping after the states is answered: nothing left to rejoin.
+  const ping = second.last("ping");
+  second.receive({ type: "pong", ref: ping.ref, t: ping.t, server_time: Date.now() });
+  await sleep(10);
+  assert.deepEqual(second.sent("join"), []);
+  // The room is live: diffs apply, broadcasts go out at once.
+  second.receive({ type: "diff", room: "hq", joins: {}, leaves: { cat: [s("c1")] }, updates: {} });
+  assert.deepEqual(Object.keys(client.presences("hq")), ["ann"]);
+  client.broadcast("hq", "chat", "hi");
+  assert.equal(second.sent("broadcast").length, 1);
+  assert.deepEqual(statuses, [
+    ["reconnecting", undefined],
+    ["connected", true],
+  ]);
+  client.close();
+  assert.equal(second.closedWith, 1000, "close() is a clean close: the daemon drops the session");
+});
+
+test("client: a refused resume (new session) joins every room again", async () => {
+  const events = [];
+  const { client, first } = await joinedHq(events);
+  events.length = 0;
+  client.update("hq", { x: 2 });
+  first.drop(1006);
+  const second = await greeted(client, "S2", 20, resumable("R9", false));
+  assert.equal(second.last("hello").resume, "R1");
+  assert.equal(client.session, "S2");
+  const rejoin = second.last("join");
+  assert.deepEqual([rejoin.room, rejoin.meta], ["hq", { name: "Ann", x: 2 }]);
+  second.receive({
+    type: "state",
+    ref: rejoin.ref,
+    room: "hq",
+    presences: { ann: [s("S2", { name: "Ann", x: 2 })], bob: [s("b1")] },
+  });
+  assert.deepEqual(events, [
+    ["leave", "ann", ["S1"]],
+    ["join", "ann", ["S2"]],
+  ]);
+  // The next reconnect offers the newest token.
+  second.drop(1006);
+  const third = await greeted(client, "S2", 20, resumable("R10", true));
+  assert.equal(third.last("hello").resume, "R9");
+  client.close();
+});
+
+test("client: after a resume, a room without its state, or joined again offline, is joined", async () => {
+  const events = [];
+  const { client, first } = await joinedHq(events);
+  const lobby = client.join("lobby", { a: 1 });
+  first.receive({ type: "state", ref: first.last("join").ref, room: "lobby", presences: {} });
+  await lobby;
+  const inFlight = client.join("pending", {}); // never answered before the drop
+  first.drop(1006);
+  const rejoined = client.join("lobby", { a: 2 }); // a new meta while disconnected
+  const second = await greeted(client, "S1", 20, resumable("R2", true));
+  assert.deepEqual(
+    second.sent("join").map((f) => [f.room, f.meta]),
+    [
+      ["lobby", { a: 2 }],
+      ["pending", {}],
+    ]
+  );
+  for (const join of second.sent("join")) {
+    second.receive({ type: "state", ref: join.ref, room: join.room, presences: {} });
+  }
+  await rejoined;
+  await inFlight;
+  // No state came for hq before the pong: the session is not in it any more.
+  const ping = second.last("ping");
+  second.receive({ type: "pong", ref: ping.ref, t: ping.t, server_time: Date.now() });
+  await until(() => second.sent("join").length === 3, "hq joined again");
+  assert.deepEqual(second.last("join").room, "hq");
+  assert.deepEqual(second.last("join").meta, { name: "Ann" });
+  client.close();
+});
+
+test("client: a resumed room's state read right after the welcome (same tick) is taken", async () => {
+  const events = [];
+  const { client, first } = await joinedHq(events);
+  events.length = 0;
+  first.drop(1006);
+  await until(() => FakeSocket.all.length === 2 && FakeSocket.all[1].sent("hello").length === 1);
+  const second = FakeSocket.all[1];
+  const hello = second.last("hello");
+  // Both frames in one read, as a socket library may deliver them: no await in between.
+  second.receive({ type: "welcome", ref: hello.ref, session: "S1", user: "ann", ...resumable("R2", true) });
+  second.receive({ type: "state", ref: null, room: "hq", presences: { ann: [s("S1", { name: "Ann" })] } });
+  await until(() => client.status === "connected", "connected");
+  const ping = second.last("ping");
+  second.receive({ type: "pong", ref: ping.ref, t: ping.t, server_time: Date.now() });
+  await sleep(10);
+  assert.deepEqual(second.sent("join"), [], "the state was not missed");
+  assert.deepEqual(events, [["leave", "bob", ["b1"]]]);
+  client.update("hq", { x: 3 });
+  assert.deepEqual(second.last("update").meta, { x: 3 }, "the room is live");
+  client.close();
 });
