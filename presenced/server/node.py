@@ -325,6 +325,7 @@ class Node:
                 self.apply(self.state.set_up(replica, True), immediate=True)
                 if self.gossip is not None:
                     self.gossip.request_digests()
+                    self.gossip.replica_up(replica)
             elif status == DOWN:
                 log.warning("replica %s is down: its users leave every room", replica)
                 self.apply(self.state.set_up(replica, False), immediate=True)
