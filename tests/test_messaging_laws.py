@@ -12,6 +12,9 @@ After a quiet phase (healed, every daemon running, every user online) it checks:
 3. **Order per pair:** within one session, the reliable messages of one sender arrive in
    the order they were sent.
 4. The origin stores are empty: every stored message was confirmed.
+5. **Every send is answered in time:** every ``send`` whose session stayed connected got its
+   first answer (``delivered``, ``stored`` or an ``error``) within ``FAST_ANSWER_S``, whatever
+   the network did meanwhile.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 import presenced.testing.cluster as cluster_module
+from presenced.core.answers import FAST_ANSWER_S
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
 
@@ -84,6 +88,12 @@ class World:
     counters: dict[tuple[str, str], int] = attrs.field(factory=dict)
     #: (sending client, ref, recipient) of reliable sends, to find their `stored` replies
     reliable: list[tuple[FakeClient, int, str]] = attrs.field(factory=list)
+    #: (sending client, ref, virtual time) of every send
+    sends: list[tuple[FakeClient, int, float]] = attrs.field(factory=list)
+    #: client -> virtual time of its first answer per ref
+    answers: dict[FakeClient, dict[int, float]] = attrs.field(factory=dict)
+    #: client -> virtual time it was disconnected (or its daemon crashed)
+    gone: dict[FakeClient, float] = attrs.field(factory=dict)
 
     def peers_of(self, name: str) -> list[str]:
         return [b for a, b in TOPOLOGIES[self.topology] if a == name]
@@ -97,6 +107,15 @@ class World:
     def go_online(self, user: str, name: str) -> None:
         self.go_offline(user)
         client = self.cluster.client(name, user)
+        self.answers[client] = first = {}
+        receive = client._receive
+
+        def timed(message: dict[str, Any]) -> None:
+            if message["type"] in ("delivered", "stored", "error") and "ref" in message:
+                first.setdefault(message["ref"], trio.current_time())
+            receive(message)
+
+        client._receive = timed  # type: ignore[method-assign]
         client.join("hq")
         self.online[user] = (name, client)
         self.clients.append(client)
@@ -105,12 +124,15 @@ class World:
         where = self.online.pop(user, None)
         if where is not None and self.running(where[0]):
             where[1].disconnect()
+        if where is not None:
+            self.gone.setdefault(where[1], trio.current_time())
 
     def crash(self, name: str) -> None:
         self.cluster.crash(name)
-        for user, (where, _) in list(self.online.items()):
+        for user, (where, client) in list(self.online.items()):
             if where == name:
                 del self.online[user]
+                self.gone.setdefault(client, trio.current_time())
 
 
 async def run_step(world: World, step: tuple[Any, ...]) -> None:
@@ -123,6 +145,7 @@ async def run_step(world: World, step: tuple[Any, ...]) -> None:
         count = world.counters[(sender, recipient)] = world.counters.get((sender, recipient), 0) + 1
         mode = "reliable" if step[3] else "fast"
         ref = where[1].send_to(recipient, {"from": sender, "n": count}, mode)
+        world.sends.append((where[1], ref, trio.current_time()))
         if mode == "reliable":
             world.reliable.append((where[1], ref, recipient))
     elif kind == "move":
@@ -159,6 +182,8 @@ class Observed:
     #: per session: (user, [message frames in arrival order])
     shown: list[tuple[str, list[dict[str, Any]]]]
     pending_left: dict[str, int]
+    #: sends of sessions still connected FAST_ANSWER_S later, with no answer by then
+    unanswered: list[tuple[str, int]]
 
 
 def run(topology: str, seed: int, program: list[tuple[Any, ...]], data_root: Path) -> Observed:
@@ -197,6 +222,12 @@ def run(topology: str, seed: int, program: list[tuple[Any, ...]], data_root: Pat
                     name: world.cluster.node(name).messenger.store.pending_total()  # type: ignore[union-attr]
                     for name in NAMES
                 },
+                [
+                    (client.user, ref)
+                    for client, ref, at in world.sends
+                    if world.gone.get(client, float("inf")) > at + FAST_ANSWER_S
+                    and world.answers[client].get(ref, float("inf")) > at + FAST_ANSWER_S
+                ],
             )
             nursery.cancel_scope.cancel()
         return observed
@@ -223,9 +254,12 @@ def check(observed: Observed) -> None:
             f"stored message {message_id} for {recipient} was never shown"
         )
     assert observed.pending_left == dict.fromkeys(NAMES, 0)
+    assert not observed.unanswered, f"sends never answered in time: {observed.unanswered}"
 
 
 @settings(PROFILE)
+# A fast copy in flight when a partition cuts its path: answered only by its deadline.
+@example(topology="line", seed=0, program=[("send", 2, 0, False), ("partition", {0, 1})])
 @given(
     topology=st.sampled_from(sorted(TOPOLOGIES)), seed=st.integers(0, 2**32 - 1), program=programs
 )

@@ -12,6 +12,7 @@ import trio
 from store_helpers import deny_commit
 
 from presenced.core import peer_wire as wire
+from presenced.core.answers import FAST_ANSWER_S
 from presenced.server.messaging import COMMIT_INTERVAL, HOP_LIMIT
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
@@ -283,7 +284,7 @@ async def test_fetch_pulls_pending_messages_without_joining_a_room(
         ref = bob.fetch()
         await cluster.settle(2)
         [done] = bob.received("fetched", ref=ref)
-        assert done == {"type": "fetched", "ref": ref, "count": 1, "remaining": 0}
+        assert done == {"type": "fetched", "ref": ref, "count": 1, "remaining": 0, "complete": True}
         assert sorted(texts(bob)) == ["ann0", "ann1", "ann2", "cat0"]
         nursery.cancel_scope.cancel()
 
@@ -443,4 +444,71 @@ async def test_an_idle_messenger_sweeps_only_while_something_can_time_out(
         sweeps.clear()
         await trio.sleep(10)  # delivered and confirmed: nothing left to time out
         assert len(sweeps) <= 1
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------- answers in bounded time
+
+
+def answer_times(client: FakeClient) -> dict[int, float]:
+    """ref -> virtual time of the first answer (``delivered`` or ``error``) the client gets."""
+    first: dict[int, float] = {}
+    receive = client._receive
+
+    def timed(message: dict[str, object]) -> None:
+        ref = message.get("ref")
+        if message["type"] in ("delivered", "error") and isinstance(ref, int):
+            first.setdefault(ref, trio.current_time())
+        receive(message)
+
+    client._receive = timed  # type: ignore[method-assign]
+    return first
+
+
+async def test_every_fast_send_over_a_blackholed_link_is_answered_in_time(
+    autojump_clock: object,
+) -> None:
+    """a — b is blackholed (not reset: writes succeed, nothing arrives) until the link times
+    out; fast messages sent meanwhile get ``timeout`` within FAST_ANSWER_S, the rest
+    ``delivered``; reliable ones sent meanwhile are retransmitted around the hole."""
+    async with trio.open_nursery() as nursery:
+        net = SimNetwork(seed=31, latency=0.02)
+        cluster = Cluster(nursery, net)
+        await cluster.start("a")
+        await cluster.start("b", peers=["a"])
+        await cluster.start("c", peers=["a", "b"])
+        await cluster.settle(3)
+        ann = cluster.client("a", "ann")
+        bob = cluster.client("b", "bob")
+        bob.join("r")
+        await cluster.settle(1)
+        assert cluster.node("a").gossip.routes.path("b") == ("a", "b")  # type: ignore[union-attr]
+        answered = answer_times(ann)
+        net.set_loss("a", "b", 1.0)
+        sent_at: dict[int, float] = {}
+        reliable = []
+        for i in range(60):
+            sent_at[ann.send_to("bob", {"text": f"f{i}"})] = trio.current_time()
+            if i % 10 == 0:
+                reliable.append(ann.send_to("bob", {"text": f"r{i}"}, mode="reliable"))
+            await trio.sleep(0.05)
+        await cluster.settle(FAST_ANSWER_S + 5)
+        late = {
+            ref: answered.get(ref, float("inf")) - at
+            for ref, at in sent_at.items()
+            if answered.get(ref, float("inf")) - at > FAST_ANSWER_S + 0.01
+        }
+        assert not late, f"fast sends answered late or never: {late}"
+        codes = {m["code"] for m in ann.received("error")}
+        assert codes == {"timeout"}  # the ones that fell into the hole, and only those
+        timed_out = {m["ref"] for m in ann.received("error")}
+        delivered = {m["ref"] for m in ann.received("delivered")} & set(sent_at)
+        assert timed_out and delivered and timed_out | delivered == set(sent_at)
+        assert [t for t in texts(bob) if t.startswith("f")] == [
+            f"f{i}" for i in range(60) if ann.received("delivered", ref=list(sent_at)[i])
+        ]
+        # Reliable messages: stored at once, then delivered around the hole, in order.
+        assert [m["ref"] for m in ann.received("stored")] == reliable
+        assert [t for t in texts(bob) if t.startswith("r")] == [f"r{i}" for i in range(0, 60, 10)]
+        assert set(reliable) <= {m["ref"] for m in ann.received("delivered")}
         nursery.cancel_scope.cancel()

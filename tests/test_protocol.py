@@ -84,6 +84,8 @@ def test_error_codes_are_stable() -> None:
         "hop_limit",
         "store_full",
         "expired",
+        "timeout",
+        "unavailable",
     }
     assert expected == p.ERROR_CODES
     assert p.BAD_REQUEST == "bad_request"
@@ -1109,8 +1111,24 @@ def test_direct_message_frame() -> None:
 
 
 def test_fetched_frame() -> None:
-    _same_frame(p.fetched(3, 12, 0), '{"type": "fetched", "ref": 3, "count": 12, "remaining": 0}')
-    assert p.fetched(None, 0, 7) == {"type": "fetched", "count": 0, "remaining": 7}
+    _same_frame(
+        p.fetched(3, 12, 0),
+        '{"type": "fetched", "ref": 3, "count": 12, "remaining": 0, "complete": true}',
+    )
+    assert p.fetched(None, 0, 7) == {
+        "type": "fetched",
+        "count": 0,
+        "remaining": 7,
+        "complete": True,
+    }
+    assert p.fetched(4, 2, 0, complete=False, retry_after_ms=1000) == {
+        "type": "fetched",
+        "ref": 4,
+        "count": 2,
+        "remaining": 0,
+        "complete": False,
+        "retry_after_ms": 1000,
+    }
 
 
 # Property tests for the new frames.

@@ -60,9 +60,11 @@ __all__ = [
     "RELIABLE",
     "SERVER_BUSY",
     "STORE_FULL",
+    "TIMEOUT",
     "TOO_LARGE",
     "TOO_MANY_ROOMS",
     "UNAUTHORIZED",
+    "UNAVAILABLE",
     "UNREACHABLE",
     "UNSUPPORTED_VERSION",
     "Broadcast",
@@ -119,6 +121,8 @@ UNREACHABLE: Final = "unreachable"
 HOP_LIMIT: Final = "hop_limit"
 STORE_FULL: Final = "store_full"
 EXPIRED: Final = "expired"
+TIMEOUT: Final = "timeout"
+UNAVAILABLE: Final = "unavailable"
 
 ERROR_CODES: Final = frozenset(
     {
@@ -138,6 +142,8 @@ ERROR_CODES: Final = frozenset(
         HOP_LIMIT,
         STORE_FULL,
         EXPIRED,
+        TIMEOUT,
+        UNAVAILABLE,
     }
 )
 
@@ -905,9 +911,20 @@ def direct_message(
     return out
 
 
-def fetched(ref: Ref, count: int, remaining: int) -> dict[str, Any]:
-    """The end of a ``fetch``: how many messages it delivered and how many are still pending."""
+def fetched(
+    ref: Ref,
+    count: int,
+    remaining: int,
+    *,
+    complete: bool = True,
+    retry_after_ms: int | None = None,
+) -> dict[str, Any]:
+    """The end of a ``fetch``: how many messages it delivered, how many are still pending,
+    and whether every daemon that could hold some answered (else: when to try again)."""
     out = _with_ref("fetched", ref)
     out["count"] = count
     out["remaining"] = remaining
+    out["complete"] = complete
+    if retry_after_ms is not None:
+        out["retry_after_ms"] = retry_after_ms
     return out

@@ -55,9 +55,16 @@ depends on a write waits for that commit:
 * Expiry, pruning and sweeps commit the open batch first, so nothing is ever sent from a
   row that is not durable; :meth:`MessageStore.is_committed` guards :meth:`_push` too.
 
+Every ``send`` is answered: a fast copy is never retransmitted, so one lost on a link that
+silently stopped carrying traffic would leave its sender with nothing. The origin keeps each
+fast (message, recipient) until its first ``delivered`` or error, and answers ``timeout``
+itself after :data:`~presenced.core.answers.FAST_ANSWER_S` (one table, swept by the run
+loop at the oldest deadline: no task or timer per message). The asking side of ``fetch``
+lives in :mod:`presenced.server.fetches`.
+
 Everything here is synchronous except :meth:`Messenger.run` (group commits, retransmissions,
-expiry, fetch timeouts): handlers run on the event loop thread and never wait, like the rest
-of the node.
+expiry, fetch and fast-send deadlines): handlers run on the event loop thread and never
+wait, like the rest of the node.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ import trio
 
 from presenced.core import peer_wire as wire
 from presenced.core import protocol
+from presenced.core.answers import FAST_ANSWER_S, Deadlines
+from presenced.server.fetches import Fetches
 from presenced.server.message_store import MessageStore, StoredMessage, StoreError, StoreFull
 from presenced.server.websocket import message_frame
 
@@ -98,8 +107,6 @@ MAX_RECENT = 100_000
 MAX_SEEN = 200_000
 #: Reliable copies in flight per recipient (the rest follow as these are confirmed).
 WINDOW = 256
-#: Seconds a fetch waits for the other daemons' answers.
-PULL_TIMEOUT = 3.0
 #: Seconds between expiry passes over the store.
 EXPIRE_INTERVAL = 60.0
 #: Seconds from the first store write of a batch to its commit (one node tick): everything
@@ -119,6 +126,8 @@ class _Sender:
     expires: float
     #: (recipient, region) pairs already confirmed: one ``delivered`` each.
     confirmed: set[tuple[str, str]] = attrs.field(factory=set)
+    #: Fast recipients already answered ``timeout``: a later error is not sent too.
+    timed_out: set[str] = attrs.field(factory=set)
 
 
 @attrs.define
@@ -140,20 +149,6 @@ class _Delivered:
     sender: str
     recipients: set[str]
     read_by: set[str] = attrs.field(factory=set)
-
-
-@attrs.define
-class _Fetch:
-    """A fetch in progress on this daemon."""
-
-    conn: ClientConnection
-    ref: protocol.Ref
-    user: str
-    limit: int
-    waiting: set[str]
-    deadline: float
-    count: int = 0
-    remaining: int = 0
 
 
 def _evict_oldest(table: dict[Any, Any], limit: int) -> None:
@@ -185,7 +180,10 @@ class Messenger:
         self._attempts: dict[tuple[str, str], int] = {}
         self._seen: dict[tuple[Any, ...], str] = {}
         self._recent: dict[str, _Delivered] = {}
-        self._fetches: dict[str, _Fetch] = {}
+        self.fetches = Fetches(self)
+        #: Fast (message id, recipient) -> sending user, until the first delivered or error
+        #: (else ``timeout``, see :mod:`presenced.core.answers`).
+        self._fast: Deadlines[tuple[str, str], str] = Deadlines(FAST_ANSWER_S, MAX_SENDERS)
         #: Recipients with pending messages in the store (mirrors it; checked per presence join).
         self.pending_users: set[str] = set(store.pending_recipients())
         self._to_pump: set[str] = set(self.pending_users)
@@ -235,6 +233,9 @@ class Messenger:
                     message_id, conn.user, user, protocol.NOT_ONLINE, f"{user} is not online"
                 )
                 continue
+            # Before the copies leave: a copy for this daemon is answered at once.
+            self._time_out_fast(self._fast.add((message_id, user), conn.user, now))
+            self._sweep_soon()
             for dest in nodes:
                 self._route(
                     wire.Direct(
@@ -281,24 +282,14 @@ class Messenger:
         )
 
     def fetch(self, conn: ClientConnection, message: protocol.Fetch) -> None:
-        """Ask every reachable daemon (this one too) for this user's pending messages."""
-        request = f"{self._id_prefix}.f{next(self._ids)}"
-        peers = self.node.gossip
-        others = set(peers.routes.reachable()) if peers is not None else set()
-        state = _Fetch(
-            conn,
-            message.ref,
-            conn.user,
-            message.limit,
-            others | {self.name},
-            self.node.clock() + PULL_TIMEOUT,
-        )
-        self._fetches[request] = state
+        """Ask every daemon that may hold this user's pending messages (this one too); see
+        :mod:`presenced.server.fetches` for when it answers, and what."""
+        self.fetches.start(f"{self._id_prefix}.f{next(self._ids)}", conn, message)
         self._sweep_soon()
-        for dest in sorted(others | {self.name}):
-            self._route(
-                wire.Pull(request, self.name, dest, HOP_LIMIT, conn.user, message.limit), None
-            )
+
+    def pull(self, request: str, dest: str, user: str, limit: int) -> None:
+        """Send one fetch's ``pull`` to ``dest`` (this daemon's own is handled at once)."""
+        self._route(wire.Pull(request, self.name, dest, HOP_LIMIT, user, limit), None)
 
     # ------------------------------------------------------------------ presence and routes
 
@@ -362,7 +353,7 @@ class Messenger:
         elif isinstance(message, wire.Pull):
             self._on_pull(message)
         else:
-            self._on_pulled(message)
+            self.fetches.on_pulled(message)
 
     def _receipt(self, message: wire.Direct, kind: str, code: str = "") -> wire.Receipt:
         return wire.Receipt(
@@ -386,7 +377,7 @@ class Messenger:
         if not conns:
             self._route(self._receipt(message, wire.ERROR, protocol.NOT_ONLINE), None)
             return
-        fetch = self._fetches.get(message.pull) if message.pull else None
+        fetch = self.fetches.get(message.pull) if message.pull else None
         if message.reliable:
             last = self.store.last_delivered(message.origin, message.sender, message.to)
             if message.seq <= last:  # shown before: confirm again, do not show twice
@@ -472,6 +463,8 @@ class Messenger:
         key = (receipt.id, receipt.to)
         pending = self.store.get(receipt.id, receipt.to)
         kind = receipt.kind
+        if kind != wire.READ:
+            self._fast.answered(key)
         if kind == wire.DELIVERED:
             if pending is not None:
                 self._batch()
@@ -514,8 +507,11 @@ class Messenger:
                 log.debug("reliable message %s to %s: %s", receipt.id, receipt.to, receipt.code)
         elif kind == wire.ERROR:
             sender = self._senders.get(receipt.id)
-            if sender is not None and any(to == receipt.to for to, _ in sender.confirmed):
-                return  # delivered elsewhere already
+            if sender is not None and (
+                receipt.to in sender.timed_out
+                or any(to == receipt.to for to, _ in sender.confirmed)
+            ):
+                return  # delivered elsewhere already, or answered by its timeout
             code = receipt.code if receipt.code in protocol.ERROR_CODES else protocol.INTERNAL
             self._tell_sender_error(
                 receipt.id, receipt.sender, receipt.to, code, _ERROR_TEXT.get(code, code)
@@ -585,39 +581,30 @@ class Messenger:
             None,
         )
 
-    def _on_pulled(self, pulled: wire.Pulled) -> None:
-        fetch = self._fetches.get(pulled.id)
-        if fetch is None or pulled.origin not in fetch.waiting:
-            return
-        fetch.waiting.discard(pulled.origin)
-        fetch.remaining += pulled.remaining
-        if not fetch.waiting:
-            self._finish_fetch(pulled.id)
-
-    def _finish_fetch(self, request: str) -> None:
-        fetch = self._fetches.pop(request)
-        if fetch.conn in self.node.connections:
-            fetch.conn.send(protocol.fetched(fetch.ref, fetch.count, fetch.remaining))
-
     # ------------------------------------------------------------------ background work
 
     async def run(self) -> None:
-        """Group commits, retransmissions, deliveries to users who appeared, fetch timeouts,
-        expiry.
+        """Group commits, retransmissions, deliveries to users who appeared, fetch and
+        fast-send deadlines, expiry.
 
         When cancelled (shutdown or crash) an open batch is not committed: the store's close
         throws it away, like a ``kill -9``, and nobody was told anything that relied on it. A
         graceful shutdown loses nothing by it: this task commits as usual while the clients
         are being closed, and is cancelled only after that.
         """
+        self.fetches.started_at = self.node.clock()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)
             next_expiry = self.node.clock()
             while True:
                 # Nothing that times out: sleep until the expiry pass (or a wake-up), not
-                # twice a second (each a wake-up of the whole daemon).
+                # twice a second (each a wake-up of the whole daemon). Answer deadlines
+                # (fast sends, fetches) are kept to the moment, not to the next sweep.
                 self._sweeping = self._sweep_due()
                 timeout = SWEEP_INTERVAL if self._sweeping else next_expiry - self.node.clock()
+                for deadline in (self._fast.next_deadline(), self.fetches.next_deadline()):
+                    if deadline is not None:
+                        timeout = min(timeout, deadline - self.node.clock())
                 with trio.move_on_after(max(0.0, timeout)):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
@@ -698,7 +685,7 @@ class Messenger:
         """Whether anything waits on the sweep: a retransmission, a recipient to pump, a
         fetch's deadline. (Senders to forget can wait for the expiry pass: they are kept
         600 s anyway, and their number is bounded.)"""
-        return bool(self._inflight or self._to_pump or self._fetches)
+        return bool(self._inflight or self._to_pump or self.fetches or self._fast)
 
     def _sweep_soon(self) -> None:
         """Something the sweep must time out was added: restart the sweeps if they sleep."""
@@ -716,13 +703,30 @@ class Messenger:
         to_pump, self._to_pump = self._to_pump, set()
         for user in sorted(to_pump & self.pending_users):
             self._pump(user)
-        for request, fetch in list(self._fetches.items()):
-            if fetch.deadline <= now:
-                self._finish_fetch(request)
+        self.fetches.sweep(now)
+        self._time_out_fast(self._fast.due(now))
         for message_id, sender in list(self._senders.items()):
             if sender.expires > now:
                 break
             del self._senders[message_id]
+
+    def _time_out_fast(self, due: list[tuple[tuple[str, str], str]]) -> None:
+        """Fast messages with no answer for a recipient in time: tell the sender ``timeout``
+        (a copy may still arrive: a late ``delivered`` is passed on, a late error is not)."""
+        for (message_id, to), user in due:
+            sender = self._senders.get(message_id)
+            if sender is not None:
+                if any(recipient == to for recipient, _ in sender.confirmed):
+                    continue
+                sender.timed_out.add(to)
+            self._tell_sender_error(
+                message_id,
+                user,
+                to,
+                protocol.TIMEOUT,
+                f"no answer from {to}'s daemon within {self._fast.timeout_s:g} s; "
+                "the message may or may not have arrived",
+            )
 
     def expire(self) -> None:
         """Drop reliable messages older than the store's max age, telling their senders."""
@@ -747,7 +751,8 @@ class Messenger:
             "pending_recipients": len(self.pending_users),
             "pending_messages": self.store.pending_total(),
             "in_flight": len(self._inflight),
-            "fetches": len(self._fetches),
+            "fetches": len(self.fetches),
+            "fast_unanswered": len(self._fast),
         }
 
 

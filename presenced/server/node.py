@@ -373,6 +373,7 @@ class Node:
                 self.apply(self.state.show(replica, transition.clock), immediate=True)
                 if self.gossip is not None:
                     self.gossip.request_digests()
+                    self.gossip.replica_up(replica)
             elif status == DOWN:
                 log.warning("replica %s is down: its users leave every room", replica)
                 self.apply(self.state.hide(replica), immediate=True)

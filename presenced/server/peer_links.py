@@ -76,6 +76,7 @@ import trio
 from presenced.core import peer_wire as wire
 from presenced.core.crdt import DeltaError, ReplicaId
 from presenced.core.liveness import DOWN, PURGED, RETIRED
+from presenced.core.redial import Redial
 from presenced.core.routing import LinkState, RouteTable
 from presenced.server.alarm import open_alarm
 from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
@@ -104,10 +105,22 @@ class GossipSettings:
     ping_interval: float = 2.0
     link_timeout: float = 2.5
     handshake_timeout: float = 5.0
+    #: Redial backoff (:class:`presenced.core.redial.Redial`): from 0.2 s, doubling, at most
+    #: 1 s between attempts, so a listener that restarts is redialled within a second (one
+    #: TCP connect a second to a dead peer is no storm).
     backoff_initial: float = 0.2
-    backoff_max: float = 10.0
+    backoff_max: float = 1.0
     #: Routed messages queued on one link before more are dropped (retransmission repairs).
     max_queued: int = 10_000
+
+
+@attrs.define
+class _Dialer:
+    """One dialled URL: the peer's node once a link told it, and the wake-up that ends its
+    backoff wait early."""
+
+    node: str | None = None
+    hurry: trio.Event = attrs.field(factory=trio.Event)
 
 
 class LinkRefused(Exception):
@@ -579,6 +592,9 @@ class PeerManager:
         self._rng = rng or random.Random()
         self._seen_broadcasts: dict[str, None] = {}
         self._link_gone: dict[str, trio.Event] = {}
+        #: Per dialled URL: the peer's node name once known, and the event that ends its
+        #: backoff wait early (:meth:`replica_up`).
+        self._dialers: dict[str, _Dialer] = {}
         self._nursery: trio.Nursery | None = None
         self.routes = RouteTable(node.replica.node, node.replica.incarnation)
         node.gossip = self
@@ -603,27 +619,63 @@ class PeerManager:
         await self._run_link(channel, dialed=False)
 
     async def _dial_forever(self, url: str) -> None:
-        delay = self.settings.backoff_initial
-        remote_node: str | None = None
+        """Keep a link to ``url``: dial, run the link, and after it ends (or a dial fails)
+        dial again after the backoff (:class:`Redial`), or sooner when :meth:`replica_up`
+        hears that the peer is alive."""
+        settings = self.settings
+        backoff = Redial(settings.backoff_initial, settings.backoff_max)
+        dialer = self._dialers[url] = _Dialer()
+        failures = 0
         while True:
+            remote_node = dialer.node
             if remote_node is not None and remote_node in self.links:
                 # Already linked (the peer dialed us): wait until that link ends.
                 await self._link_gone.setdefault(remote_node, trio.Event()).wait()
                 continue
+            attempted_at = self.node.clock()
             try:
                 channel = await self.transport.dial(url)
             except ValueError as exc:
                 log.error("cannot dial peer %s: %s; not trying it again", url, exc)
                 return
             except (OSError, ChannelClosed, trio.TooSlowError) as exc:
-                log.info("cannot reach peer %s: %s", url, exc or type(exc).__name__)
+                # Once per outage at info: with attempts every second, more is noise.
+                failures += 1
+                log.log(
+                    logging.INFO if failures == 1 else logging.DEBUG,
+                    "cannot reach peer %s: %s%s",
+                    url,
+                    exc or type(exc).__name__,
+                    "; trying again every second or so" if failures == 1 else "",
+                )
             else:
                 name = await self._run_link(channel, dialed=True)
                 if name is not None:
-                    remote_node = name
-                    delay = self.settings.backoff_initial  # it worked: redial quickly
-            await trio.sleep(delay * (0.5 + self._rng.random()))
-            delay = min(delay * 2, self.settings.backoff_max)
+                    dialer.node = name
+                    failures = 0
+                    backoff.reset()  # it worked: redial quickly
+            dialer.hurry = trio.Event()
+            with trio.move_on_after(backoff.next_wait(self._rng.random())):
+                await dialer.hurry.wait()
+            if dialer.hurry.is_set():
+                since = self.node.clock() - attempted_at
+                await trio.sleep(backoff.hurried_wait(since))
+
+    def replica_up(self, replica: ReplicaId) -> None:
+        """A replica came up (news through gossip): a dialer of that node (or of a URL whose
+        node is not known yet) with no link to it ends its backoff wait and dials now. This
+        is what brings a restarted listener's dialers back at once once one of them, or a
+        third daemon, has reached it. The heartbeat table goes out on every link with the
+        digests the transition asked for, not at the next heartbeat: a peer merges a
+        replica's records only once it knows that replica is up, so this is how far the
+        news of a restart travels in one link delay per hop."""
+        for link in self.links.values():
+            link._beat_due = True  # (rides on the digest request_digests just woke it for)
+        if replica.node in self.links or replica.node == self.node.replica.node:
+            return
+        for dialer in self._dialers.values():
+            if dialer.node in (None, replica.node):
+                dialer.hurry.set()
 
     async def _run_link(self, channel: PeerChannel, *, dialed: bool) -> str | None:
         """Handshake and run one link until it ends; returns the peer's node name."""
