@@ -713,13 +713,18 @@ export class PresenceClient {
 
   /**
    * Pull pending reliable messages now (they arrive through `onMessage` first).
+   * `complete` is false when some daemon that may hold messages could not be asked yet:
+   * fetch again after `retryAfterMs`. A fetch that found nothing and could not ask everyone
+   * rejects with code `unavailable` instead of resolving to an empty answer.
    * @param {number} [limit] 1..500
-   * @returns {Promise<{count: number, remaining: number}>}
+   * @returns {Promise<{count: number, remaining: number, complete: boolean, retryAfterMs?: number}>}
    */
   async fetch(limit = 100) {
     await this.ready;
     const reply = await this._request({ type: "fetch", limit });
-    return { count: reply.count, remaining: reply.remaining };
+    const answer = { count: reply.count, remaining: reply.remaining, complete: reply.complete !== false };
+    if (reply.retry_after_ms !== undefined) answer.retryAfterMs = reply.retry_after_ms;
+    return answer;
   }
 
   // ----------------------------------------------------------------- misc

@@ -387,8 +387,16 @@ test("client: direct messages, receipts, dedup, fetch", async () => {
   await until(() => socket.sent("fetch").length === 1, "fetch");
   const f = socket.last("fetch");
   assert.equal(f.limit, 10);
-  socket.receive({ type: "fetched", ref: f.ref, count: 0, remaining: 0 });
-  assert.deepEqual(await fetching, { count: 0, remaining: 0 });
+  socket.receive({ type: "fetched", ref: f.ref, count: 0, remaining: 0, complete: true });
+  assert.deepEqual(await fetching, { count: 0, remaining: 0, complete: true });
+  // an incomplete answer says so, with when to ask again
+  const partial = client.fetch(10);
+  await until(() => socket.sent("fetch").length === 2, "second fetch");
+  socket.receive({
+    type: "fetched", ref: socket.last("fetch").ref, count: 3, remaining: 0,
+    complete: false, retry_after_ms: 500,
+  });
+  assert.deepEqual(await partial, { count: 3, remaining: 0, complete: false, retryAfterMs: 500 });
   client.close();
 });
 
