@@ -14,10 +14,12 @@ import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from test_cli_process import daemon_process
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.frame_protocol import XorMaskerSimple
@@ -291,3 +293,16 @@ async def test_frames_sent_behind_the_upgrade_request_are_read(start_daemon) -> 
     welcome = await raw.next_message()
     assert welcome["type"] == "welcome" and welcome["user"] == "eager"
     await raw.aclose()
+
+
+async def test_the_close_reaches_a_flooder_of_a_daemon_process(tmp_path: Path) -> None:
+    """Closing a socket with unread input resets it, and the reset throws away what the
+    client had not read yet (seen with the daemon in a process of its own): the daemon reads
+    (and ignores) the rest first, so the flooder learns why it was closed."""
+    async with daemon_process(tmp_path, "--allow-anonymous") as (_, port):
+        for _ in range(3):
+            flooder = await Raw.open(port, "flooder")
+            await send_ignoring_close(flooder, client_frame(PING, b"") * 20_000)
+            await trio.sleep(0.2)  # the daemon has closed it by now
+            assert await flooder.errors_then_close() == (["rate_limited"], 1008)
+            await flooder.aclose()

@@ -69,6 +69,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 MAX_FRAGMENTS = 64
 #: Pieces of a message held before they are joined (a frame may arrive a few bytes a read).
 _JOIN_PIECES = 64
+#: Closes for what a client sent (it may still be sending), and how much more is read then.
+_CLIENT_FAULTS = frozenset({1002, 1007, CLOSE_POLICY, CLOSE_TOO_BIG})
+_DRAIN_BYTES = 1 << 20
 #: Empty tick-boundary reads after which a paced connection is read as data arrives again.
 PACED_IDLE_TICKS = 8
 
@@ -238,8 +241,21 @@ class ClientConnection:
                 if data:
                     with trio.move_on_after(1), contextlib.suppress(*_GONE):
                         await self.stream.send_all(data)
+                        if self._close is not None and self._close[0] in _CLIENT_FAULTS:
+                            await self._drain_input()
             with trio.move_on_after(1):
                 await self.stream.aclose()
+
+    async def _drain_input(self) -> None:
+        """After a close for what the client sent: end our side, and read (and ignore) what
+        the client still sends, until it hangs up or ``_DRAIN_BYTES``. A socket closed with
+        unread input is reset, and the reset makes the client's kernel throw away what the
+        client had not read yet: the error and the close frame that say why."""
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+        drained = 0
+        while drained < _DRAIN_BYTES and (data := await self.stream.receive_some(RECEIVE_BYTES)):
+            drained += len(data)
 
     # ------------------------------------------------------------------ reading
 
