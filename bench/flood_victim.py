@@ -9,8 +9,9 @@ long each update took to reach it. That runs for ``--seconds`` alone, then for `
 beside a flooder: a connection that says hello and then sends WebSocket pings (20,000 in one
 write, then more in writes of 1,000) without ever reading. When the daemon closes it, the
 flooder connects again after ``--reconnect-ms`` and floods again. Everything is bounded by
-the two phases. Reported: p50, p99 and max of the victim's latency in each phase, and how
-often the daemon closed the flooder (and with which code).
+the two phases. Reported: p50, p99 and max of the victim's latency in each phase, how many
+flooder connections there were, and the client closes the daemon counted, by code (from its
+/metrics).
 
 The clients are written from docs/protocol.md on wsproto (not presenced/client.py), in this
 one process; the daemon runs in its own.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,6 @@ class Bench:
         self.port = port
         self.interval_s = interval_s
         self.latencies_ms: list[float] = []
-        self.closes: dict[int, int] = {}
         self.floods = 0
 
     async def victim(self, client: Client) -> None:
@@ -99,6 +99,8 @@ class Bench:
                     if message.get("type") == "diff":
                         for entry in message["updates"].get("mover", []):
                             self.latencies_ms.append((now - entry["meta"]["t"]) * 1000)
+                elif isinstance(event, Ping):  # a daemon's liveness probe, answered
+                    await client.stream.send_all(client.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     raise RuntimeError(f"the victim was closed: {event.code}")
 
@@ -118,13 +120,8 @@ class Bench:
                     await client.stream.send_all(more)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-            code = None
-            while code is None:  # what it said before hanging up
-                for event in await client.events():
-                    if isinstance(event, CloseConnection):
-                        code = event.code
-                        break
-            self.closes[code] = self.closes.get(code, 0) + 1
+            while not any(isinstance(e, CloseConnection) for e in await client.events()):
+                pass  # what it said before hanging up
             await client.stream.aclose()
             await trio.sleep(reconnect_s)
 
@@ -136,6 +133,21 @@ class Bench:
             await trio.sleep(seconds)
             nursery.cancel_scope.cancel()
         return self.latencies_ms
+
+
+async def client_closes(http_port: int) -> dict[str, int]:
+    """``presenced_client_closes_total`` by code, from the daemon's /metrics."""
+    stream = await trio.open_tcp_stream("127.0.0.1", http_port)
+    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = b""
+    while chunk := await stream.receive_some(1 << 16):
+        body += chunk
+    closes = {}
+    for line in body.decode().splitlines():
+        if line.startswith("presenced_client_closes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            closes[labels.split('code="')[1].split('"')[0]] = int(float(value))
+    return closes
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -150,11 +162,11 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     tree = Path(args.daemon_tree).resolve()
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--log-level", "warning",
-         "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--log-level", "error",
+         "--listen", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http_port}"],
         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
     )  # fmt: skip
     try:
@@ -179,7 +191,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 flooded = await bench.phase(args.seconds, True, args.reconnect_ms / 1000)
                 result["beside_flooder"] = summary(flooded)
                 result["flooder_connections"] = bench.floods
-                result["flooder_closes"] = {str(k): v for k, v in sorted(bench.closes.items())}
+                result["client_closes_by_code"] = await client_closes(http_port)
                 nursery.cancel_scope.cancel()
         return result
     finally:
@@ -190,7 +202,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    parser.add_argument("--interval-ms", type=float, default=20.0, help="mover's update period")
+    parser.add_argument("--interval-ms", type=float, default=50.0, help="mover's update period")
     parser.add_argument("--reconnect-ms", type=float, default=500.0, help="flooder's pause")
     parser.add_argument("--daemon-tree", default=str(ROOT), help="checkout the daemon runs from")
     print(json.dumps(trio.run(main, parser.parse_args()), indent=2))

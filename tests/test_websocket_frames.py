@@ -291,3 +291,15 @@ def test_the_guard_leaves_what_wsproto_refuses_to_wsproto() -> None:
         bytes([0x88, 0x80]) + b"mask" + bytes([0x82, 0x80 | 127]) + huge,  # after a close
     ):
         assert FrameGuard(16_384, 64).scan(data) is None
+
+
+def test_the_guard_says_when_a_message_or_frame_is_unfinished() -> None:
+    client, _ = connected()
+    guard = FrameGuard(16_384, 64)
+    first = client.send(TextMessage(data="ab", message_finished=False))
+    ping = client.send(Ping(payload=b"p"))
+    last = client.send(TextMessage(data="cd", message_finished=True))
+    assert guard.scan(first) is None and guard.in_message
+    assert guard.scan(ping) is None and guard.in_message  # a ping inside a message
+    assert guard.scan(last[:3]) is None and guard.in_message  # half a frame
+    assert guard.scan(last[3:]) is None and not guard.in_message

@@ -49,6 +49,12 @@ class FrameGuard:
         self._message_bytes = 0  # payload bytes its frames announced
         self._blind = False  # past a frame wsproto refuses: nothing more is read
 
+    @property
+    def in_message(self) -> bool:
+        """Whether a message has begun and not ended (or the stream is past understanding):
+        then only wsproto may read what comes next."""
+        return self._in_message or self._blind or bool(self._header) or self._skip > 0
+
     def scan(self, data: bytes) -> int | None:
         """Where in ``data`` the header of the first frame over the limits starts (0 if it
         started in an earlier read); None while every frame is within them."""
