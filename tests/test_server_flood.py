@@ -24,6 +24,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.frame_protocol import XorMaskerSimple
 
+from presenced.server.clients import ClientConnection
+
 WAIT = 5
 TEXT, BINARY, CONTINUATION, PING = 0x1, 0x2, 0x0, 0x9
 
@@ -306,3 +308,35 @@ async def test_the_close_reaches_a_flooder_of_a_daemon_process(tmp_path: Path) -
             await trio.sleep(0.2)  # the daemon has closed it by now
             assert await flooder.errors_then_close() == (["rate_limited"], 1008)
             await flooder.aclose()
+
+
+@pytest.mark.parametrize("paced", [False, True], ids=["reader-task", "paced-by-the-ticker"])
+async def test_an_error_reading_one_connection_closes_it_alone(
+    start_daemon, monkeypatch: pytest.MonkeyPatch, paced: bool
+) -> None:
+    """A bug met while reading one client's frames (in its own task, or in the ticker that
+    reads paced clients) closes that connection with 1011; the others keep their updates."""
+    handle_events = ClientConnection._handle_events
+
+    def explode(self: ClientConnection, ws: Any) -> bool:
+        if self.user == "bomb":
+            raise RuntimeError("a bug")
+        return handle_events(self, ws)
+
+    server = await start_daemon()
+    port = server.daemon.client_port
+    async with room(port) as state:
+        bomb = await Raw.open(port, "bomb")
+        if paced:  # its updates make the ticker read it
+            await bomb.send({"type": "join", "room": "r", "ref": 1})
+            assert (await bomb.next_message())["type"] == "state"
+            for x in range(3):
+                await bomb.send({"type": "update", "room": "r", "meta": {"x": x}})
+            with trio.fail_after(WAIT):
+                while "bomb" not in {c.user for c in server.daemon.node.paced}:
+                    await trio.sleep(0.001)
+        monkeypatch.setattr(ClientConnection, "_handle_events", explode)
+        await bomb.stream.send_all(client_frame(PING, b"boom"))  # wsproto's to read
+        assert await bomb.closed() == 1011
+        await state.victim_keeps_receiving()
+        await bomb.aclose()
