@@ -49,6 +49,8 @@ from presenced.server.websocket import (
     accept_websocket,
     close_frame,
     complete_text_messages,
+    drain_input,
+    joined,
     message_frame,
     pong_frame,
 )
@@ -242,20 +244,11 @@ class ClientConnection:
                     with trio.move_on_after(1), contextlib.suppress(*_GONE):
                         await self.stream.send_all(data)
                         if self._close is not None and self._close[0] in _CLIENT_FAULTS:
-                            await self._drain_input()
+                            # Closing with unread input would reset the connection, and a
+                            # reset can lose the close frame before the client reads it.
+                            await drain_input(self.stream, _DRAIN_BYTES)
             with trio.move_on_after(1):
                 await self.stream.aclose()
-
-    async def _drain_input(self) -> None:
-        """After a close for what the client sent: end our side, and read (and ignore) what
-        the client still sends, until it hangs up or ``_DRAIN_BYTES``. A socket closed with
-        unread input is reset, and the reset makes the client's kernel throw away what the
-        client had not read yet: the error and the close frame that say why."""
-        if isinstance(self.stream, trio.abc.HalfCloseableStream):
-            await self.stream.send_eof()
-        drained = 0
-        while drained < _DRAIN_BYTES and (data := await self.stream.receive_some(RECEIVE_BYTES)):
-            drained += len(data)
 
     # ------------------------------------------------------------------ reading
 
@@ -417,11 +410,11 @@ class ClientConnection:
         if not finished:
             self._fragments.append(data)
             if len(self._fragments) >= _JOIN_PIECES:  # a frame trickling in a few bytes a read
-                self._fragments = [_joined(self._fragments)]
+                self._fragments = [joined(self._fragments)]
             return True
         if self._fragments:
             self._fragments.append(data)
-            data = _joined(self._fragments)
+            data = joined(self._fragments)
             self._fragments.clear()
         self._fragment_bytes = 0
         self._on_message(data)
@@ -656,10 +649,3 @@ class ClientConnection:
                 return
             self._sending = False
             self._stalled_since = None
-
-
-def _joined(pieces: list[str | bytes]) -> str | bytes:
-    """The pieces of one message (all text or all binary) as one."""
-    if isinstance(pieces[0], bytes):
-        return b"".join(p for p in pieces if isinstance(p, bytes))
-    return "".join(p for p in pieces if isinstance(p, str))

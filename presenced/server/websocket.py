@@ -177,6 +177,25 @@ def unmask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
     return mixed.to_bytes(size, "big")
 
 
+def joined(pieces: list[str | bytes]) -> str | bytes:
+    """The pieces of one message (all text or all binary) as one."""
+    if isinstance(pieces[0], bytes):
+        return b"".join(p for p in pieces if isinstance(p, bytes))
+    return "".join(p for p in pieces if isinstance(p, str))
+
+
+async def drain_input(stream: trio.abc.Stream, max_bytes: int) -> None:
+    """End our side of ``stream`` and read (and ignore) what the peer still sends, until it
+    hangs up or ``max_bytes``: the polite end of a connection we closed for what the peer
+    sent. A socket closed with unread input is reset, and the reset makes the peer's kernel
+    throw away what the peer had not read yet: the error and close frame that say why."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    drained = 0
+    while drained < max_bytes and (data := await stream.receive_some(RECEIVE_BYTES)):
+        drained += len(data)
+
+
 class HandshakeFailed(Exception):
     """The peer did not complete a valid WebSocket upgrade; the stream is done."""
 
