@@ -263,7 +263,7 @@ def _env(name: str) -> str:
     type=float,
     envvar=_env("max_msg_rate"),
     show_envvar=True,
-    help="Sustained messages per second allowed per connection."
+    help="Sustained messages per second allowed per connection (WebSocket pings count too)."
     f" Default: {_default(Limits, 'max_messages_per_second')}.",
 )
 @click.option(

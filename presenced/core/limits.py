@@ -18,7 +18,7 @@ MAX_NAME_LIMIT = 256
 class Limits:
     """Per-daemon and per-connection limits (all positive)."""
 
-    #: Largest accepted client frame, in bytes (UTF-8 for text frames).
+    #: Largest accepted client message (all its frames), in bytes (UTF-8 for text frames).
     max_frame_bytes: int = 16_384
     #: Largest presence meta, in bytes of its compact JSON encoding.
     max_meta_bytes: int = 2_048
@@ -28,9 +28,11 @@ class Limits:
     max_user_id: int = 128
     #: Rooms one connection may be in at the same time.
     max_rooms_per_connection: int = 32
-    #: Sustained client messages per second per connection (token bucket rate).
+    #: Sustained client messages per second per connection, WebSocket pings and pongs
+    #: included (token bucket rate; see `presenced.core.ratelimit.FloodLimit`).
     max_messages_per_second: float = 200.0
-    #: Token bucket size: how many messages may arrive in a burst.
+    #: Token bucket size: how many messages may arrive in a burst. Twice as many drops
+    #: (refilled at the same rate) are allowed before a flood is closed with 1008.
     message_burst: int = 400
     #: Concurrent client connections per daemon.
     max_connections: int = 20_000

@@ -28,20 +28,19 @@ import contextlib
 import logging
 import os
 import secrets
-import select
 from collections import deque
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 from wsproto import WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from presenced.auth import AuthError, Grant, anonymous_grant, verify_token
 from presenced.core import protocol
+from presenced.core.frame_guard import FrameGuard
 from presenced.core.protocol import ProtocolError
-from presenced.core.ratelimit import TokenBucket
+from presenced.core.ratelimit import FloodLimit, Verdict
 from presenced.core.resume import CLEAN_CLOSE_CODES
 from presenced.server.sessions import configure_keepalive
 from presenced.server.websocket import (
@@ -51,7 +50,10 @@ from presenced.server.websocket import (
     accept_websocket,
     close_frame,
     complete_text_messages,
+    drain_input,
+    joined,
     message_frame,
+    pong_frame,
     whole_control_frames,
 )
 
@@ -72,63 +74,16 @@ _RESUMABLE_CLOSES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER})
 
 #: Most frames one message may be split into (each is held until the message is complete).
 MAX_FRAGMENTS = 64
+#: Pieces of a message held before they are joined (a frame may arrive a few bytes a read).
+_JOIN_PIECES = 64
+#: Closes for what a client sent (it may still be sending), and how much more is read then.
+_CLIENT_FAULTS = frozenset({1002, 1007, CLOSE_POLICY, CLOSE_TOO_BIG})
+_DRAIN_BYTES = 1 << 20
 #: Empty tick-boundary reads after which a paced connection is read as data arrives again.
 PACED_IDLE_TICKS = 8
 
 #: What a stream raises once the peer is gone or we closed it.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class PacedClients:
-    """The connections the ticker reads at tick boundaries (see the module docstring).
-
-    One ``epoll_wait`` with no timeout tells which of them sent something: quiet ones cost
-    no failed read. (A client streaming cursor moves at 20 Hz has nothing for a third of the
-    33 Hz ticks.) A connection leaves before its socket is closed, so a descriptor number the
-    kernel reuses never reaches the wrong connection. The epoll descriptor exists only while
-    some connection is paced.
-    """
-
-    def __init__(self) -> None:
-        self._fds: dict[ClientConnection, int] = {}
-        self._epoll: select.epoll | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self._fds)
-
-    def __iter__(self) -> Iterator[ClientConnection]:
-        return iter(list(self._fds))
-
-    def add(self, conn: ClientConnection, fd: int) -> None:
-        if conn not in self._fds:
-            if self._epoll is None:
-                self._epoll = select.epoll()
-            try:
-                self._epoll.register(fd, select.EPOLLIN)
-            except FileExistsError:  # (cannot happen while connections leave before closing)
-                self._epoll.modify(fd, select.EPOLLIN)
-            self._fds[conn] = fd
-
-    def discard(self, conn: ClientConnection) -> None:
-        fd = self._fds.pop(conn, None)
-        if fd is not None and self._epoll is not None:
-            if not self._fds:
-                self._epoll.close()
-                self._epoll = None
-            else:
-                with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
-
-    def read(self) -> None:
-        """Read every paced connection that has input; count a quiet tick for the others."""
-        if self._epoll is None:
-            return
-        ready = {fd for fd, _ in self._epoll.poll(0)}
-        for conn, fd in list(self._fds.items()):
-            if fd in ready:
-                conn.poll_input()
-            else:
-                conn.quiet_tick()
 
 
 class ClientConnection:
@@ -152,13 +107,18 @@ class ClientConnection:
         #: The socket's file descriptor while it is open and plain TCP (write-through path).
         self._fd: int | None = None
         self._stalled_since: float | None = None
-        self._bucket = TokenBucket(
+        self._limit = FloodLimit(
             self.limits.max_messages_per_second, self.limits.message_burst, node.clock()
         )
-        self._rate_drops = 0
         self._last_rate_error = float("-inf")
+        #: Checks frame headers before wsproto reads them (off the fast path).
+        self._guard = FrameGuard(self.limits.max_frame_bytes, MAX_FRAGMENTS)
         self._fragments: list[str | bytes] = []
         self._fragment_bytes = 0
+        #: The last pong queued, while it may still be replaced by a newer one.
+        self._queued_pong: tuple[str | None, bytes] | None = None
+        #: What the client sent right behind its upgrade request (read first).
+        self._pipelined = b""
         self._close: tuple[int, str] | None = None
         self._scope = trio.CancelScope()
         self._hello_scope = trio.CancelScope()
@@ -168,7 +128,7 @@ class ClientConnection:
         self._idle_polls = 0
         self._stop_reading = False
         #: Whether reads still take the whole-text-frames fast path (see _handle_data).
-        self._fast_frames = False
+        self._fast_frames = True
         #: Liveness (see presenced.server.sessions): when input last came, when we pinged.
         self.last_input = node.clock()
         self.pinged_at = float("-inf")
@@ -184,10 +144,9 @@ class ClientConnection:
         try:
             with self._scope:
                 with trio.move_on_after(self.limits.hello_timeout):
-                    self.ws, _request, pipelined = await accept_websocket(
+                    self.ws, _request, self._pipelined = await accept_websocket(
                         self.stream, admit=self._admit
                     )
-                    self._fast_frames = not pipelined
                 if self.ws is None:
                     log.info("client %s: no WebSocket handshake in time", self.peer)
                     return
@@ -246,6 +205,10 @@ class ClientConnection:
                 if data:
                     with trio.move_on_after(1), contextlib.suppress(*_GONE):
                         await self.stream.send_all(data)
+                        if self._close is not None and self._close[0] in _CLIENT_FAULTS:
+                            # Closing with unread input would reset the connection, and a
+                            # reset can lose the close frame before the client reads it.
+                            await drain_input(self.stream, _DRAIN_BYTES)
             with trio.move_on_after(1):
                 await self.stream.aclose()
 
@@ -264,9 +227,10 @@ class ClientConnection:
             self.close(CLOSE_POLICY, "no hello in time")
 
     async def _read_loop(self, ws: WSConnection) -> None:
-        # Frames the client pipelined behind its upgrade request are already in wsproto.
-        if not self._handle_events(ws):
+        # Frames the client sent right behind its upgrade request.
+        if self._pipelined and not self._handle_data(ws, self._pipelined):
             return
+        self._pipelined = b""
         while True:
             if self._paced:
                 await self._resume.wait()
@@ -335,7 +299,8 @@ class ClientConnection:
     def _handle_data(self, ws: WSConnection, data: bytes) -> bool:
         """Handle what one read brought; False once the connection should end. Whole text
         frames take the fast path until the first read that is anything else; from then on
-        wsproto reads everything (see :mod:`presenced.server.websocket`)."""
+        wsproto reads everything (see :mod:`presenced.server.websocket`), each read checked by
+        the frame guard first, so a frame over the limits is refused at its header."""
         if self._fast_frames:
             messages = complete_text_messages(data)
             if messages is not None:
@@ -344,13 +309,22 @@ class ClientConnection:
                         return False
                 return True
             # Whole control frames (the pong to our liveness ping) leave wsproto holding
-            # nothing: the next read may take the fast path again.
-            self._fast_frames = whole_control_frames(data)
+            # nothing: the next read may take the fast path again (not inside a fragmented
+            # message, whose frames the guard is still counting).
+            self._fast_frames = whole_control_frames(data) and not self._guard.in_message
+        cut = self._guard.scan(data)
+        if cut is not None:
+            # Everything before that frame's header is read as usual; then refuse it.
+            ws.receive_data(data[:cut])
+            if self._handle_events(ws):
+                self._too_large(self._guard.reason)
+            return False
         ws.receive_data(data)
         return self._handle_events(ws)
 
     def _handle_events(self, ws: WSConnection) -> bool:
-        """Handle every buffered event; False once the connection should end."""
+        """Handle every buffered event; False once the connection should end. Pings and pongs
+        take a token like messages do: each costs the daemon work, and a ping an answer."""
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if not self._on_fragment(
@@ -359,7 +333,10 @@ class ClientConnection:
                 ):
                     return False
             elif isinstance(event, Ping):
-                self.push(ws.send(event.response()))
+                if self._take_token():
+                    self._pong(bytes(event.payload))
+            elif isinstance(event, Pong):
+                self._take_token()
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     self.session_ends = event.code in CLEAN_CLOSE_CODES
@@ -373,41 +350,55 @@ class ClientConnection:
                 return False
         return True
 
+    def _pong(self, payload: bytes) -> None:
+        """Answer a ping. A pong still queued last (the client is not reading) is replaced:
+        RFC 6455 allows answering only the latest ping, and a ping flood then queues one pong
+        instead of one per ping."""
+        frame = pong_frame(payload)
+        queued = self._queued_pong
+        if queued is not None and self._outbox and self._outbox[-1] is queued:
+            self._queued_pong = (None, frame)
+            self._outbox[-1] = self._queued_pong
+            self._queued_bytes += len(frame) - len(queued[1])
+            return
+        self.push(frame)
+        last = self._outbox[-1] if self._outbox else None
+        self._queued_pong = last if last is not None and last[1] is frame else None
+
     def _on_fragment(self, data: str | bytes, finished: bool) -> bool:
+        """One piece of a message: a whole frame, or what one read brought of one (the frame
+        guard bounds how many frames a message has; the bytes are bounded here too, for the
+        fast path's frames)."""
         self.node.metrics.frames_in += 1
         size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
         self._fragment_bytes += size
         if self._fragment_bytes > self.limits.max_frame_bytes:
-            self.send(protocol.error(protocol.TOO_LARGE, "frame is too large", None))
-            self.close(CLOSE_TOO_BIG, "frame too large")
+            self._too_large("frame is too large")
             return False
         if not finished:
-            if len(self._fragments) >= MAX_FRAGMENTS:
-                self.send(protocol.error(protocol.TOO_LARGE, "too many fragments", None))
-                self.close(CLOSE_TOO_BIG, "too many fragments")
-                return False
             self._fragments.append(data)
+            if len(self._fragments) >= _JOIN_PIECES:  # a frame trickling in a few bytes a read
+                self._fragments = [joined(self._fragments)]
             return True
         if self._fragments:
             self._fragments.append(data)
-            if isinstance(data, bytes):
-                data = b"".join(f for f in self._fragments if isinstance(f, bytes))
-            else:
-                data = "".join(f for f in self._fragments if isinstance(f, str))
+            data = joined(self._fragments)
             self._fragments.clear()
         self._fragment_bytes = 0
         self._on_message(data)
         return self._close is None
+
+    def _too_large(self, reason: str) -> None:
+        self.send(protocol.error(protocol.TOO_LARGE, reason, None))
+        self.close(CLOSE_TOO_BIG, reason)
 
     # ------------------------------------------------------------------ requests
 
     def _on_message(self, data: str | bytes) -> None:
         node = self.node
         node.metrics.messages_in += 1
-        if not self._bucket.take(node.clock()):
-            self._rate_limited()
+        if not self._take_token():
             return
-        self._rate_drops = 0
         ref: Any = None
         try:
             message = protocol.decode_client_frame(data, self.limits)
@@ -425,14 +416,22 @@ class ClientConnection:
             self.send(protocol.error(protocol.INTERNAL, "internal error", ref))
             self.close(CLOSE_INTERNAL, "internal error")
 
-    def _rate_limited(self) -> None:
-        self._rate_drops += 1
+    def _take_token(self) -> bool:
+        """Take a token for one message or control frame; False when it is dropped (see
+        :class:`FloodLimit`: a client far over the rate for long is closed with 1008)."""
+        verdict = self._limit.take(self.node.clock())
+        if verdict is Verdict.SERVE:
+            return True
+        self._rate_limited(verdict)
+        return False
+
+    def _rate_limited(self, verdict: Verdict) -> None:
         now = self.node.clock()
         if now - self._last_rate_error >= 1.0:
             self._last_rate_error = now
             self.node.metrics.count_error(protocol.RATE_LIMITED)
             self.send(protocol.error(protocol.RATE_LIMITED, "too many messages; slow down", None))
-        if self._rate_drops > 4 * self.limits.message_burst:
+        if verdict is Verdict.CLOSE:
             log.info("client %s closed: message flood", self.peer)
             self.close(CLOSE_POLICY, "message rate limit exceeded")
 
