@@ -391,7 +391,7 @@ def _start_daemon(config: Config) -> None:
     import trio
 
     from presenced.server.daemon import run_daemon
-    from presenced.server.message_store import StoreError
+    from presenced.server.messaging import StoreError
 
     try:
         trio.run(run_daemon, config)

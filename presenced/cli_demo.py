@@ -24,7 +24,7 @@ import click
 import trio
 
 from presenced.config import LOG_FORMATS, LOG_LEVELS, Config, HostPort
-from presenced.server.message_store import StoreError
+from presenced.server.messaging import StoreError
 
 if TYPE_CHECKING:
     from presenced.server.daemon import Daemon

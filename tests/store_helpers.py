@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from presenced.server.message_store import MessageStore
+from presenced.server.messaging import MessageStore
 
 
 def deny_commit(store: MessageStore) -> None:

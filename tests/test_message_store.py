@@ -1,4 +1,4 @@
-"""The durable store for reliable direct messages (presenced.server.message_store).
+"""The durable store for reliable direct messages (presenced.server.messaging.store).
 
 Plain synchronous tests against real SQLite files in ``tmp_path``, one crash test that
 SIGKILLs a real writer process, and a hypothesis state machine that runs random
@@ -26,8 +26,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from store_helpers import deny_commit
 
 import presenced
-from presenced.server import message_store
-from presenced.server.message_store import (
+from presenced.server.messaging import store as message_store
+from presenced.server.messaging.store import (
     MessageStore,
     StoredMessage,
     StoreError,
@@ -521,7 +521,7 @@ def test_an_uncommitted_batch_is_gone_after_close(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys
-    from presenced.server.message_store import MessageStore
+    from presenced.server.messaging.store import MessageStore
 
     store = MessageStore(sys.argv[1], max_pending_per_recipient=10**6)
     batch = int(sys.argv[2])  # 0: every add commits; n: n adds per batch, one commit

@@ -16,8 +16,8 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from presenced.config import Config, HostPort
-from presenced.server import messaging
 from presenced.server.daemon import Daemon
+from presenced.server.messaging import messenger
 from presenced.testing.simnet import SimNetwork
 
 WAIT_S = 5
@@ -80,7 +80,7 @@ async def test_a_fast_send_into_a_blackholed_link_is_answered_timeout(
 ) -> None:
     # The mechanism, not the 5 s bound (tests/test_messaging_sim.py checks that in
     # virtual time): a shorter deadline keeps this test short.
-    monkeypatch.setattr(messaging, "FAST_ANSWER_S", 1.0)
+    monkeypatch.setattr(messenger, "FAST_ANSWER_S", 1.0)
     net = SimNetwork(seed=1, latency=0.002)
     daemons = {}
     for name, peers in (("eu", ()), ("us", ("sim://eu",))):

@@ -13,7 +13,7 @@ from store_helpers import deny_commit
 
 from presenced.core import peer_wire as wire
 from presenced.core.answers import FAST_ANSWER_S
-from presenced.server.messaging import COMMIT_INTERVAL, HOP_LIMIT
+from presenced.server.messaging import COMMIT_INTERVAL_S, HOP_LIMIT
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
 
@@ -55,7 +55,7 @@ def texts(client: FakeClient) -> list[str]:
 
 async def committed() -> None:
     """Let the daemons' group commits run (``stored`` waits for the commit)."""
-    await trio.sleep(COMMIT_INTERVAL + 0.001)
+    await trio.sleep(COMMIT_INTERVAL_S + 0.001)
 
 
 async def test_fast_message_two_hops_with_delivered_and_read(autojump_clock: object) -> None:

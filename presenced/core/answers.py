@@ -8,17 +8,23 @@ there after :data:`FAST_ANSWER_S` is answered with ``error`` ``timeout``. One fi
 means the table's insertion order is its deadline order: the sweep pops from the front, one
 timer for every message and O(1) work per message.
 
+*Receipts.* :class:`Senders` remembers, per message this daemon originated, the session
+that sent it and which answers it already got: one ``delivered`` per recipient and region,
+and no error for a recipient already answered ``delivered`` or ``timeout``.
+
 *Fetch.* A fetch asks every daemon it can reach for the user's pending messages. It may
 answer "complete" only when every daemon that could hold some was asked and answered, and
 when this daemon's picture of the cluster is current at all (right after a start it knows
 nobody: an empty answer then would be false). :class:`FetchProgress` tracks one fetch and
-:func:`fetch_reply` turns its outcome into the client's answer.
+:func:`fetch_reply` turns its outcome into the client's answer; :class:`Fetches` holds the
+fetches in progress on one daemon.
 
 Pure: the caller passes ``now`` and the cluster as it sees it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterable
 from typing import Any, Final, Generic, TypeVar
 
@@ -37,8 +43,15 @@ CLUSTER_GRACE_S: Final = 2.0
 #: The retry hint of an incomplete fetch.
 RETRY_AFTER_MS: Final = 1000
 
+#: Seconds the origin remembers who sent a message, to route its receipts to that session.
+SENDER_MEMORY_S: Final = 600.0
+#: Most senders remembered (beyond it the oldest are forgotten: receipts then go to the
+#: sending user's sessions, without the ``ref``).
+MAX_SENDERS: Final = 100_000
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+H = TypeVar("H")
 
 
 class Deadlines(Generic[K, V]):
@@ -90,6 +103,85 @@ class Deadlines(Generic[K, V]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._waiting
+
+
+@attrs.define
+class Sender(Generic[H]):
+    """Who sent a message (at its origin): where its receipts go."""
+
+    conn: H
+    ref: protocol.Ref
+    expires: float
+    #: (recipient, region) pairs already confirmed: one ``delivered`` each.
+    confirmed: set[tuple[str, str]] = attrs.field(factory=set)
+    #: Fast recipients already answered ``timeout``: a later error is not sent too.
+    timed_out: set[str] = attrs.field(factory=set)
+
+
+class Senders(Generic[H]):
+    """The senders of the messages this daemon originated, oldest first, each kept
+    :data:`SENDER_MEMORY_S` and at most :data:`MAX_SENDERS` (then the oldest quarter goes).
+
+    Forgetting one only costs its ``ref``: its answers then go to the user's sessions.
+    """
+
+    def __init__(self, memory_s: float = SENDER_MEMORY_S, limit: int = MAX_SENDERS) -> None:
+        self.memory_s = memory_s
+        self.limit = limit
+        self._senders: dict[str, Sender[H]] = {}
+
+    def __len__(self) -> int:
+        return len(self._senders)
+
+    def remember(self, message_id: str, conn: H, ref: protocol.Ref, now: float) -> None:
+        self._senders[message_id] = Sender(conn, ref, now + self.memory_s)
+        if len(self._senders) > self.limit:
+            excess = len(self._senders) - self.limit * 3 // 4
+            for key in list(itertools.islice(self._senders, excess)):
+                del self._senders[key]
+
+    def get(self, message_id: str) -> Sender[H] | None:
+        return self._senders.get(message_id)
+
+    def forget(self, message_id: str) -> None:
+        self._senders.pop(message_id, None)
+
+    def forget_expired(self, now: float) -> None:
+        """Forget the senders remembered for longer than ``memory_s``."""
+        for message_id, sender in list(self._senders.items()):
+            if sender.expires > now:
+                break
+            del self._senders[message_id]
+
+    def first_confirmation(self, message_id: str, to: str, region: str) -> bool:
+        """A ``delivered`` from ``to`` in ``region``: False if that pair confirmed already
+        (a retransmission confirmed again is not news)."""
+        sender = self._senders.get(message_id)
+        if sender is None:
+            return True
+        if (to, region) in sender.confirmed:
+            return False
+        sender.confirmed.add((to, region))
+        return True
+
+    def answered(self, message_id: str, to: str) -> bool:
+        """Whether ``to`` already has its answer (delivered somewhere, or ``timeout``): a
+        later error for it is not sent."""
+        sender = self._senders.get(message_id)
+        return sender is not None and (
+            to in sender.timed_out or any(recipient == to for recipient, _ in sender.confirmed)
+        )
+
+    def time_out(self, message_id: str, to: str) -> bool:
+        """A fast message's deadline for ``to`` passed: whether to answer ``timeout`` (not
+        when a ``delivered`` came first)."""
+        sender = self._senders.get(message_id)
+        if sender is None:
+            return True
+        if any(recipient == to for recipient, _ in sender.confirmed):
+            return False
+        sender.timed_out.add(to)
+        return True
 
 
 @attrs.frozen
@@ -159,6 +251,64 @@ class FetchProgress:
         return fetch_reply(ref, self.count, self.remaining, complete=self.complete(view))
 
 
+@attrs.define
+class _Fetch(Generic[H]):
+    """A fetch in progress: its progress, and the session that waits for its answer."""
+
+    conn: H
+    ref: protocol.Ref
+    user: str
+    progress: FetchProgress
+
+
+class Fetches(Generic[H]):
+    """The fetches in progress on one daemon, by request id, each answered exactly once."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self._active: dict[str, _Fetch[H]] = {}
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def start(
+        self, request: str, conn: H, ref: protocol.Ref, user: str, limit: int, now: float
+    ) -> FetchProgress:
+        progress = FetchProgress(self.me, limit, now + FETCH_ANSWER_S)
+        self._active[request] = _Fetch(conn, ref, user, progress)
+        return progress
+
+    def get(self, request: str) -> FetchProgress | None:
+        fetch = self._active.get(request)
+        return None if fetch is None else fetch.progress
+
+    def user(self, request: str) -> str:
+        return self._active[request].user
+
+    def requests(self) -> list[str]:
+        """The requests in progress, oldest first (a copy: answering one removes it)."""
+        return list(self._active)
+
+    def on_pulled(self, request: str, node: str, remaining: int) -> bool:
+        """A daemon answered a pull; True if that is news for a fetch in progress."""
+        fetch = self._active.get(request)
+        return fetch is not None and fetch.progress.on_answer(node, remaining)
+
+    def finish_if_done(
+        self, request: str, view: ClusterView, now: float
+    ) -> tuple[H, dict[str, Any]] | None:
+        """If the fetch is finished (:meth:`FetchProgress.finished`), end it: the session
+        to answer and the answer."""
+        fetch = self._active.get(request)
+        if fetch is None or not fetch.progress.finished(view, now):
+            return None
+        del self._active[request]
+        return fetch.conn, fetch.progress.reply(fetch.ref, view)
+
+    def next_deadline(self) -> float | None:
+        return min((fetch.progress.deadline for fetch in self._active.values()), default=None)
+
+
 def fetch_reply(ref: protocol.Ref, count: int, remaining: int, *, complete: bool) -> dict[str, Any]:
     """The answer to a fetch.
 
@@ -203,10 +353,15 @@ __all__ = [
     "CLUSTER_GRACE_S",
     "FAST_ANSWER_S",
     "FETCH_ANSWER_S",
+    "MAX_SENDERS",
     "RETRY_AFTER_MS",
+    "SENDER_MEMORY_S",
     "ClusterView",
     "Deadlines",
     "FetchProgress",
+    "Fetches",
+    "Sender",
+    "Senders",
     "cluster_settled",
     "fetch_reply",
     "known_nodes",

@@ -18,8 +18,7 @@ import trio
 from presenced.config import Config
 from presenced.core.crdt import ReplicaId
 from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
-from presenced.server.message_store import MessageStore
-from presenced.server.messaging import Messenger
+from presenced.server.messaging import MessageStore, Messenger
 from presenced.server.node import Node
 from presenced.server.peer_links import GossipSettings, PeerManager
 from presenced.server.startup import load_tls, node_cert_warning, open_listeners

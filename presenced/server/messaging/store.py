@@ -1,5 +1,8 @@
 """The durable store behind reliable direct messages: one SQLite file per daemon.
 
+It keeps the contract of :class:`presenced.core.direct_store.Store` (the interface the
+direct-message machine calls), where its row type and errors are defined.
+
 Two halves, both in one file so one ``--data-dir`` holds everything:
 
 * **sender side** (``pending``): a reliable message is written here, one row per recipient,
@@ -25,9 +28,9 @@ itself) until :meth:`MessageStore.commit` or :meth:`MessageStore.rollback`. Read
 open transaction's writes, so the per-recipient and total limits count them. Nothing
 written in a batch is durable, and nothing about it may be acknowledged to anyone, until
 :meth:`~MessageStore.commit` has returned; :meth:`~MessageStore.close` (and a crash) throws
-an uncommitted batch away. The messenger opens a batch on its first write and commits it
-25 ms later (see :mod:`presenced.server.messaging`), so a burst costs one commit instead of
-one per message.
+an uncommitted batch away. The direct-message machine opens a batch on its first write and
+the messenger commits it 25 ms later (see :mod:`presenced.core.direct`), so a burst costs
+one commit instead of one per message.
 
 The daemon owns the file: it is opened with ``locking_mode=EXCLUSIVE``, so a second daemon
 pointed at the same ``--data-dir`` gets :class:`StoreError` instead of sharing (the count of
@@ -49,7 +52,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
-import attrs
+from presenced.core.direct_store import StoredMessage, StoreError, StoreFull
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -126,41 +129,6 @@ _SQL_SET_DELIVERED = (
     " ON CONFLICT (origin, sender, recipient) DO UPDATE SET"
     " seq = max(seq, excluded.seq), updated_at = max(updated_at, excluded.updated_at)"
 )
-
-
-class StoreError(Exception):
-    """The store file cannot be used (not a presenced store, corrupt, locked, I/O error)."""
-
-
-class StoreFull(Exception):
-    """A recipient's mailbox (or the whole store) is full; ``str()`` is a one-line reason.
-
-    ``recipient`` names the recipient whose mailbox is full, or is ``""`` when the whole
-    store (or its disk) is full. Nothing was written.
-    """
-
-    def __init__(self, recipient: str, reason: str) -> None:
-        super().__init__(reason)
-        self.recipient = recipient
-
-
-@attrs.frozen
-class StoredMessage:
-    """One pending copy of a reliable message: one recipient's row."""
-
-    #: Message id (the same for every recipient of a group message).
-    id: str
-    sender: str
-    sender_session: str
-    recipient: str
-    #: Store-wide, strictly increasing, never reused.
-    seq: int
-    #: The JSON value as stored (what ``json.loads`` gives back).
-    data: Any
-    #: Every recipient of a group message, ``()`` for a one-to-one message.
-    group: tuple[str, ...]
-    #: Wall-clock seconds when the sender's daemon stored it.
-    created_at: float
 
 
 def _name(value: object, what: str) -> str:
