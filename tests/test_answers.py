@@ -7,10 +7,13 @@ from hypothesis import strategies as st
 
 from presenced.core.answers import (
     CLUSTER_GRACE_S,
+    FETCH_ANSWER_S,
     RETRY_AFTER_MS,
     ClusterView,
     Deadlines,
+    Fetches,
     FetchProgress,
+    Senders,
     cluster_settled,
     fetch_reply,
     known_nodes,
@@ -122,3 +125,45 @@ def test_a_daemon_knows_the_cluster_once_a_link_synced_or_after_the_grace() -> N
     assert cluster_settled(peered=True, synced_link=True, uptime_s=0)
     assert not cluster_settled(peered=True, synced_link=False, uptime_s=CLUSTER_GRACE_S - 0.1)
     assert cluster_settled(peered=True, synced_link=False, uptime_s=CLUSTER_GRACE_S)
+
+
+def test_senders_one_delivered_per_recipient_and_region() -> None:
+    senders: Senders[str] = Senders()
+    senders.remember("m", "tab", 1, now=0.0)
+    assert senders.first_confirmation("m", "bob", "ap")
+    assert not senders.first_confirmation("m", "bob", "ap")  # a retransmission confirmed again
+    assert senders.first_confirmation("m", "bob", "us")  # another region is news
+    assert senders.first_confirmation("unknown", "bob", "ap")  # forgotten: still told
+
+
+def test_senders_a_timeout_or_a_delivered_silences_a_later_error() -> None:
+    senders: Senders[str] = Senders()
+    senders.remember("m", "tab", 1, now=0.0)
+    assert not senders.answered("m", "bob")
+    assert senders.time_out("m", "bob")
+    assert senders.answered("m", "bob")
+    senders.first_confirmation("m", "carl", "ap")
+    assert not senders.time_out("m", "carl")  # delivered first: no timeout
+    assert senders.answered("m", "carl")
+
+
+def test_senders_are_forgotten_after_their_memory_and_beyond_the_limit() -> None:
+    senders: Senders[str] = Senders(memory_s=10.0, limit=4)
+    for n in range(5):
+        senders.remember(f"m{n}", "tab", n, now=float(n))
+    assert len(senders) == 3 and senders.get("m0") is None  # the oldest quarter went
+    senders.forget_expired(13.0)
+    assert [senders.get(f"m{n}") is None for n in range(2, 5)] == [True, True, False]
+
+
+def test_fetches_answer_once_when_finished() -> None:
+    fetches: Fetches[str] = Fetches("eu")
+    view = ClusterView(settled=True, known=frozenset({"ap"}), reachable=frozenset({"ap"}))
+    progress = fetches.start("f1", "tab", 7, "bob", 10, now=0.0)
+    assert progress.to_ask(view) == ["eu", "ap"] and fetches.next_deadline() == FETCH_ANSWER_S
+    assert fetches.on_pulled("f1", "eu", 0)
+    assert fetches.finish_if_done("f1", view, 0.1) is None  # ap has not answered
+    assert fetches.on_pulled("f1", "ap", 2) and not fetches.on_pulled("f1", "ap", 2)
+    conn, reply = fetches.finish_if_done("f1", view, 0.2) or (None, {})
+    assert conn == "tab" and reply["complete"] is True and reply["remaining"] == 2
+    assert len(fetches) == 0 and fetches.finish_if_done("f1", view, 0.3) is None
