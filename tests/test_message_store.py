@@ -158,11 +158,11 @@ def test_previous_pending(store: MessageStore) -> None:
 
 
 def test_expire_by_age(tmp_path: Path) -> None:
-    with MessageStore(tmp_path / "s.db", max_age=100.0) as store:
+    with MessageStore(tmp_path / "s.db", max_age_s=100.0) as store:
         [old] = store.add("old", "ann", "s", ["bob"], 1, 1000.0)
         [mid1, mid2] = store.add("mid", "ann", "s", ["bob", "carol"], 2, 1050.0)
         [new] = store.add("new", "ann", "s", ["bob"], 3, 1100.0)
-        assert store.expire(1100.0) == []  # exactly max_age old: kept
+        assert store.expire(1100.0) == []  # exactly max_age_s old: kept
         assert store.expire(1100.5) == [old]
         assert store.expire(1100.5) == []
         assert store.expire(1200.0) == [mid1, mid2]
@@ -279,7 +279,7 @@ def test_last_delivered_keeps_the_max(store: MessageStore) -> None:
 
 
 def test_prune_forgets_old_marks(tmp_path: Path) -> None:
-    with MessageStore(tmp_path / "s.db", max_age=100.0) as store:
+    with MessageStore(tmp_path / "s.db", max_age_s=100.0) as store:
         store.set_last_delivered("eu", "ann", "bob", 5, 1000.0)
         store.set_last_delivered("eu", "ann", "carol", 6, 1000.0)
         store.set_last_delivered("eu", "ann", "dan", 7, 1050.0)
@@ -619,7 +619,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _open(self) -> MessageStore:
         return MessageStore(
-            self.path, max_pending_per_recipient=4, max_pending_total=9, max_age=self.MAX_AGE
+            self.path, max_pending_per_recipient=4, max_pending_total=9, max_age_s=self.MAX_AGE
         )
 
     def teardown(self) -> None:

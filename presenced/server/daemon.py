@@ -220,12 +220,12 @@ def _open_store(config: Config) -> MessageStore:
         return MessageStore(
             ":memory:",
             max_pending_per_recipient=config.message_max_pending,
-            max_age=config.message_max_age,
+            max_age_s=config.message_max_age,
         )
     return MessageStore.in_dir(
         config.data_dir,
         max_pending_per_recipient=config.message_max_pending,
-        max_age=config.message_max_age,
+        max_age_s=config.message_max_age,
     )
 
 

@@ -7,7 +7,7 @@ Two halves, both in one file so one ``--data-dir`` holds everything:
 
 * **sender side** (``pending``): a reliable message is written here, one row per recipient,
   before the sender hears ``stored``, and stays until a recipient daemon confirms delivery
-  (:meth:`MessageStore.mark_delivered`) or it grows older than ``max_age``
+  (:meth:`MessageStore.mark_delivered`) or it grows older than ``max_age_s``
   (:meth:`MessageStore.expire`). Every row gets a store-wide ``seq`` that only grows and is
   never reused, not even after a restart with every earlier row deleted (``AUTOINCREMENT``
   keeps the high-water mark in ``sqlite_sequence``), so a recipient daemon can order a
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,28 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from presenced.core.direct_store import StoredMessage, StoreError, StoreFull
+from presenced.server.messaging.store_schema import (
+    APPLICATION_ID,
+    FILE_NAME,
+    MAX_NAME_LENGTH,
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SQL_EXPIRED,
+    SQL_GET,
+    SQL_INSERT,
+    SQL_LAST_DELIVERED,
+    SQL_PENDING,
+    SQL_PENDING_COUNT,
+    SQL_PREVIOUS,
+    SQL_SET_DELIVERED,
+    check_name,
+    check_seq,
+    check_storable_name,
+    check_time,
+    decode_row,
+    encode_data,
+)
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -63,145 +84,14 @@ __all__ = [
     "StoredMessage",
 ]
 
-#: ``PRAGMA user_version`` of the schema this code writes. Bump it and add a step to
-#: ``_MIGRATIONS`` when the schema changes.
-SCHEMA_VERSION = 1
-
-#: ``PRAGMA application_id`` of a presenced message store ("PMSG"), so that any other SQLite
-#: file is refused instead of being written into.
-APPLICATION_ID = 0x504D5347
-
-#: Longest message id, user name or session id the store takes (callers validate first; the
-#: store only refuses to go further than that).
-MAX_NAME_LENGTH = 256
-
-#: Largest seq ``set_last_delivered`` takes (SQLite integers are signed 64-bit).
-_MAX_SEQ = 2**63 - 1
-
-FILE_NAME = "messages.sqlite3"
-
-_SCHEMA = """
-CREATE TABLE pending (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    sender_session TEXT NOT NULL,
-    data TEXT NOT NULL,          -- JSON text
-    grp TEXT NOT NULL,           -- JSON array of every recipient, '' for a one-to-one message
-    created_at REAL NOT NULL,    -- wall-clock seconds
-    UNIQUE (id, recipient)       -- get() and mark_delivered()
-);
-CREATE INDEX pending_by_recipient ON pending (recipient, seq);
-CREATE INDEX pending_by_pair ON pending (sender, recipient, seq);
-CREATE INDEX pending_by_age ON pending (created_at);
-
-CREATE TABLE delivered (
-    origin TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (origin, sender, recipient)
-) WITHOUT ROWID;
-CREATE INDEX delivered_by_age ON delivered (updated_at);
-"""
-
-#: user_version -> statements that bring a store at that version to the next one.
-_MIGRATIONS: dict[int, str] = {}
-
-_COLUMNS = "id, sender, sender_session, recipient, seq, data, grp, created_at"
-
-# The hot queries, named so a test can check their plans are index lookups.
-SQL_PENDING = f"SELECT {_COLUMNS} FROM pending WHERE recipient = ? ORDER BY seq LIMIT ?"
-SQL_PENDING_COUNT = "SELECT count(*) FROM pending WHERE recipient = ?"
-SQL_PREVIOUS = "SELECT max(seq) FROM pending WHERE sender = ? AND recipient = ? AND seq < ?"
-SQL_GET = f"SELECT {_COLUMNS} FROM pending WHERE id = ? AND recipient = ?"
-# No ORDER BY: SQLite would rather walk the whole table in seq order than sort; we sort.
-SQL_EXPIRED = f"SELECT {_COLUMNS} FROM pending WHERE created_at < ?"
-SQL_LAST_DELIVERED = "SELECT seq FROM delivered WHERE origin = ? AND sender = ? AND recipient = ?"
-_SQL_INSERT = (
-    "INSERT INTO pending (id, recipient, sender, sender_session, data, grp, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_SQL_SET_DELIVERED = (
-    "INSERT INTO delivered (origin, sender, recipient, seq, updated_at) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (origin, sender, recipient) DO UPDATE SET"
-    " seq = max(seq, excluded.seq), updated_at = max(updated_at, excluded.updated_at)"
-)
-
-
-def _name(value: object, what: str) -> str:
-    """``value`` if it is a string the store can hold, else ValueError (never a crash later)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
-    return value
-
-
-def _storable_name(value: object, what: str) -> str:
-    """Like :func:`_name`, and also encodable as UTF-8 (no lone surrogates), for writes."""
-    text = _name(value, what)
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{what} is not valid Unicode text") from None
-    return text
-
-
-def _time(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number of seconds")
-    return float(value)
-
-
-def _seq(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEQ:
-        raise ValueError("seq must be an integer between 0 and 2**63-1")
-    return value
-
-
-def _encode_data(data: Any) -> str:
-    """Compact JSON text for ``data``, or ValueError (before anything is written)."""
-    try:
-        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"message data is not a JSON value: {exc}") from None
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            # Lone surrogates: escaped JSON still round-trips them exactly.
-            text = json.dumps(data, allow_nan=False, separators=(",", ":"))
-    return text
-
-
-def _row(row: tuple[Any, ...]) -> StoredMessage:
-    id_, sender, session, recipient, seq, data, grp, created_at = row
-    try:
-        return StoredMessage(
-            id_,
-            sender,
-            session,
-            recipient,
-            seq,
-            json.loads(data),
-            tuple(json.loads(grp)) if grp else (),
-            created_at,
-        )
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"corrupt message row (seq {seq}): {exc}") from exc
-
 
 class MessageStore:
     """Pending reliable messages (sender side) and delivery marks (recipient side).
 
     Bounds: at most ``max_pending_per_recipient`` pending rows per recipient and
     ``max_pending_total`` in all (:class:`StoreFull` beyond either); pending rows older than
-    ``max_age`` seconds are dropped by :meth:`expire`, and delivery marks not touched for
-    ``max_age`` are forgotten by :meth:`prune` (by then the sender has expired anything that
+    ``max_age_s`` seconds are dropped by :meth:`expire`, and delivery marks not touched for
+    ``max_age_s`` are forgotten by :meth:`prune` (by then the sender has expired anything that
     could still be retransmitted to us).
 
     Every method raises ValueError, with nothing written, for an argument the store cannot
@@ -214,7 +104,7 @@ class MessageStore:
         *,
         max_pending_per_recipient: int = 1000,
         max_pending_total: int = 1_000_000,
-        max_age: float = 7 * 86400,
+        max_age_s: float = 7 * 86400,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
@@ -224,7 +114,7 @@ class MessageStore:
         self.path = os.fspath(path)
         self.max_pending_per_recipient = max_pending_per_recipient
         self.max_pending_total = max_pending_total
-        self.max_age = _time(max_age, "max_age")
+        self.max_age_s = check_time(max_age_s, "max_age_s")
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         #: True between begin() and commit()/rollback(): writes share one transaction.
@@ -304,7 +194,7 @@ class MessageStore:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
                 raise StoreError(f"{self.path}: not a presenced message store (other tables)")
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -318,7 +208,7 @@ class MessageStore:
                 f" presenced understands ({SCHEMA_VERSION})"
             )
         while version < SCHEMA_VERSION:
-            step = _MIGRATIONS.get(version)
+            step = MIGRATIONS.get(version)
             if step is None:
                 raise StoreError(f"{self.path}: cannot upgrade schema version {version}")
             for statement in step.split(";"):
@@ -487,12 +377,12 @@ class MessageStore:
         ``group`` is what each row records as the group; by default every recipient when
         there are several, ``()`` for one (pass it to mark a one-recipient group message).
         """
-        id = _storable_name(id, "message id")
-        sender = _storable_name(sender, "sender")
-        sender_session = _storable_name(sender_session, "sender session")
+        id = check_storable_name(id, "message id")
+        sender = check_storable_name(sender, "sender")
+        sender_session = check_storable_name(sender_session, "sender session")
         if isinstance(recipients, str) or not isinstance(recipients, Sequence):
             raise ValueError("recipients must be a sequence of user names")
-        names = [_storable_name(r, "recipient") for r in recipients]
+        names = [check_storable_name(r, "recipient") for r in recipients]
         if not names:
             raise ValueError("a message needs at least one recipient")
         if len(set(names)) != len(names):
@@ -502,10 +392,10 @@ class MessageStore:
         else:
             if isinstance(group, str) or not isinstance(group, Sequence):
                 raise ValueError("group must be a sequence of user names")
-            members = tuple(_storable_name(g, "group member") for g in group)
+            members = tuple(check_storable_name(g, "group member") for g in group)
         grp = json.dumps(members, ensure_ascii=False, separators=(",", ":")) if members else ""
-        created = _time(created_at, "created_at")
-        text = _encode_data(data)
+        created = check_time(created_at, "created_at")
+        text = encode_data(data)
         if self._total + len(names) > self.max_pending_total:
             raise StoreFull(
                 "",
@@ -527,7 +417,7 @@ class MessageStore:
                 for name in names:
                     try:
                         cursor = db.execute(
-                            _SQL_INSERT, (id, name, sender, sender_session, text, grp, created)
+                            SQL_INSERT, (id, name, sender, sender_session, text, grp, created)
                         )
                     except sqlite3.IntegrityError:
                         raise ValueError(
@@ -552,17 +442,17 @@ class MessageStore:
 
     def pending(self, recipient: str, limit: int | None = None) -> list[StoredMessage]:
         """Pending messages for ``recipient``, oldest (smallest seq) first, at most ``limit``."""
-        recipient = _name(recipient, "recipient")
+        recipient = check_name(recipient, "recipient")
         if limit is None:
             limit = -1
         elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError("limit must be None or a non-negative integer")
         with self._reading() as db:
-            return [_row(r) for r in db.execute(SQL_PENDING, (recipient, limit))]
+            return [decode_row(r) for r in db.execute(SQL_PENDING, (recipient, limit))]
 
     def pending_count(self, recipient: str) -> int:
         """How many messages are pending for ``recipient``."""
-        recipient = _name(recipient, "recipient")
+        recipient = check_name(recipient, "recipient")
         with self._reading() as db:
             count: int = db.execute(SQL_PENDING_COUNT, (recipient,)).fetchone()[0]
         return count
@@ -587,48 +477,54 @@ class MessageStore:
         """
         if not isinstance(message, StoredMessage):
             raise ValueError("previous_pending takes a StoredMessage")
-        sender = _name(message.sender, "sender")
-        recipient = _name(message.recipient, "recipient")
+        sender = check_name(message.sender, "sender")
+        recipient = check_name(message.recipient, "recipient")
         with self._reading() as db:
-            prev = db.execute(SQL_PREVIOUS, (sender, recipient, _seq(message.seq))).fetchone()[0]
+            prev = db.execute(SQL_PREVIOUS, (sender, recipient, check_seq(message.seq))).fetchone()[
+                0
+            ]
         return prev or 0
 
     def get(self, id: str, recipient: str) -> StoredMessage | None:
         """The pending copy of message ``id`` for ``recipient``, if it is still pending."""
-        id = _name(id, "message id")
-        recipient = _name(recipient, "recipient")
+        id = check_name(id, "message id")
+        recipient = check_name(recipient, "recipient")
         with self._reading() as db:
             row = db.execute(SQL_GET, (id, recipient)).fetchone()
-        return None if row is None else _row(row)
+        return None if row is None else decode_row(row)
 
     def mark_delivered(self, id: str, recipient: str) -> StoredMessage | None:
         """Forget the pending copy for ``recipient`` (delivered); it, or None if not pending."""
-        id = _name(id, "message id")
-        recipient = _name(recipient, "recipient")
+        id = check_name(id, "message id")
+        recipient = check_name(recipient, "recipient")
         with self._writing() as db:
             row = db.execute(SQL_GET, (id, recipient)).fetchone()
             if row is None:
                 return None
             db.execute("DELETE FROM pending WHERE seq = ?", (row[4],))
         self._total -= 1
-        return _row(row)
+        return decode_row(row)
 
     def expire(self, now: float) -> list[StoredMessage]:
-        """Delete and return (oldest first) pending messages created before ``now - max_age``."""
-        cutoff = _time(now, "now") - self.max_age
+        """Delete and return (oldest first) pending messages created before ``now - max_age_s``."""
+        cutoff = check_time(now, "now") - self.max_age_s
         with self._writing() as db:
             rows = db.execute(SQL_EXPIRED, (cutoff,)).fetchall()
             if rows:
                 db.execute("DELETE FROM pending WHERE created_at < ?", (cutoff,))
         self._total -= len(rows)
         rows.sort(key=lambda r: r[4])  # seq: oldest first
-        return [_row(r) for r in rows]
+        return [decode_row(r) for r in rows]
 
     # ------------------------------------------------------------------ recipient side
 
     def last_delivered(self, origin: str, sender: str, recipient: str) -> int:
         """Seq of the last message from ``origin``'s store this daemon showed for the pair."""
-        key = (_name(origin, "origin"), _name(sender, "sender"), _name(recipient, "recipient"))
+        key = (
+            check_name(origin, "origin"),
+            check_name(sender, "sender"),
+            check_name(recipient, "recipient"),
+        )
         with self._reading() as db:
             row = db.execute(SQL_LAST_DELIVERED, key).fetchone()
         return 0 if row is None else int(row[0])
@@ -639,18 +535,18 @@ class MessageStore:
         """Record that message ``seq`` was shown (keeps the largest seq); committed on return
         (in a batch: once :meth:`commit` has returned)."""
         row = (
-            _storable_name(origin, "origin"),
-            _storable_name(sender, "sender"),
-            _storable_name(recipient, "recipient"),
-            _seq(seq),
-            _time(at, "at"),
+            check_storable_name(origin, "origin"),
+            check_storable_name(sender, "sender"),
+            check_storable_name(recipient, "recipient"),
+            check_seq(seq),
+            check_time(at, "at"),
         )
         with self._writing() as db:
-            db.execute(_SQL_SET_DELIVERED, row)
+            db.execute(SQL_SET_DELIVERED, row)
 
     def prune(self, now: float) -> int:
-        """Forget delivery marks not updated for ``max_age``; how many were forgotten."""
-        cutoff = _time(now, "now") - self.max_age
+        """Forget delivery marks not updated for ``max_age_s``; how many were forgotten."""
+        cutoff = check_time(now, "now") - self.max_age_s
         with self._writing() as db:
             count = db.execute("DELETE FROM delivered WHERE updated_at < ?", (cutoff,)).rowcount
         return count
