@@ -30,6 +30,7 @@ import trio
 from presenced.config import (
     DEFAULT_DOWN_AFTER,
     DEFAULT_PURGE_AFTER,
+    DEFAULT_RESUME_GRACE_S,
     DEFAULT_TICK_MS,
     Config,
     HostPort,
@@ -218,7 +219,7 @@ class Cluster:
         settings: GossipSettings | None = None,
         data_root: Path | None = None,
         token_secret: bytes | None = None,
-        resume_grace_s: float | None = None,
+        resume_grace_s: float = DEFAULT_RESUME_GRACE_S,
     ) -> None:
         self.nursery = nursery
         #: Given to every daemon (a cluster shares its token secret).
@@ -258,7 +259,7 @@ class Cluster:
             peer_listen=HostPort("127.0.0.1", 0),
             data_dir=None if self.data_root is None else self.data_root / name,
             token_secret=self.token_secret,
-            **({} if self.resume_grace_s is None else {"resume_grace_s": self.resume_grace_s}),
+            resume_grace_s=self.resume_grace_s,
         )
         if self.net.is_crashed(name):
             self.net.restart(name)
