@@ -24,6 +24,11 @@ whose connection still looks alive here (the client saw its link die before we d
 usual case of a short drop) takes the session over: the old connection is closed. When the
 grace runs out the session leaves every room, as a clean close would have.
 
+A token can also name a session another daemon holds (the client reconnected elsewhere):
+the session is found in the presence state and written into this daemon's partition (see
+:meth:`Sessions.resume` and :mod:`presenced.core.room_index`); the old daemon lets its copy
+go when its own grace runs out, and nobody sees a leave.
+
 Detached sessions are kept in a dict in insertion order, which is deadline order (the grace
 is the same for all): the sweep expires them from the front.
 """
