@@ -743,3 +743,72 @@ def test_full_fallback_keeps_entries_with_empty_meta() -> None:
     changes = sync(b, a)
     assert changes == []
     assert b.visible() == a.visible()
+
+
+# ------------------------------------------------------------------ several holders of a key
+
+
+def _two_holders() -> tuple[PresenceState, PresenceState, PresenceState]:
+    """eu holds ann's key; us resumes it (writes the same key); ap has heard both."""
+    eu = PresenceState(ReplicaId("eu", 1), "eu")
+    us = PresenceState(ReplicaId("us", 1), "us")
+    ap = PresenceState(ReplicaId("ap", 1), "ap")
+    eu.put("lobby", "ann", "s1", {"x": 1})
+    for other in (us, ap):
+        other.merge(eu.extract(eu.local, 0))  # type: ignore[arg-type]
+    for _ in range(5):  # eu's clock runs ahead of us's
+        eu.put("other", "bob", "s9", {})
+    change = us.put("lobby", "ann", "s1", {"x": 1})
+    assert change.kind == "update" and change.region == "us"  # same meta, new region
+    assert us.own.records[("lobby", "ann", "s1")].counter > 1  # past eu's copy
+    result = ap.merge(us.extract(us.local, 0))  # type: ignore[arg-type]
+    assert [(c.kind, c.region) for c in result.changes] == [("update", "us")]
+    return eu, us, ap
+
+
+def test_a_key_held_twice_is_shown_once_and_the_newest_copy_wins() -> None:
+    _, us, ap = _two_holders()
+    assert ap.visible() == {("lobby", "ann", "s1"): ({"x": 1}, "us")}
+    assert ap.user_nodes("ann") == ["us"]
+    assert ap.session_rooms("ann", "s1") == [("lobby", {"x": 1}, us.local)]
+    us.put("lobby", "ann", "s1", {"x": 2})
+    changes = ap.merge(us.extract(us.local, 1)).changes  # type: ignore[arg-type]
+    assert [(c.kind, c.meta) for c in changes] == [("update", {"x": 2})]
+
+
+def test_dropping_either_copy_alone_shows_no_leave() -> None:
+    eu, us, ap = _two_holders()
+    eu.merge(us.extract(us.local, 0))  # type: ignore[arg-type]
+    # The old copy goes (eu's grace ran out): nothing visible changes.
+    leave = eu.remove("lobby", "ann", "s1")
+    assert leave is not None and leave.kind == "update" and leave.region == "us"
+    changes = ap.merge(eu.extract(eu.local, ap.partitions[eu.local].clock)).changes  # type: ignore[arg-type]
+    assert [c for c in changes if c.session == "s1"] == []
+    assert ap.visible()[("lobby", "ann", "s1")] == ({"x": 1}, "us")
+    # Only the last copy's removal is a leave.
+    us.remove("lobby", "ann", "s1")
+    changes = ap.merge(us.extract(us.local, ap.partitions[us.local].clock)).changes  # type: ignore[arg-type]
+    assert [c.kind for c in changes] == ["leave"]
+    assert ("lobby", "ann", "s1") not in ap.visible() and ap.user_nodes("ann") == []
+
+
+def test_the_new_copy_going_first_falls_back_to_the_old_one_and_tells_its_holder() -> None:
+    eu, us, ap = _two_holders()
+    eu.merge(us.extract(us.local, 0))  # type: ignore[arg-type]
+    assert eu.take_notices() == ([("lobby", "ann", "s1")], [])  # resumed on us
+    us.remove("lobby", "ann", "s1")  # left where it lives now
+    for state in (eu, ap):
+        changes = state.merge(us.extract(us.local, 1)).changes  # type: ignore[arg-type]
+        assert [(c.kind, c.region) for c in changes] == [("update", "eu")]  # no leave yet
+    assert eu.take_notices() == ([], [("lobby", "ann", "s1")])  # eu must follow
+    assert ap.take_notices() == ([], [])
+    # Hiding or dropping a holder is not a leave while another copy remains.
+    assert ap.hide(us.local) == []
+
+
+def test_a_hidden_holder_shown_again_does_not_flip_the_shown_copy_without_reason() -> None:
+    _, us, ap = _two_holders()
+    assert [c.kind for c in ap.hide(us.local)] == ["update"]  # back to eu's copy
+    assert ap.visible()[("lobby", "ann", "s1")][1] == "eu"
+    assert [c.region for c in ap.show(us.local, 0)] == ["us"]  # newest again
+    assert ap.drop(us.local) != [] and ap.visible()[("lobby", "ann", "s1")][1] == "eu"

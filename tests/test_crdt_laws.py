@@ -167,7 +167,7 @@ def check_index(state: PresenceState) -> None:
         if part.up:
             for (_, user, _), _ in part.live():
                 expected.setdefault(user, set()).add(part.replica.node)
-    users = {user for (_, user, _) in state.visible()} | set(state._users)
+    users = {user for (_, user, _) in state.visible()} | set(state.index.users)
     for user in users:
         assert state.user_nodes(user) == sorted(expected.get(user, ()))
 

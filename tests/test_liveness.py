@@ -373,8 +373,9 @@ async def test_reliable_messages_sent_while_detached_arrive_after_resume(
 async def test_resume_on_another_daemon_is_a_clean_fresh_start(
     nursery: trio.Nursery, make_config: Any
 ) -> None:
-    """Another daemon cannot resume a session it does not hold: a new session, and the old
-    one leaves when its grace runs out where it was."""
+    """A daemon that cannot see the session (not linked to the one holding it) cannot
+    resume it: a new session, and the old one leaves when its grace runs out where it was.
+    (Linked daemons resume each other's sessions: tests/test_resume_elsewhere.py.)"""
     first = await _daemon(nursery, make_config, resume_grace_s=0.5)
     second = await _daemon(nursery, make_config, resume_grace_s=0.5)
     assert first.client_port is not None and second.client_port is not None

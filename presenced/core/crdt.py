@@ -38,55 +38,26 @@ Nothing here does I/O, reads a clock or draws random numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final, Literal, NamedTuple
+from typing import Literal
 
 import attrs
 
-Meta = Mapping[str, Any]
-#: (room, user, session): the identity of one presence entry.
-Key = tuple[str, str, str]
-#: One record on the wire: key, counter of its last write, meta (None = removed).
-Record = tuple[Key, int, Meta | None]
-
-JOIN: Final = "join"
-UPDATE: Final = "update"
-LEAVE: Final = "leave"
-ChangeKind = Literal["join", "update", "leave"]
+from presenced.core.entries import JOIN as JOIN
+from presenced.core.entries import LEAVE as LEAVE
+from presenced.core.entries import UPDATE as UPDATE
+from presenced.core.entries import Change as Change
+from presenced.core.entries import ChangeKind as ChangeKind
+from presenced.core.entries import Key as Key
+from presenced.core.entries import Meta as Meta
+from presenced.core.entries import Partition as Partition
+from presenced.core.entries import Record as Record
+from presenced.core.entries import ReplicaId as ReplicaId
+from presenced.core.entries import StoredRecord
+from presenced.core.room_index import RoomIndex
 
 
 class DeltaError(ValueError):
     """A delta that no correct replica could have produced (bad counters, wrong shape)."""
-
-
-class ReplicaId(NamedTuple):
-    """One daemon incarnation: the unit of single-writer ownership.
-
-    A named tuple rather than an attrs class: it keys most of the state (partitions, digests,
-    liveness), and tuple hashing and comparison run in C, where attrs' generated ``__hash__``
-    and ``__eq__`` were two Python calls per lookup (~70 per tick on a busy daemon).
-    """
-
-    node: str
-    incarnation: int
-
-    def __str__(self) -> str:
-        return f"{self.node}#{self.incarnation}"
-
-
-class Change(NamedTuple):
-    """A change of what is visible: a presence appeared, changed its meta, or went away.
-
-    For a leave, ``meta`` is the last meta that was visible, so a client can still say who left.
-    (A named tuple: one is made per write and per merged record, ~15 per busy tick, and a
-    tuple is built in C, in half the time of an attrs instance.)
-    """
-
-    kind: ChangeKind
-    room: str
-    user: str
-    session: str
-    meta: Meta
-    region: str
 
 
 @attrs.frozen
@@ -121,52 +92,6 @@ class MergeResult:
     changes: list[Change]
 
 
-class _Record:
-    __slots__ = ("counter", "meta")
-
-    def __init__(self, counter: int, meta: Meta | None) -> None:
-        self.counter = counter
-        self.meta = meta
-
-
-class Partition:
-    """Everything one replica has written, as known by this replica."""
-
-    __slots__ = ("clock", "floor", "records", "region", "replica", "tombstones", "up")
-
-    def __init__(self, replica: ReplicaId, region: str) -> None:
-        self.replica = replica
-        self.region = region
-        #: Every write with counter <= clock is reflected here.
-        self.clock = 0
-        #: Tombstones with counter <= floor have been dropped.
-        self.floor = 0
-        #: key -> record, in increasing counter order (a write moves its key to the end).
-        self.records: dict[Key, _Record] = {}
-        self.tombstones = 0
-        #: False while liveness considers the replica down: its entries are invisible.
-        self.up = True
-
-    def live(self) -> Iterator[tuple[Key, Meta]]:
-        for key, record in self.records.items():
-            if record.meta is not None:
-                yield key, record.meta
-
-    def live_count(self) -> int:
-        return len(self.records) - self.tombstones
-
-    def since(self, counter: int) -> list[Record]:
-        """Records written after ``counter``, oldest first (a walk from the tail)."""
-        newer: list[Record] = []
-        for key in reversed(self.records):
-            record = self.records[key]
-            if record.counter <= counter:
-                break
-            newer.append((key, record.counter, record.meta))
-        newer.reverse()
-        return newer
-
-
 class PresenceState:
     """The whole presence map as one replica knows it, and the only place it changes.
 
@@ -186,10 +111,8 @@ class PresenceState:
         #: Replicas liveness says are up whose copy here is older than their clock at that
         #: heartbeat: hidden until a merge brings the copy to that clock (see :meth:`show`).
         self.awaiting: dict[ReplicaId, int] = {}
-        #: room -> (user, session) -> replica, for visible entries only.
-        self._rooms: dict[str, dict[tuple[str, str], ReplicaId]] = {}
-        #: user -> replica -> number of visible entries: where a user can be reached.
-        self._users: dict[str, dict[ReplicaId, int]] = {}
+        #: What is visible and which copy of each key is shown (see its module).
+        self.index = RoomIndex(local, self.partitions)
 
     # ------------------------------------------------------------------ local writes
 
@@ -198,23 +121,41 @@ class PresenceState:
         return self.partitions[self.local]
 
     def put(self, room: str, user: str, session: str, meta: Meta) -> Change:
-        """Write a local entry (join or update) and return the visible change."""
+        """Write a local entry (join or update) and return the visible change.
+
+        The local copy is then the shown one: when another replica holds a copy of the key
+        too, the write takes a counter past that copy's (the partition's clock skips ahead),
+        so it is the newest everywhere. When another
+        replica's copy showed the same meta from the same region, nothing visible changed:
+        the returned update repeats what is shown (feeds drop it).
+        """
         part = self.own
         key = (room, user, session)
-        old = part.records.pop(key, None)
-        part.clock += 1
-        part.records[key] = _Record(part.clock, meta)
+        old = part.records.get(key)
+        held = self.index.held
+        if old is not None and old.meta is not None and not (held and key in held):
+            del part.records[key]  # (the hot path: an update of a key no other replica holds)
+            part.clock += 1
+            part.records[key] = StoredRecord(part.clock, meta)
+            return Change(UPDATE, room, user, session, meta, self.region)
+        # Past every other copy's counter: this write is the newest, so it is shown.
+        part.clock = max(part.clock, self.index.top_counter(key)) + 1
+        if old is not None:
+            del part.records[key]
+        part.records[key] = StoredRecord(part.clock, meta)
+        changes: list[Change] = []
         if old is not None and old.meta is not None:
-            kind: ChangeKind = UPDATE
+            self.index.changed(part, key, part.clock, meta, changes)
         else:
             if old is not None:
                 part.tombstones -= 1
-            kind = JOIN
-            self._index(room, user, session, self.local)
-        return Change(kind, room, user, session, meta, self.region)
+            self.index.gain(part, key, part.clock, meta, changes)
+        return changes[0] if changes else Change(UPDATE, room, user, session, meta, self.region)
 
     def remove(self, room: str, user: str, session: str) -> Change | None:
-        """Remove a local entry; returns the leave, or None if it was not there."""
+        """Remove a local entry; returns None if it was not there, else the visible change:
+        the leave, or (another replica still holds a copy) an update to that copy (which
+        repeats what is shown when the local copy was not the shown one)."""
         part = self.own
         key = (room, user, session)
         old = part.records.get(key)
@@ -222,11 +163,16 @@ class PresenceState:
             return None
         del part.records[key]
         part.clock += 1
-        part.records[key] = _Record(part.clock, None)
+        part.records[key] = StoredRecord(part.clock, None)
         part.tombstones += 1
-        self._unindex(room, user, session, self.local)
+        changes: list[Change] = []
+        self.index.lose(part, key, old.meta, changes, write=True)
         self._collect_tombstones(part)
-        return Change(LEAVE, room, user, session, old.meta, self.region)
+        if changes:
+            return changes[0]
+        shown = self.index.shown(key)
+        assert shown is not None
+        return Change(UPDATE, room, user, session, shown[0], shown[1])
 
     def remove_all_local(self) -> list[Change]:
         """Remove every local entry (graceful shutdown)."""
@@ -243,27 +189,32 @@ class PresenceState:
 
     def room_presences(self, room: str) -> Iterator[tuple[str, str, Meta, str]]:
         """Visible entries of a room as (user, session, meta, region)."""
-        for (user, session), replica in self._rooms.get(room, {}).items():
-            part = self.partitions[replica]
-            record = part.records[(room, user, session)]
-            assert record.meta is not None
-            yield user, session, record.meta, part.region
+        return self.index.room_presences(room)
+
+    def session_rooms(self, user: str, session: str) -> list[tuple[str, Meta, ReplicaId]]:
+        """Where ``user``'s ``session`` is visible: (room, shown meta, replica shown)."""
+        return self.index.session_rooms(user, session)
+
+    def session_user(self, session: str) -> str | None:
+        """The user whose ``session`` is visible somewhere (None: none, or several)."""
+        return self.index.session_user(session)
+
+    def take_notices(self) -> tuple[list[Key], list[Key]]:
+        """Keys of the local partition another replica wrote (taken over), and keys whose
+        shown copy another replica removed while the local one remains (left elsewhere),
+        since the last call (see :mod:`presenced.core.room_index`)."""
+        return self.index.take_notices()
 
     def user_nodes(self, user: str) -> list[str]:
         """The nodes where ``user`` has a visible presence (in any room), sorted."""
-        return sorted({replica.node for replica in self._users.get(user, ())})
+        return self.index.user_nodes(user)
 
     def rooms(self) -> Iterable[str]:
-        return self._rooms.keys()
+        return self.index.rooms.keys()
 
     def visible(self) -> dict[Key, tuple[Meta, str]]:
-        """Every visible entry: key -> (meta, region). For tests and diagnostics."""
-        return {
-            key: (meta, part.region)
-            for part in self.partitions.values()
-            if part.up
-            for key, meta in part.live()
-        }
+        """Every visible entry: key -> its shown (meta, region). For tests and diagnostics."""
+        return self.index.visible()
 
     def digest(self) -> dict[ReplicaId, int]:
         """Per replica, the highest counter this replica holds (Scuttlebutt digest)."""
@@ -363,9 +314,9 @@ class PresenceState:
             old = part.records.get(key)
             if old is None or old.counter != counter:
                 assert meta is not None
-                self._show(part, key, None if old is None else old.meta, meta, changes)
+                self._show(part, key, counter, None if old is None else old.meta, meta, changes)
         ordered = sorted(delta.records, key=lambda record: record[1])
-        part.records = {key: _Record(counter, meta) for key, counter, meta in ordered}
+        part.records = {key: StoredRecord(counter, meta) for key, counter, meta in ordered}
         part.tombstones = 0
         part.floor = delta.clock
 
@@ -373,7 +324,7 @@ class PresenceState:
         self, part: Partition, key: Key, counter: int, meta: Meta | None, changes: list[Change]
     ) -> None:
         old = part.records.pop(key, None)
-        part.records[key] = _Record(counter, meta)
+        part.records[key] = StoredRecord(counter, meta)
         old_meta = None if old is None else old.meta
         if old is not None and old_meta is None:
             part.tombstones -= 1
@@ -382,44 +333,31 @@ class PresenceState:
             if old_meta is not None:
                 self._forget(part, key, old_meta, changes)
         else:
-            self._show(part, key, old_meta, meta, changes)
+            self._show(part, key, counter, old_meta, meta, changes)
 
     def _show(
-        self, part: Partition, key: Key, old_meta: Meta | None, meta: Meta, changes: list[Change]
+        self,
+        part: Partition,
+        key: Key,
+        counter: int,
+        old_meta: Meta | None,
+        meta: Meta,
+        changes: list[Change],
     ) -> None:
+        """``part`` wrote ``key`` (a merged write)."""
         if not part.up:
             return
-        room, user, session = key
         if old_meta is None:
-            self._index(room, user, session, part.replica)
-            changes.append(Change(JOIN, room, user, session, meta, part.region))
-        else:
-            changes.append(Change(UPDATE, room, user, session, meta, part.region))
+            self.index.gain(part, key, counter, meta, changes)
+        elif self.index.held and key in self.index.held:
+            self.index.changed(part, key, counter, meta, changes)
+        else:  # (the hot path: a key held by one replica)
+            changes.append(Change(UPDATE, key[0], key[1], key[2], meta, part.region))
 
     def _forget(self, part: Partition, key: Key, meta: Meta, changes: list[Change]) -> None:
+        """``part``'s live copy of ``key`` is removed by its replica (a merged leave)."""
         if part.up:
-            room, user, session = key
-            self._unindex(room, user, session, part.replica)
-            changes.append(Change(LEAVE, room, user, session, meta, part.region))
-
-    def _index(self, room: str, user: str, session: str, replica: ReplicaId) -> None:
-        self._rooms.setdefault(room, {})[(user, session)] = replica
-        where = self._users.setdefault(user, {})
-        where[replica] = where.get(replica, 0) + 1
-
-    def _unindex(self, room: str, user: str, session: str, replica: ReplicaId) -> None:
-        members = self._rooms.get(room)
-        if members is not None and members.get((user, session)) == replica:
-            del members[(user, session)]
-            if not members:
-                del self._rooms[room]
-            where = self._users[user]
-            if where[replica] > 1:
-                where[replica] -= 1
-            else:
-                del where[replica]
-                if not where:
-                    del self._users[user]
+            self.index.lose(part, key, meta, changes, write=True)
 
     def _collect_tombstones(self, part: Partition) -> None:
         """Drop the oldest tombstones once there are too many, raising the floor."""
@@ -447,7 +385,7 @@ class PresenceState:
             return []
         changes: list[Change] = []
         for key, meta in part.live():
-            self._forget(part, key, meta, changes)
+            self.index.lose(part, key, meta, changes, write=False)
         part.up = False
         return changes
 
@@ -482,9 +420,9 @@ class PresenceState:
         if part.up:
             return
         part.up = True
-        for (room, user, session), meta in part.live():
-            self._index(room, user, session, part.replica)
-            changes.append(Change(JOIN, room, user, session, meta, part.region))
+        for key, record in part.records.items():
+            if record.meta is not None:
+                self.index.gain(part, key, record.counter, record.meta, changes)
 
     def retire(self, replica: ReplicaId) -> list[Change]:
         """Drop a replica for good (it said goodbye, or a newer incarnation replaced it)."""
@@ -504,8 +442,9 @@ class PresenceState:
         if part is None:
             return []
         changes: list[Change] = []
-        for key, meta in part.live():
-            self._forget(part, key, meta, changes)
+        if part.up:
+            for key, meta in part.live():
+                self.index.lose(part, key, meta, changes, write=False)
         return changes
 
 

@@ -172,6 +172,11 @@ class DaemonCollector(Collector):
             ),
             ("sessions_resumed", "Sessions resumed by a new connection.", metrics.sessions_resumed),
             (
+                "sessions_resumed_elsewhere",
+                "Sessions resumed here that another daemon held.",
+                metrics.sessions_resumed_elsewhere,
+            ),
+            (
                 "sessions_expired",
                 "Detached sessions that left when their resume grace ran out.",
                 metrics.sessions_expired,

@@ -46,6 +46,8 @@ class Metrics:
     clients_timed_out: int = 0
     sessions_detached: int = 0
     sessions_resumed: int = 0
+    #: Of those, sessions another daemon held (resumed here from its presence entries).
+    sessions_resumed_elsewhere: int = 0
     sessions_expired: int = 0
 
     def count_frames(self, count: int, size: int) -> None:

@@ -281,6 +281,14 @@ class Node:
         if messenger is not None and conn.user in messenger.pending_users:
             messenger.user_appeared(conn.user)
 
+    def adopt(self, user: str, session: str, entries: Iterable[tuple[str, Meta]]) -> None:
+        """A session resumed here from another daemon: write its entries (room, meta) into
+        this daemon's partition, newer than the copies elsewhere (see PresenceState.put).
+        Everyone keeps seeing it: at most its region changes."""
+        changes = [self.state.put(room, user, session, meta) for room, meta in entries]
+        if changes:
+            self._local(changes)
+
     def end_session(self, user: str, session: str, rooms: Iterable[str]) -> None:
         """A detached session's grace ran out (or it may not keep a room): it leaves."""
         changes = [self.state.remove(room, user, session) for room in rooms]

@@ -553,6 +553,8 @@ class PeerLink:
                 gap = True
         if changes:
             node.apply(changes, from_peer=True)
+        if node.state.index.taken_over or node.state.index.left_elsewhere:
+            node.sessions.contested()  # a session held here was resumed, or left, elsewhere
         if merged:
             self.manager.relay(merged, exclude=self)
         if gap:

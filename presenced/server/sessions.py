@@ -24,6 +24,11 @@ whose connection still looks alive here (the client saw its link die before we d
 usual case of a short drop) takes the session over: the old connection is closed. When the
 grace runs out the session leaves every room, as a clean close would have.
 
+A token can also name a session another daemon holds (the client reconnected elsewhere):
+the session is found in the presence state and written into this daemon's partition (see
+:meth:`Sessions.resume` and :mod:`presenced.core.room_index`); the old daemon lets its copy
+go when its own grace runs out, and nobody sees a leave.
+
 Detached sessions are kept in a dict in insertion order, which is deadline order (the grace
 is the same for all): the sweep expires them from the front.
 """
@@ -82,15 +87,18 @@ class Sessions:
     # ------------------------------------------------------------------ hello
 
     def user_of(self, token: str) -> str | None:
-        """The user of the session ``token`` names here (an anonymous hello without
-        ``user`` resumes as that user; the token's MAC is checked by :meth:`resume`)."""
+        """The user of the session ``token`` names, here or (visible in the presence state)
+        on another daemon: an anonymous hello without ``user`` resumes as that user (the
+        token itself is checked by :meth:`resume`)."""
         session = token_session(token)
         if session is None:
             return None
         held: Detached | ClientConnection | None = self.detached.get(session)
         if held is None:
             held = self.live.get(session)
-        return None if held is None else held.user
+        if held is not None:
+            return held.user
+        return self.node.state.session_user(session)
 
     def welcome(self, conn: ClientConnection, hello: protocol.Hello) -> None:
         """``conn`` is authenticated: get its session back (``hello.resume``) or start one,
@@ -117,34 +125,61 @@ class Sessions:
         if resumed:
             node.attach(conn)
 
+    def trusted(self, user: str, token: str, session: str) -> bool:
+        """Whether ``token`` lets ``user`` resume ``session``.
+
+        Its MAC is checked whenever this daemon can: always for a session held here, and
+        for one held elsewhere when the key is the cluster's token secret (every daemon has
+        it). Without a token secret each daemon's key is its own, so a token from another
+        daemon cannot be checked; such a daemon only takes anonymous hellos, which may name
+        any user anyway, and a token of a session visible for that user is enough.
+        """
+        if session in self.detached or session in self.live:
+            return token_valid(self.key, user, token)
+        if self.node.config.token_secret is not None:
+            return token_valid(self.key, user, token)
+        return True
+
     def resume(self, conn: ClientConnection, token: str) -> bool:
         """Give ``conn`` (authenticated, no session yet) the session ``token`` names, if it
-        is this user's and still here (detached, or on a connection we took for alive).
+        is this user's and still here (detached, or on a connection we took for alive) or
+        visible in the presence state (held by another daemon, resumed here).
         Sets ``conn.session`` and ``conn.rooms`` (:meth:`welcome` does the rest)."""
         if self.closing or self.timing.resume_grace_s <= 0:
             return False
         session = token_session(token)
-        if session is None or not token_valid(self.key, conn.user, token):
+        if session is None or not self.trusted(conn.user, token, session):
             return False
         node = self.node
+        visible = node.state.session_rooms(conn.user, session)
         held = self.detached.pop(session, None)
-        if held is not None:
-            rooms = held.rooms
-        else:
+        old = None
+        if held is None:
             old = self.live.get(session)
-            if old is None or old is conn or old.user != conn.user:
-                return False
-            rooms = node.detach(old)
-            old.close(CLOSE_GOING_AWAY, "session resumed on another connection")
+            if old is not None:
+                if old is conn or old.user != conn.user:
+                    return False
+                node.detach(old)
+                old.close(CLOSE_GOING_AWAY, "session resumed on another connection")
+            elif not visible:
+                return False  # not here, and nowhere (its grace ran out, or never was)
         conn.session = session
         self.live[session] = conn
         grant = conn.grant
+        rooms = [room for room, _, _ in visible]
         allowed = [room for room in rooms if grant is None or grant.may_join(room)]
         allowed = allowed[: conn.limits.max_rooms_per_connection]
         if len(allowed) < len(rooms):  # a new token with fewer rooms: leave the others
             node.end_session(conn.user, session, [r for r in rooms if r not in allowed])
+        # The session's copies here become the newest (a copy another daemon holds is
+        # shown until then): its writes from now on come from this daemon.
+        keep = set(allowed)
+        adopt = [(room, meta) for room, meta, at in visible if room in keep and at != node.replica]
+        node.adopt(conn.user, session, adopt)
         conn.rooms = dict.fromkeys(allowed)
         node.metrics.sessions_resumed += 1
+        if held is None and old is None:
+            node.metrics.sessions_resumed_elsewhere += 1
         return True
 
     def started(self, conn: ClientConnection) -> str:
@@ -170,6 +205,37 @@ class Sessions:
         deadline = node.clock() + self.timing.resume_grace_s
         self.detached[session] = Detached(conn.user, session, rooms, deadline)
         node.metrics.sessions_detached += 1
+
+    def contested(self) -> None:
+        """Act on what merges learnt about sessions held here (see
+        :mod:`presenced.core.room_index`):
+
+        * a key another daemon wrote newer than ours: the session was resumed there. A
+          connection that still holds it here is stale (the client left it for the other
+          daemon): with a token secret, the resume there was checked, and the connection is
+          closed (1001) and its session detached, as a resume on this daemon would. (Without
+          one, a resume elsewhere proves nothing: the connection stays.)
+        * a key whose newest copy another daemon removed while ours remains: the session
+          left that room where it lives now; a detached session here follows at once
+          (otherwise our copy would keep it in the room for the rest of its grace).
+        """
+        taken, left = self.node.state.take_notices()
+        node = self.node
+        if node.config.token_secret is not None:
+            for _room, user, session in taken:
+                conn = self.live.get(session)
+                if conn is not None and conn.user == user:
+                    del self.live[session]
+                    rooms = node.detach(conn)
+                    deadline = node.clock() + self.timing.resume_grace_s
+                    self.detached[session] = Detached(user, session, rooms, deadline)
+                    node.metrics.sessions_detached += 1
+                    conn.close(CLOSE_GOING_AWAY, "session resumed on another daemon")
+        for room, user, session in left:
+            held = self.detached.get(session)
+            if held is not None and held.user == user and room in held.rooms:
+                held.rooms.remove(room)
+                node.end_session(user, session, [room])
 
     def shutdown(self) -> None:
         """Graceful shutdown: every session leaves now (the caller removes the entries)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,12 +30,14 @@ import trio
 from presenced.config import (
     DEFAULT_DOWN_AFTER,
     DEFAULT_PURGE_AFTER,
+    DEFAULT_RESUME_GRACE_S,
     DEFAULT_TICK_MS,
     Config,
     HostPort,
 )
 from presenced.core import protocol
 from presenced.core.crdt import Meta
+from presenced.core.limits import Limits
 from presenced.server.daemon import Daemon
 from presenced.server.node import Node
 from presenced.server.peer_links import GossipSettings
@@ -72,6 +75,13 @@ class FakeClient:
         #: Called with every message this client receives, as it arrives (tests check
         #: safety laws on each frame, not only on the final view).
         self.on_message: Callable[[FakeClient, dict[str, Any]], None] | None = None
+        #: What the daemon's sessions read of a connection (no grant: anonymous; never
+        #: quiet, so the liveness sweep leaves it alone).
+        self.grant = None
+        self.limits = Limits()
+        self.session_ends = False
+        self.last_input = math.inf
+        self.pinged_at = 0.0
         node.connections.add(self)  # type: ignore[arg-type]
         node.identified(self)  # type: ignore[arg-type]
 
@@ -87,6 +97,19 @@ class FakeClient:
         self.disconnect()
 
     # What a client does:
+    def hello(self, resume: str | None = None) -> dict[str, Any]:
+        """Say hello as a socket connection would (optionally resuming): the session is
+        then the daemon's (see :class:`~presenced.server.sessions.Sessions`); returns the
+        ``welcome``."""
+        hello = protocol.Hello("hello", user=self.user, resume=resume)
+        self.node.sessions.welcome(self, hello)  # type: ignore[arg-type]
+        return self.received("welcome")[-1]
+
+    def drop(self) -> None:
+        """The connection ends without a clean close: the session waits for its grace."""
+        self.node.sessions.connection_ended(self)  # type: ignore[arg-type]
+        self.view.clear()
+
     def join(self, room: str, meta: Meta | None = None) -> None:
         self.rooms[room] = None
         self.node.join(self, room, dict(meta or {}), None)  # type: ignore[arg-type]
@@ -195,8 +218,13 @@ class Cluster:
         purge_after: float = DEFAULT_PURGE_AFTER,
         settings: GossipSettings | None = None,
         data_root: Path | None = None,
+        token_secret: bytes | None = None,
+        resume_grace_s: float = DEFAULT_RESUME_GRACE_S,
     ) -> None:
         self.nursery = nursery
+        #: Given to every daemon (a cluster shares its token secret).
+        self.token_secret = token_secret
+        self.resume_grace_s = resume_grace_s
         self.net = net
         self.tick_ms = tick_ms
         self.down_after = down_after
@@ -230,6 +258,8 @@ class Cluster:
             # peer_listen only dials, and simulated links must be dialable both ways.
             peer_listen=HostPort("127.0.0.1", 0),
             data_dir=None if self.data_root is None else self.data_root / name,
+            token_secret=self.token_secret,
+            resume_grace_s=self.resume_grace_s,
         )
         if self.net.is_crashed(name):
             self.net.restart(name)
