@@ -112,7 +112,6 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         base_rss = rss_kb(daemon.pid)
         received = [trio.Event() for _ in range(args.big_room)]
         clients: list[Lean] = []
-        quiet: list[Lean] = []  # not in the big room: drained by a task of their own
         big: list[Lean] = []
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -127,21 +126,21 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     if i < args.big_room:
                         await client.send({"type": "join", "room": "big", "meta": {"i": i}})
                     clients.append(client)
-                    (quiet if i >= args.big_room else big).append(client)
-                # Read (and drop) the join diffs, then wait for the marker in the big room.
+                    if i < args.big_room:
+                        big.append(client)
+                # Read from the start, as a browser does (a client that reads nothing, and so
+                # answers no ping, is closed as dead after --client-timeout): the big room's
+                # members until the marker, the others for good.
                 if i < args.big_room:
                     await client.read_until('"marker":1', received[i])
-
-            async def drain(client: Lean) -> None:
-                await client.read_until("never appears")
+                else:
+                    await client.read_until("never appears")
 
             for i in range(args.connections):
                 nursery.start_soon(one, i)
             while len(clients) < args.connections:
                 await trio.sleep(0.2)
             connect_s = time.perf_counter() - started
-            for client in quiet:
-                nursery.start_soon(drain, client)
             await trio.sleep(5)  # join diffs delivered, daemon quiet
             rss = rss_kb(daemon.pid)
             cpu0 = cpu_s(daemon.pid)
