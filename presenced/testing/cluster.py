@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from presenced.core import protocol
 from presenced.core.crdt import Meta
 from presenced.server.daemon import Daemon
 from presenced.server.node import Node
-from presenced.server.peer_links import GossipSettings
 from presenced.testing.simnet import SimNetwork
 
 #: room -> user -> session -> (meta, region), as a client sees it.
@@ -193,7 +192,7 @@ class Cluster:
         tick_ms: int = DEFAULT_TICK_MS,
         down_after: float = DEFAULT_DOWN_AFTER,
         purge_after: float = DEFAULT_PURGE_AFTER,
-        settings: GossipSettings | None = None,
+        timings: Mapping[str, float] | None = None,
         data_root: Path | None = None,
     ) -> None:
         self.nursery = nursery
@@ -201,7 +200,8 @@ class Cluster:
         self.tick_ms = tick_ms
         self.down_after = down_after
         self.purge_after = purge_after
-        self.settings = settings or GossipSettings()
+        #: Config fields of the peer layer's timings (like ``heartbeat_interval_s``).
+        self.timings: dict[str, Any] = dict(timings or {})
         #: If set, each daemon keeps its message store in data_root/<name> (survives crashes).
         self.data_root = data_root
         self.daemons: dict[str, SimDaemon] = {}
@@ -230,6 +230,7 @@ class Cluster:
             # peer_listen only dials, and simulated links must be dialable both ways.
             peer_listen=HostPort("127.0.0.1", 0),
             data_dir=None if self.data_root is None else self.data_root / name,
+            **self.timings,
         )
         if self.net.is_crashed(name):
             self.net.restart(name)
@@ -238,7 +239,6 @@ class Cluster:
             config,
             incarnation=next(self._incarnations),
             transport=transport,
-            gossip_settings=self.settings,
             rng=random.Random(self.net.random.random()),  # deterministic under the seed
         )
         daemon.node.phase_clock = trio.current_time  # tick boundaries in virtual time
