@@ -21,8 +21,9 @@ from pathlib import Path
 import trio
 
 from presenced.certs import init_ca, issue_node_cert
-from presenced.server.peer_tls import TlsWebSocketTransport, client_context, server_context
-from presenced.server.transport import PeerChannel
+from presenced.server.peers.tls import TlsWebSocketTransport
+from presenced.server.peers.tls_contexts import client_context, server_context
+from presenced.server.peers.transport import PeerChannel
 
 
 def transports(folder: Path, plain: bool) -> tuple[TlsWebSocketTransport, TlsWebSocketTransport]:

@@ -1,7 +1,7 @@
 """A small private CA for the links between regions: make it, issue node certificates, read them.
 
 Daemons in different regions talk over mutually authenticated TLS (see
-:mod:`presenced.server.peer_tls`): each holds one certificate, signed by a CA all regions
+:mod:`presenced.server.peers.tls`): each holds one certificate, signed by a CA all regions
 trust, and uses it both to accept and to dial, so every node certificate carries the
 ``serverAuth`` and ``clientAuth`` extended key usages. Its names (the subject CN and the DNS
 subject alternative names) always include the node name, which is how the gossip layer checks

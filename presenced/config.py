@@ -88,6 +88,11 @@ TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 DEFAULT_TICK_MS = 30
 DEFAULT_DOWN_AFTER = 3.0
 DEFAULT_PURGE_AFTER = 30.0
+#: Seconds between heartbeats on peer links, and how many of them ``down_after`` spans at
+#: least: liveness is checked every heartbeat interval, so a shorter ``down_after`` marks a
+#: peer down between two of its heartbeats on any link with a delay.
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+MIN_HEARTBEATS_DOWN = 2
 #: Seconds without any sign of life (a frame, a pong) after which a client connection is
 #: dead, and seconds its session then waits for the client to resume it. With the sweep's
 #: second of slack, a vanished client leaves every room within ~27 s (docs/operations.md).
@@ -419,6 +424,23 @@ class Config:
     resume_grace_s: float = attrs.field(
         default=DEFAULT_RESUME_GRACE_S, validator=_validate_field(_check_resume_grace)
     )
+    #: The peer layer's timings (seconds): heartbeats ride on gossip every
+    #: ``heartbeat_interval_s``, digests (repair) every ``digest_interval_s``, RTT pings every
+    #: ``ping_interval_s`` (each ping and pong wakes the other daemon: not every heartbeat); a
+    #: link silent for ``link_timeout_s`` is closed and redialled; a link's handshake gets
+    #: ``handshake_timeout_s``; redials back off from ``redial_initial_s`` to ``redial_max_s``
+    #: (a restarted listener is redialled within a second; one connect a second is no storm).
+    heartbeat_interval_s: float = attrs.field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S, validator=_validate_field(_check_seconds)
+    )
+    digest_interval_s: float = attrs.field(default=2.0, validator=_validate_field(_check_seconds))
+    ping_interval_s: float = attrs.field(default=2.0, validator=_validate_field(_check_seconds))
+    link_timeout_s: float = attrs.field(default=2.5, validator=_validate_field(_check_seconds))
+    handshake_timeout_s: float = attrs.field(default=5.0, validator=_validate_field(_check_seconds))
+    redial_initial_s: float = attrs.field(default=0.2, validator=_validate_field(_check_seconds))
+    redial_max_s: float = attrs.field(default=1.0, validator=_validate_field(_check_seconds))
+    #: Routed messages queued on one peer link before more are dropped (retransmission repairs).
+    max_queued_routed: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
     def __attrs_post_init__(self) -> None:
         if self.token_secret is None and not self.allow_anonymous:
@@ -429,6 +451,27 @@ class Config:
             raise ConfigError(
                 f"down_after ({self.down_after}) must be less than purge_after ({self.purge_after})"
             )
+        _check_heartbeats(self.down_after, self.heartbeat_interval_s, "down_after")
+        if not self.link_timeout_s > self.heartbeat_interval_s:
+            raise ConfigError(
+                f"link_timeout_s ({self.link_timeout_s:g}s) must be more than heartbeat_interval_s"
+                f" ({self.heartbeat_interval_s:g}s)"
+            )
+        if self.redial_max_s < self.redial_initial_s:
+            raise ConfigError(
+                f"redial_max_s ({self.redial_max_s:g}s) is below redial_initial_s"
+                f" ({self.redial_initial_s:g}s)"
+            )
+
+
+def _check_heartbeats(down_after: float, heartbeat_s: float, what: str) -> None:
+    """``down_after`` spans at least ``MIN_HEARTBEATS_DOWN`` heartbeat intervals."""
+    least = MIN_HEARTBEATS_DOWN * heartbeat_s
+    if down_after < least:
+        raise ConfigError(
+            f"{what} ({down_after:g}s) must be at least {MIN_HEARTBEATS_DOWN} peer heartbeat"
+            f" intervals ({least:g}s): shorter marks live peers down between two heartbeats"
+        )
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -600,6 +643,7 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         raise ConfigError(
             f"{what('down_after')} ({down:g}s) must be less than {what('purge_after')} ({purge:g}s)"
         )
+    _check_heartbeats(down, DEFAULT_HEARTBEAT_INTERVAL_S, what("down_after"))
     return Config(**kwargs)
 
 

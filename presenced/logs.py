@@ -1,9 +1,9 @@
 """Log output: the default text lines, or one JSON object per line (`--log-format json`).
 
-Text: ``2026-11-23 14:15:26,123 INFO presenced.server.peer_links: peer link up: ...``.
+Text: ``2026-11-23 14:15:26,123 INFO presenced.server.peers.manager: peer link up: ...``.
 
 JSON (for log shippers): ``{"ts": "2026-11-23T14:15:26.123Z", "level": "info", "logger":
-"presenced.server.peer_links", "msg": "peer link up: ..."}``, plus ``"exc"`` (the formatted
+"presenced.server.peers.manager", "msg": "peer link up: ..."}``, plus ``"exc"`` (the formatted
 traceback) when the record carries an exception, ``"stack"`` for ``stack_info``, and
 ``"region"`` when a :class:`RegionFilter` is installed (several daemons in one process, as in
 `presenced demo`).

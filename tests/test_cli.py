@@ -139,6 +139,7 @@ def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> No
         (["--message-max-age", "0"], "Error: --message-max-age: must be a positive number"),
         (["--client-timeout", "0.5"], "Error: --client-timeout: must be 1..3600 seconds"),
         (["--resume-grace", "-1"], "Error: --resume-grace: must be 0..3600 seconds"),
+        (["--down-after", "0.8"], "Error: --down-after (0.8s) must be at least 2 peer heartbeat"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(

@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 
 import presenced.testing.cluster as cluster_module
 from presenced.core import protocol
-from presenced.server.peer_links import PeerLink
+from presenced.server.peers import PeerLink
 from presenced.testing.cluster import Cluster, FakeClient
 from presenced.testing.simnet import SimNetwork
 

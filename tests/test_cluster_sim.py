@@ -428,7 +428,7 @@ async def test_news_that_lands_late_in_a_tick_is_not_the_next_tick_batch(
             await trio.sleep(eu.tick * 0.8 - 0.001 - eu.tick_phase())  # late in the tick
             for peer in ("us", "ap"):
                 news = cluster.node(peer).gossip.links[eu.replica.node]  # type: ignore[union-attr]
-                news._states_sent = {}  # (its next message repeats every link state: news)
+                news.view.states_sent = {}  # (its next message repeats every link state: news)
                 news.wake()
             await trio.sleep(eu.tick * 0.2 + eu.tick / 2)  # mid-tick of the next tick
             for peer in ("us", "ap"):
@@ -450,7 +450,7 @@ async def test_a_tick_encodes_the_gossip_every_peer_gets_once(
         gossip = cluster.node("eu").gossip
         assert gossip is not None
         for link in gossip.links.values():  # (nothing else due: the same message for both)
-            link._beat_due = link._digest_due = link._ping_due = False
+            link.view.beat_due = link.view.digest_due = link.view.ping_due = False
         clients["eu"].update("r", {"x": "once"})
         encoded = []
         real_encode = peer_wire.encode

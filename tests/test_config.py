@@ -366,6 +366,39 @@ def test_down_and_purge_after() -> None:
         Config(allow_anonymous=True, down_after=5, purge_after=5)
 
 
+def test_down_after_spans_at_least_two_heartbeats() -> None:
+    """Liveness is checked every peer heartbeat interval (0.5 s): a shorter --down-after
+    would mark live peers down between two heartbeats. One line, naming the option."""
+    assert build_config({"allow_anonymous": True, "down_after": 1}).down_after == 1.0
+    with pytest.raises(
+        ConfigError, match=r"^--down-after \(0\.9s\) must be at least 2 peer heartbeat intervals"
+    ):
+        build_config({"allow_anonymous": True, "down_after": 0.9}, {"down_after": "--down-after"})
+    with pytest.raises(ConfigError, match=r"^down_after \(1s\) must be at least 2 peer heartbeat"):
+        Config(allow_anonymous=True, down_after=1.0, heartbeat_interval_s=0.75)
+    assert Config(allow_anonymous=True, down_after=0.5, heartbeat_interval_s=0.1).down_after == 0.5
+
+
+def test_gossip_timings_are_validated_config() -> None:
+    config = Config(allow_anonymous=True)
+    timings = (
+        config.heartbeat_interval_s,
+        config.digest_interval_s,
+        config.ping_interval_s,
+        config.link_timeout_s,
+        config.handshake_timeout_s,
+        config.redial_initial_s,
+        config.redial_max_s,
+    )
+    assert timings == (0.5, 2.0, 2.0, 2.5, 5.0, 0.2, 1.0)
+    with pytest.raises(ConfigError, match="heartbeat_interval_s: expected a positive number"):
+        Config(allow_anonymous=True, heartbeat_interval_s=0)
+    with pytest.raises(ConfigError, match=r"link_timeout_s \(0\.5s\) must be more than"):
+        Config(allow_anonymous=True, link_timeout_s=0.5)
+    with pytest.raises(ConfigError, match=r"redial_max_s \(0\.1s\) is below redial_initial_s"):
+        Config(allow_anonymous=True, redial_max_s=0.1)
+
+
 def test_config_accepts_simulation_peer_addresses() -> None:
     """In-process clusters pass their own transport and address scheme straight to Config."""
     config = Config(allow_anonymous=True, peers=("sim://a", "sim://b"))

@@ -18,17 +18,17 @@ import trio_websocket
 from wsproto.events import BytesMessage
 
 from presenced.certs import CertError, init_ca, issue_node_cert
-from presenced.server import peer_tls
-from presenced.server.peer_links import PeerManager
-from presenced.server.peer_tls import (
-    SUBPROTOCOL,
-    TlsWebSocketTransport,
-    client_context,
-    server_context,
+from presenced.server.peers import (
+    ChannelClosed,
+    PeerChannel,
+    PeerManager,
+    PeerTransport,
+    tls_channel,
 )
-from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
+from presenced.server.peers.tls import SUBPROTOCOL, TlsWebSocketTransport
+from presenced.server.peers.tls_contexts import client_context, server_context
 
-LOGGER = "presenced.server.peer_tls"
+LOGGER = "presenced.server.peers.tls"
 
 
 @attrs.define
@@ -333,7 +333,7 @@ async def test_receive_nowait_finds_everything_that_arrived(
     """A read is skipped when the kernel has nothing new; what is already in, left in the
     kernel (more TLS records) or decrypted in OpenSSL (a record larger than one read, here
     with 100-byte reads), still comes out of ``receive_nowait`` at once, to the last byte."""
-    monkeypatch.setattr(peer_tls, "_RECEIVE_BYTES", read_bytes)
+    monkeypatch.setattr(tls_channel, "_RECEIVE_BYTES", read_bytes)
     us, eu = pki.transport("us"), pki.transport("eu")
     messages = [bytes([n]) * (300 + 50 * n) for n in range(20)]
     with trio.fail_after(10):
@@ -354,7 +354,7 @@ async def test_receive_nowait_finds_everything_that_arrived(
 class PacedLink:
     """What ``wait_for_batches`` reads of a paced link."""
 
-    batch_tick: int
+    view: object  # (its batch_tick)
     channel: object
 
 
@@ -369,8 +369,8 @@ async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki)
             dialled = await eu.dial(server.url)
             accepted = await server.channels.receive()
             tick = 7
-            missing = PacedLink(batch_tick=tick - 1, channel=accepted)
-            arrived = PacedLink(batch_tick=tick, channel=dialled)
+            missing = PacedLink(view=SimpleNamespace(batch_tick=tick - 1), channel=accepted)
+            arrived = PacedLink(view=SimpleNamespace(batch_tick=tick), channel=dialled)
             manager = SimpleNamespace(
                 node=SimpleNamespace(tick_number=lambda: tick),
                 paced={missing: None, arrived: None},
@@ -395,7 +395,9 @@ async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki)
             assert accepted.receive_nowait() == b"the missing batch"
 
             no_socket = SimpleNamespace(input_fd=lambda: None)
-            manager.paced = {PacedLink(batch_tick=tick - 1, channel=no_socket): None}
+            manager.paced = {
+                PacedLink(view=SimpleNamespace(batch_tick=tick - 1), channel=no_socket): None
+            }
             came, waited = await timed(5)
             assert not came and waited < 1
 

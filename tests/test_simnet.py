@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from presenced.server.transport import ChannelClosed, PeerChannel, PeerTransport
+from presenced.server.peers.transport import ChannelClosed, PeerChannel, PeerTransport
 from presenced.testing import SimChannel, SimNetwork, SimStats, SimTransport
 
 

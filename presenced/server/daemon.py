@@ -20,9 +20,8 @@ from presenced.core.crdt import ReplicaId
 from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
 from presenced.server.messaging import MessageStore, Messenger
 from presenced.server.node import Node
-from presenced.server.peer_links import GossipSettings, PeerManager
+from presenced.server.peers import PeerManager, PeerTransport
 from presenced.server.startup import load_tls, node_cert_warning, open_listeners
-from presenced.server.transport import PeerTransport
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ class Daemon:
         *,
         incarnation: int | None = None,
         transport: PeerTransport | None = None,
-        gossip_settings: GossipSettings | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
@@ -67,15 +65,14 @@ class Daemon:
             self.peers = PeerManager(
                 self.node,
                 transport,
-                config.peers,
-                gossip_settings,
+                config,
                 accept=config.peer_listen is not None or not config.peers,
                 rng=rng,
             )
 
     def _transport_running(self) -> contextlib.AbstractAsyncContextManager[object]:
         """The TLS transport keeps dialled channels' tasks in a nursery of its own."""
-        from presenced.server.peer_tls import TlsWebSocketTransport
+        from presenced.server.peers.tls import TlsWebSocketTransport
 
         if isinstance(self.transport, TlsWebSocketTransport):
             return self.transport.running()
@@ -167,7 +164,7 @@ class Daemon:
 
     async def _bind_peers(self) -> list[trio.SocketListener]:
         """Bind the TLS transport's peer listener now (other transports bind in ``serve``)."""
-        from presenced.server.peer_tls import TlsWebSocketTransport
+        from presenced.server.peers.tls import TlsWebSocketTransport
 
         if self.peers is None or not self.peers.accept:
             return []
@@ -236,7 +233,7 @@ def _tls_transport(config: Config) -> PeerTransport:
     rather than failing every link later; a certificate that does not name this node is
     only warned about (peers will refuse its links, but the clients' side still works).
     """
-    from presenced.server.peer_tls import TlsWebSocketTransport
+    from presenced.server.peers.tls import TlsWebSocketTransport
 
     if config.tls_cert is None or config.tls_key is None or config.tls_ca is None:
         raise ValueError("peer links need --tls-cert, --tls-key and --tls-ca")

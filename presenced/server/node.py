@@ -17,7 +17,7 @@ its rooms once the near peers' batches of the same tick are in (:meth:`Node.flus
 member gets one frame per tick with every region's changes in it, instead of one per region:
 fewer frames, writes and wake-ups on both ends, for a few milliseconds of latency. Near peers
 are not even waited for one by one: the ticker reads paced links itself ``flush_lag`` after
-the boundary (see :mod:`presenced.server.peer_links`), and a link whose last batch came
+the boundary (see :mod:`presenced.server.peers.links`), and a link whose last batch came
 within ``hold`` of its boundary is waited for up to ``hold``. A batch that arrives at any
 other time (a distant region) is flushed at once: waiting would add latency and fold nothing
 in. So a tick costs a busy daemon one wake-up through trio (the boundary; the ticker sleeps
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from presenced.config import Config
     from presenced.server.clients import ClientConnection
     from presenced.server.messaging import Messenger
-    from presenced.server.peer_links import PeerManager
+    from presenced.server.peers import PeerManager
 
 log = logging.getLogger(__name__)
 

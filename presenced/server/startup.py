@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from presenced.certs import CertError, cert_names
+from presenced.server.peers.tls_contexts import client_context, server_context
 
 __all__ = [
     "ListenError",
@@ -135,8 +136,6 @@ def load_tls(cert: Path, key: Path, ca: Path) -> TlsMaterial:
             "tls_key", f"{str(key)!r} is not the key of the certificate {str(cert)!r}"
         )
     _load_certificates(ca, "tls_ca", "CA certificate")
-    from presenced.server.peer_tls import client_context, server_context
-
     try:
         server_ctx = server_context(cert, key, ca)
         client_ctx = client_context(cert, key, ca)

@@ -16,8 +16,8 @@ invalid UTF-8) returns None, and the connection hands that read, and every later
 wsproto, which either handles it or closes with the right code. So the fast path only ever
 accepts what wsproto would accept, with the same result (a property test checks this).
 
-Peer links (:mod:`presenced.server.peer_tls`) carry one binary message per tick each way, and
-wsproto took 25-37 µs of CPU to read one and 11-22 µs to frame one. So they split what they
+Peer links (:mod:`presenced.server.peers.tls_channel`) carry one binary message per tick each
+way, and wsproto took 25-37 µs of CPU to read one and 11-22 µs to frame one. So they split what they
 read into whole frames (:func:`frame_header`), take a final binary frame's payload directly
 (:func:`binary_payload`), and hand any other frame to wsproto whole; they frame what they send
 with :func:`binary_frame`. wsproto still runs the handshake, control frames, fragments and

@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ from presenced.core.crdt import Meta
 from presenced.core.limits import Limits
 from presenced.server.daemon import Daemon
 from presenced.server.node import Node
-from presenced.server.peer_links import GossipSettings
 from presenced.testing.simnet import SimNetwork
 
 #: room -> user -> session -> (meta, region), as a client sees it.
@@ -216,7 +215,7 @@ class Cluster:
         tick_ms: int = DEFAULT_TICK_MS,
         down_after: float = DEFAULT_DOWN_AFTER,
         purge_after: float = DEFAULT_PURGE_AFTER,
-        settings: GossipSettings | None = None,
+        timings: Mapping[str, float] | None = None,
         data_root: Path | None = None,
         token_secret: bytes | None = None,
         resume_grace_s: float = DEFAULT_RESUME_GRACE_S,
@@ -229,7 +228,8 @@ class Cluster:
         self.tick_ms = tick_ms
         self.down_after = down_after
         self.purge_after = purge_after
-        self.settings = settings or GossipSettings()
+        #: Config fields of the peer layer's timings (like ``heartbeat_interval_s``).
+        self.timings: dict[str, Any] = dict(timings or {})
         #: If set, each daemon keeps its message store in data_root/<name> (survives crashes).
         self.data_root = data_root
         self.daemons: dict[str, SimDaemon] = {}
@@ -260,6 +260,7 @@ class Cluster:
             data_dir=None if self.data_root is None else self.data_root / name,
             token_secret=self.token_secret,
             resume_grace_s=self.resume_grace_s,
+            **self.timings,
         )
         if self.net.is_crashed(name):
             self.net.restart(name)
@@ -268,7 +269,6 @@ class Cluster:
             config,
             incarnation=next(self._incarnations),
             transport=transport,
-            gossip_settings=self.settings,
             rng=random.Random(self.net.random.random()),  # deterministic under the seed
         )
         daemon.node.phase_clock = trio.current_time  # tick boundaries in virtual time

@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import trio
 
-from presenced.server.transport import ChannelClosed, ChannelHandler
+from presenced.server.peers.transport import ChannelClosed, ChannelHandler
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "SimChannel", "SimNetwork", "SimStats", "SimTransport"]
 

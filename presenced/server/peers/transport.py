@@ -2,7 +2,7 @@
 
 The gossip layer only needs ordered, message-oriented channels between daemons and a way to
 dial and accept them. In production that is WebSocket over mutually authenticated TLS
-(:mod:`presenced.server.peer_tls`); in tests it is an in-memory network with latency, loss
+(:mod:`presenced.server.peers.tls`); in tests it is an in-memory network with latency, loss
 and partitions (:mod:`presenced.testing.simnet`) running under trio's MockClock. The daemon
 code above this seam is the same in both.
 """
