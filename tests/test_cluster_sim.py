@@ -347,7 +347,7 @@ async def test_a_tick_whose_batches_are_all_read_flushes_at_once(autojump_clock:
         for client in clients.values():
             client.update("r", {"x": "next"})
         # 2 ms into the next tick: the peers' batches (1 ms away) are in, not read yet
-        await trio.sleep(node.tick / 2 + 0.002)
+        await trio.sleep(node.tick_s / 2 + 0.002)
         now = trio.current_time()
         assert gossip.paced_pending()
         assert node.flush_time(now) > now
@@ -403,9 +403,9 @@ async def test_changes_read_at_a_boundary_wake_no_link(autojump_clock: object) -
         await trio.sleep(0.1)  # every link idle for more than a tick
         node = cluster.node("eu")
         links = list(node.gossip.links.values())  # type: ignore[union-attr]
-        node._reading_clients = True  # (what the ticker sets around its reads of paced clients)
+        node.reading_clients = True  # (what the ticker sets around its reads of paced clients)
         clients["eu"].update("r", {"x": "boundary"})
-        node._reading_clients = False
+        node.reading_clients = False
         assert not any(link._wakeup.is_set() for link in links)
         clients["eu"].update("r", {"x": "mid-tick"})  # any other change: the leading edge
         assert all(link._wakeup.is_set() for link in links)
@@ -425,12 +425,12 @@ async def test_news_that_lands_late_in_a_tick_is_not_the_next_tick_batch(
         for step in range(20, 40):
             for client in clients.values():
                 client.update("r", {"x": step})
-            await trio.sleep(eu.tick * 0.8 - 0.001 - eu.tick_phase())  # late in the tick
+            await trio.sleep(eu.tick_s * 0.8 - 0.001 - eu.tick_phase())  # late in the tick
             for peer in ("us", "ap"):
                 news = cluster.node(peer).gossip.links[eu.replica.node]  # type: ignore[union-attr]
                 news.view.states_sent = {}  # (its next message repeats every link state: news)
                 news.wake()
-            await trio.sleep(eu.tick * 0.2 + eu.tick / 2)  # mid-tick of the next tick
+            await trio.sleep(eu.tick_s * 0.2 + eu.tick_s / 2)  # mid-tick of the next tick
             for peer in ("us", "ap"):
                 late += clients["eu"].sees("r")[(f"u-{peer}", clients[peer].session)] != {"x": step}
         assert late == 0

@@ -98,3 +98,19 @@ def test_checker_catches_forbidden_imports(source: str) -> None:
 )
 def test_checker_allows_pure_imports(source: str) -> None:
     assert not forbidden_imports(source)
+
+
+#: What the presence node and the tick plan may not import besides I/O: the shell, the
+#: configuration and authentication (they are handed plain values and interfaces).
+SHELL = ("presenced.server", "presenced.config", "presenced.auth", "select", "ctypes")
+
+
+@pytest.mark.parametrize("name", ["presence.py", "ticks.py"])
+def test_the_presence_node_and_tick_plan_import_no_shell(name: str) -> None:
+    tree = ast.parse((CORE / name).read_text(encoding="utf-8"))
+    bad = [
+        f"line {line}: {module}"
+        for line, module in imported_modules(tree)
+        if any(module == banned or module.startswith(banned + ".") for banned in SHELL)
+    ]
+    assert not bad, f"core/{name} imports the shell: {bad}"

@@ -1,5 +1,9 @@
 """The daemon: listeners, the ticker, signals and graceful shutdown around one :class:`Node`.
 
+Wiring: the daemon builds the node, the messenger and (with peers) the peer manager, hands
+the last two to the node in one call (:meth:`Node.wire`), and runs the :class:`Ticker` over
+the node and its peer layer. No part sets itself on another.
+
 Shutdown order (SIGINT/SIGTERM, or :meth:`Daemon.shutdown`): stop accepting, close every
 client with 1001 ("going away") so they reconnect elsewhere, give their tasks a short grace
 period to write the close frames, then stop.
@@ -22,6 +26,7 @@ from presenced.server.messaging import MessageStore, Messenger
 from presenced.server.node import Node
 from presenced.server.peers import PeerManager, PeerTransport
 from presenced.server.startup import load_tls, node_cert_warning, open_listeners
+from presenced.server.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,8 @@ class Daemon:
                 accept=config.peer_listen is not None or not config.peers,
                 rng=rng,
             )
+        self.node.wire(gossip=self.peers, messenger=self.messenger)
+        self.ticker = Ticker(self.node, self.peers)
 
     def _transport_running(self) -> contextlib.AbstractAsyncContextManager[object]:
         """The TLS transport keeps dialled channels' tasks in a nursery of its own."""
@@ -110,7 +117,7 @@ class Daemon:
                 http_listeners = await open_listeners(config.http.host, config.http.port, "http")
                 bound += http_listeners
             async with self._transport_running(), trio.open_nursery() as nursery:
-                nursery.start_soon(self.node.run_ticker)
+                nursery.start_soon(self.ticker.run)
                 nursery.start_soon(self.messenger.run)
                 nursery.start_soon(self.node.sessions.run)
                 if self.peers is not None:

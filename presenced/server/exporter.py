@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -28,23 +28,49 @@ from presenced.server.metrics import FLUSH_BUCKETS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from presenced.server.daemon import Daemon
+    from presenced.config import Config
+    from presenced.server.node import Node
+    from presenced.server.peer_links import PeerManager
 
 __all__ = [
     "LINK_DOWN",
     "LINK_UP",
     "RELAYED",
     "DaemonCollector",
+    "DaemonView",
     "make_registry",
     "readiness",
     "status_document",
 ]
 
+
+class DaemonView(Protocol):
+    """What the side port reads of a running daemon (:class:`~presenced.server.daemon.Daemon`
+    is one): read at request time, never pushed."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def node(self) -> Node: ...
+    @property
+    def peers(self) -> PeerManager | None: ...
+    @property
+    def client_port(self) -> int | None: ...
+    @property
+    def peer_port(self) -> int | None: ...
+    @property
+    def http_port(self) -> int | None: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def stopping(self) -> bool: ...
+
+
 #: Liveness statuses, each reported (as 0 when none) so alerts can rely on the series.
 STATUSES = (UP, DOWN, PURGED, RETIRED)
 
 
-def readiness(daemon: Daemon) -> str | None:
+def readiness(daemon: DaemonView) -> str | None:
     """None when the daemon serves clients and is not shutting down, else the reason."""
     if daemon.stopping:
         return "shutting down"
@@ -53,7 +79,7 @@ def readiness(daemon: Daemon) -> str | None:
     return None
 
 
-def uptime(daemon: Daemon) -> float:
+def uptime(daemon: DaemonView) -> float:
     """Seconds since the daemon started (its incarnation is its start time in µs)."""
     return max(0.0, time.time() - daemon.node.replica.incarnation / 1e6)
 
@@ -66,7 +92,7 @@ def _newest_per_node(replicas: Iterator[ReplicaId]) -> dict[str, ReplicaId]:
     return newest
 
 
-def _region_of(daemon: Daemon, replica: ReplicaId) -> str:
+def _region_of(daemon: DaemonView, replica: ReplicaId) -> str:
     partition = daemon.node.state.partitions.get(replica)
     if partition is not None:
         return partition.region
@@ -80,7 +106,7 @@ def _region_of(daemon: Daemon, replica: ReplicaId) -> str:
 LINK_UP, RELAYED, LINK_DOWN = "up", "relayed", "down"
 
 
-def _unlinked_nodes(daemon: Daemon) -> dict[str, tuple[ReplicaId, str]]:
+def _unlinked_nodes(daemon: DaemonView) -> dict[str, tuple[ReplicaId, str]]:
     """Other nodes this daemon knows of (newest incarnation) without a direct link, with
     their peer state: ``relayed`` (heard through another region) or ``down``."""
     node = daemon.node
@@ -97,7 +123,7 @@ def _unlinked_nodes(daemon: Daemon) -> dict[str, tuple[ReplicaId, str]]:
 class DaemonCollector(Collector):
     """A Prometheus collector reading one daemon at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
@@ -325,7 +351,7 @@ class DaemonCollector(Collector):
         yield message_errors
 
 
-def make_registry(daemon: Daemon) -> CollectorRegistry:
+def make_registry(daemon: DaemonView) -> CollectorRegistry:
     """A registry of its own for one daemon (not the process-wide default one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(daemon))
@@ -338,7 +364,7 @@ def _address(host: str, port: int | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def status_document(daemon: Daemon) -> dict[str, Any]:
+def status_document(daemon: DaemonView) -> dict[str, Any]:
     """The `/status` JSON: who this daemon is, its links, the replicas it knows, its counts."""
     node = daemon.node
     config = daemon.config

@@ -35,12 +35,11 @@ import trio
 from prometheus_client.exposition import generate_latest
 
 from presenced import __version__
-from presenced.server.exporter import make_registry, readiness, status_document
+from presenced.server.exporter import DaemonView, make_registry, readiness, status_document
 from presenced.server.startup import open_listeners
 
 if TYPE_CHECKING:
     from presenced.config import HostPort
-    from presenced.server.daemon import Daemon
 
 __all__ = ["WEB_ROOT", "HttpSide", "Response", "serve_http"]
 
@@ -132,7 +131,7 @@ class HttpSide:
 
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: DaemonView,
         *,
         web_root: Path = WEB_ROOT,
         request_timeout: float = REQUEST_TIMEOUT,
@@ -338,7 +337,7 @@ def _read_small(path: Path) -> bytes:
 
 
 async def serve_http(
-    daemon: Daemon,
+    daemon: DaemonView,
     address: HostPort,
     listeners: list[trio.SocketListener] | None = None,
     *,

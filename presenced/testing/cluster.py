@@ -81,8 +81,8 @@ class FakeClient:
         self.session_ends = False
         self.last_input = math.inf
         self.pinged_at = 0.0
-        node.connections.add(self)  # type: ignore[arg-type]
-        node.identified(self)  # type: ignore[arg-type]
+        node.connections.add(self)
+        node.identified(self)
 
     # What the node calls on a connection:
     def push(self, frame: bytes, room: str | None = None) -> None:
@@ -111,20 +111,20 @@ class FakeClient:
 
     def join(self, room: str, meta: Meta | None = None) -> None:
         self.rooms[room] = None
-        self.node.join(self, room, dict(meta or {}), None)  # type: ignore[arg-type]
+        self.node.join(self, room, dict(meta or {}), None)
 
     def update(self, room: str, patch: Meta) -> None:
-        current = self.node.current_meta(self, room)  # type: ignore[arg-type]
+        current = self.node.current_meta(self, room)
         assert current is not None, f"{self.user} is not in {room}"
-        self.node.update(self, room, protocol.apply_meta_patch(dict(current), dict(patch)))  # type: ignore[arg-type]
+        self.node.update(self, room, protocol.apply_meta_patch(dict(current), dict(patch)))
 
     def leave(self, room: str) -> None:
         del self.rooms[room]
-        self.node.leave(self, room)  # type: ignore[arg-type]
+        self.node.leave(self, room)
         self.view.pop(room, None)
 
     def broadcast(self, room: str, event: str, data: Any = None) -> None:
-        self.node.broadcast(self, room, event, data, False)  # type: ignore[arg-type]
+        self.node.broadcast(self, room, event, data, False)
 
     def send_to(self, to: str | list[str], data: Any, mode: str = "fast") -> int:
         """Send a direct message; returns the ``ref`` its confirmations will carry."""
@@ -155,7 +155,7 @@ class FakeClient:
         ]
 
     def disconnect(self) -> None:
-        self.node.disconnect(self)  # type: ignore[arg-type]
+        self.node.disconnect(self)
         self.view.clear()
 
     def _receive(self, message: dict[str, Any]) -> None:

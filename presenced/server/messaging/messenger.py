@@ -71,7 +71,6 @@ class Messenger:
         )
         self._wakeup = trio.Event()
         self._commit_wanted = trio.Event()
-        node.messenger = self
 
     @property
     def pending_users(self) -> set[str]:

@@ -89,7 +89,6 @@ class PeerManager:
         self._dialers: dict[str, _Dialer] = {}
         self._nursery: trio.Nursery | None = None
         self.routes = RouteTable(node.replica.node, node.replica.incarnation)
-        node.gossip = self
 
     async def run(
         self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
