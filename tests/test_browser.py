@@ -27,6 +27,9 @@ from typing import Any
 
 import pytest
 
+#: A real browser against a real daemon.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "presenced" / "web"
 CHROMIUM = Path("/usr/bin/chromium")

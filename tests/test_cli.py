@@ -153,6 +153,7 @@ def test_bad_values_exit_2_with_one_line(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_bad_listen_in_real_process_has_no_traceback() -> None:
     """The installed entry point, not just CliRunner: one line on stderr, status 2."""
     proc = subprocess.run(

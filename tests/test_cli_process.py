@@ -19,7 +19,8 @@ from presenced.client import PresenceClient, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+#: Real daemon processes.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
 
 def clean_env() -> dict[str, str]:

@@ -14,10 +14,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from presenced.cli_demo import links_of
 from presenced.client import connect
+
+#: The demo runs three real daemon processes.
+pytestmark = pytest.mark.slow
 
 URL_LINE = re.compile(r"^\s+(eu|us|ap)\s+(http://\S+/)\s+(ws://\S+/)\s*$")
 CERTS_LINE = re.compile(r"demo certificates in (\S+) \(removed on exit\)")

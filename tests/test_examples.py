@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from presenced.certs import init_ca, issue_node_cert
@@ -49,6 +50,7 @@ def test_region_configs_load_and_form_a_full_mesh(tmp_path: Path) -> None:
         assert config.limits.max_connections == 20000
 
 
+@pytest.mark.slow
 def test_systemd_unit(tmp_path: Path) -> None:
     text = (EXAMPLES / "presenced.service").read_text()
     for line in (
@@ -90,6 +92,7 @@ SUMMARY = re.compile(
 )
 
 
+@pytest.mark.slow
 async def test_crowd_plays_against_a_daemon(start_daemon: Any) -> None:
     running = await start_daemon()
     args = [

@@ -325,6 +325,7 @@ async def test_unknown_path_is_404_and_http_1_0_works(start_daemon: Any) -> None
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok\n")
 
 
+@pytest.mark.slow
 async def test_peers_without_a_direct_link_are_relayed_then_down(
     start_daemon: Any, make_config: Any, tmp_path: Path
 ) -> None:

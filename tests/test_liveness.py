@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -23,6 +24,9 @@ from wsproto.events import (
 )
 
 from presenced.server.daemon import Daemon
+
+#: Real sockets and real liveness timeouts of about a second.
+pytestmark = pytest.mark.slow
 
 WAIT = 8
 #: Short liveness settings: pinged after 0.8 s quiet, dead after 1.2 s, 1 s of grace.

@@ -86,6 +86,7 @@ async def test_each_task_tree_logs_its_own_region(root_logger: logging.Logger) -
     ]
 
 
+@pytest.mark.slow
 def test_daemon_logs_json_lines_in_a_real_process() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCED_")}
     args = [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--listen", ":0"]

@@ -545,6 +545,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [0, 7])
 def test_acknowledged_messages_survive_sigkill(tmp_path: Path, batch: int) -> None:
     path = tmp_path / "messages.sqlite3"

@@ -75,6 +75,7 @@ async def test_a_fetch_answers_complete_over_a_real_socket(
         }
 
 
+@pytest.mark.slow
 async def test_a_fast_send_into_a_blackholed_link_is_answered_timeout(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

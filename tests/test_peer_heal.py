@@ -9,12 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from presenced.certs import init_ca, issue_node_cert
 from presenced.config import Config, HostPort
 from presenced.server.daemon import Daemon
+
+#: Three real daemons over TLS, one restarted, and real seconds for the heal.
+pytestmark = pytest.mark.slow
 
 LIVENESS = {"down_after": 1.0, "purge_after": 30.0}
 

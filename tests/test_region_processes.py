@@ -20,6 +20,9 @@ import trio
 from presenced.certs import init_ca, issue_node_cert
 from presenced.client import PresenceClient, connect
 
+#: Real daemon processes linked over TLS.
+pytestmark = pytest.mark.slow
+
 DOWN_AFTER = 1.5
 
 

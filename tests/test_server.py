@@ -308,6 +308,7 @@ BAD_TOKENS: dict[str, Callable[[float], str | None]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", BAD_TOKENS)
 async def test_bad_token_is_unauthorized_and_closed(start_daemon, kind: str) -> None:
     server = await start_daemon(token_secret=SECRET, allow_anonymous=False)
@@ -324,6 +325,7 @@ async def test_bad_token_is_unauthorized_and_closed(start_daemon, kind: str) -> 
     assert server.daemon.node.connections == set()
 
 
+@pytest.mark.slow
 async def test_token_refused_when_daemon_has_no_secret(url: str) -> None:
     token = mint_token(SECRET, "ann", ["*"], ttl_s=60, now=time.time())
     async with open_websocket_url(url) as ws:
@@ -332,6 +334,7 @@ async def test_token_refused_when_daemon_has_no_secret(url: str) -> None:
         assert await raw_close_code(ws) == 1008
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first",
     [
@@ -457,6 +460,7 @@ async def test_a_client_streaming_updates_is_read_once_per_tick(start_daemon) ->
         )
 
 
+@pytest.mark.slow
 async def test_a_paced_client_that_disconnects_or_misbehaves_is_dropped_alone(
     start_daemon,
 ) -> None:

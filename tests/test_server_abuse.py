@@ -242,6 +242,7 @@ async def test_bad_frame_gets_an_error_and_harms_nobody(
         await still_open(ws)  # a bad request is not fatal
 
 
+@pytest.mark.slow
 async def test_bad_frame_before_hello_is_answered(start_daemon) -> None:
     async with arena(start_daemon) as state, attacker(state.url, hello=False) as ws:
         await ws.send_message("{{{")
@@ -270,6 +271,7 @@ async def test_binary_json_frame_is_accepted(start_daemon) -> None:
         assert pong["type"] == "pong" and pong["ref"] == 4 and pong["t"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "binary"])
 async def test_oversize_frame_closes_1009(start_daemon, kind: str) -> None:
     async with arena(start_daemon) as state, attacker(state.url) as ws:
@@ -339,6 +341,7 @@ async def test_over_the_rate_gets_rate_limited_but_stays_open(start_daemon) -> N
         assert reply["type"] == "pong"
 
 
+@pytest.mark.slow
 async def test_no_hello_in_time_closes_1008(start_daemon) -> None:
     async with (
         arena(start_daemon, hello_timeout=0.3) as state,

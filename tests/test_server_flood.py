@@ -297,6 +297,7 @@ async def test_frames_sent_behind_the_upgrade_request_are_read(start_daemon) -> 
     await raw.aclose()
 
 
+@pytest.mark.slow
 async def test_the_close_reaches_a_flooder_of_a_daemon_process(tmp_path: Path) -> None:
     """Closing a socket with unread input resets it, and the reset throws away what the
     client had not read yet (seen with the daemon in a process of its own): the daemon reads

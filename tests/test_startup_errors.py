@@ -23,7 +23,11 @@ from presenced.certs import init_ca, issue_node_cert
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes and signals")
+#: Each test runs the real command in a process of its own.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes and signals"),
+]
 
 #: Seconds a start-up may take on a slow, busy machine (it takes well under one).
 START_S = 30
