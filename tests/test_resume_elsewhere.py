@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
@@ -266,6 +267,7 @@ class Raw:
         return meta
 
 
+@pytest.mark.slow
 async def test_over_real_sockets_a_session_resumes_on_the_other_daemon(
     nursery: trio.Nursery, make_config: Any, tmp_path: Path
 ) -> None:
