@@ -30,7 +30,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import XorMaskerSimple
 
 from presenced.core.frame_guard import TOO_LARGE, TOO_MANY_FRAMES, FrameGuard
-from presenced.server.websocket import (
+from presenced.core.ws_frames import (
     binary_frame,
     binary_payload,
     complete_text_messages,

@@ -39,14 +39,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from presenced.core import peer_wire, protocol
+from presenced.core.client_frames import message_frame
 from presenced.core.crdt import Change, Meta, PresenceState, ReplicaId
 from presenced.core.fanout import RoomFeed
 from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transition
 from presenced.server.alarm import Alarm, open_alarm
+from presenced.server.clients import PacedClients, Sessions
 from presenced.server.metrics import Metrics
-from presenced.server.paced_clients import PacedClients
-from presenced.server.sessions import Sessions
-from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
