@@ -52,8 +52,7 @@ from trio_websocket import (
 
 from presenced.client_resume import FATAL_CLOSE_CODES, ResumeBook, backoff_s
 from presenced.client_sent import RequestError, Sent
-from presenced.core.protocol import apply_meta_patch
-from presenced.server.websocket import SUBPROTOCOL
+from presenced.core.client_wire import SUBPROTOCOL, apply_meta_patch
 
 Presences = dict[str, dict[str, dict[str, Any]]]
 

@@ -9,7 +9,7 @@ from presenced.core.resume import (
     token_valid,
     verdict,
 )
-from presenced.server.websocket import PING_FRAME, binary_frame, whole_control_frames
+from presenced.core.ws_frames import PING_FRAME, binary_frame, whole_control_frames
 
 TIMING = Timing(client_timeout_s=15.0, resume_grace_s=10.0)
 

@@ -497,7 +497,7 @@ def test_paced_clients_read_only_those_with_input() -> None:
     tick (no failed read), and the epoll descriptor lives only while someone is paced."""
     import socket
 
-    from presenced.server.paced_clients import PacedClients
+    from presenced.server.clients import PacedClients
 
     class Conn:
         def __init__(self) -> None:

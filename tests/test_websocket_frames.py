@@ -27,7 +27,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import XorMaskerSimple
 
-from presenced.server.websocket import (
+from presenced.core.ws_frames import (
     binary_frame,
     binary_payload,
     complete_text_messages,

@@ -34,8 +34,11 @@ class Member(Protocol):
 
     user: str
     session: str
-    #: The rooms it is in (a dict used as an ordered set).
-    rooms: dict[str, None]
+
+    @property
+    def rooms(self) -> dict[str, None]:
+        """The rooms it is in (a dict used as an ordered set; the node adds and removes)."""
+        ...
 
     def push(self, frame: bytes, room: str | None = None) -> None:
         """Queue an encoded frame (``room``: a frame a resync of the room may replace)."""

@@ -22,11 +22,13 @@ from typing import Final, Literal
 
 import attrs
 
+from presenced.core.ws_frames import CloseCode
+
 #: Close codes a client sends when it means to go (a closed tab, a logout): its session
 #: leaves at once. Any other code (a client that is about to reconnect, say 4000) and a
 #: connection that just drops keep the session for the grace. 1005: a close frame without a
 #: code.
-CLEAN_CLOSE_CODES: Final = frozenset({1000, 1001, 1005})
+CLEAN_CLOSE_CODES: Final = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS})
 
 #: What the sweeper does with a connection.
 Verdict = Literal["ok", "ping", "dead"]

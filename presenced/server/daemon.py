@@ -21,7 +21,8 @@ import trio
 
 from presenced.config import Config
 from presenced.core.crdt import ReplicaId
-from presenced.server.clients import CLOSE_GOING_AWAY, ClientConnection
+from presenced.core.ws_frames import CloseCode
+from presenced.server.clients import ClientConnection
 from presenced.server.messaging import MessageStore, Messenger
 from presenced.server.node import Node
 from presenced.server.peers import PeerManager, PeerTransport
@@ -156,7 +157,7 @@ class Daemon:
                     if self.peers is not None:
                         await self.peers.say_goodbye()
                     log.info("shutting down: closing %d clients", len(self.node.connections))
-                    self.node.close_all(CLOSE_GOING_AWAY, "server shutting down")
+                    self.node.close_all(CloseCode.GOING_AWAY, "server shutting down")
                     with trio.move_on_after(SHUTDOWN_GRACE):
                         while self.node.connections:
                             await trio.sleep(0.01)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from presenced.config import Config
     from presenced.server.node import Node
-    from presenced.server.peer_links import PeerManager
+    from presenced.server.peers import PeerManager
 
 __all__ = [
     "LINK_DOWN",

@@ -23,18 +23,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from presenced.core import peer_wire
+from presenced.core.client_frames import message_frame
 from presenced.core.crdt import ReplicaId
 from presenced.core.liveness import DOWN
 from presenced.core.presence import Member, Presence
+from presenced.server.clients import PacedClients, Sessions
 from presenced.server.metrics import Metrics
-from presenced.server.paced_clients import PacedClients
-from presenced.server.sessions import Sessions
-from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
     from presenced.config import Config
     from presenced.server.messaging import Messenger
-    from presenced.server.peer_links import PeerManager
+    from presenced.server.peers import PeerManager
 
 log = logging.getLogger(__name__)
 

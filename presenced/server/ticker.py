@@ -4,7 +4,7 @@ It sleeps on an alarm (:mod:`presenced.server.alarm`: a kernel timer when it can
 plan's next wake-up. At a boundary that has work it reads busy clients, has the peer links
 send the tick's gossip, and reads the near peers' batches that are in; a near batch still
 missing is waited for on its socket, blocking the thread up to the poll point
-(:meth:`PeerManager.wait_for_batches <presenced.server.peer_links.PeerManager.wait_for_batches>`):
+(``PeerManager.wait_for_batches`` in :mod:`presenced.server.peers.manager`):
 a wake-up through trio costs more CPU than the kernel's own, and such a batch usually lands a
 millisecond or two after this daemon's boundary work. A batch later than that is read at
 the poll point's own wake-up, and a last time at the hold. Rooms flush at the plan's flush

@@ -38,6 +38,7 @@ from presenced.config import (
 from presenced.core import protocol
 from presenced.core.crdt import Meta
 from presenced.core.limits import Limits
+from presenced.core.session import SessionRules
 from presenced.server.daemon import Daemon
 from presenced.server.node import Node
 from presenced.testing.simnet import SimNetwork
@@ -74,10 +75,11 @@ class FakeClient:
         #: Called with every message this client receives, as it arrives (tests check
         #: safety laws on each frame, not only on the final view).
         self.on_message: Callable[[FakeClient, dict[str, Any]], None] | None = None
-        #: What the daemon's sessions read of a connection (no grant: anonymous; never
-        #: quiet, so the liveness sweep leaves it alone).
-        self.grant = None
+        #: What the daemon's sessions read of a connection (rules with no grant: any room;
+        #: never quiet, so the liveness sweep leaves it alone).
         self.limits = Limits()
+        self.rules = SessionRules(self.limits, 0.0)
+        self.rules.rooms = self.rooms
         self.session_ends = False
         self.last_input = math.inf
         self.pinged_at = 0.0
@@ -98,7 +100,7 @@ class FakeClient:
     # What a client does:
     def hello(self, resume: str | None = None) -> dict[str, Any]:
         """Say hello as a socket connection would (optionally resuming): the session is
-        then the daemon's (see :class:`~presenced.server.sessions.Sessions`); returns the
+        then the daemon's (see :class:`~presenced.server.clients.Sessions`); returns the
         ``welcome``."""
         hello = protocol.Hello("hello", user=self.user, resume=resume)
         self.node.sessions.welcome(self, hello)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ import trio
 from presenced.core import peer_wire as wire
 from presenced.core import protocol
 from presenced.core.answers import FAST_ANSWER_S, ClusterView
+from presenced.core.client_frames import message_frame
 from presenced.core.direct import COMMIT_INTERVAL_S, EXPIRE_INTERVAL_S, DirectMessages
 from presenced.core.direct_effects import (
     CommitSoon,
@@ -40,7 +41,6 @@ from presenced.core.direct_effects import (
 )
 from presenced.server.messaging.fetches import cluster_view
 from presenced.server.messaging.store import MessageStore
-from presenced.server.websocket import message_frame
 
 if TYPE_CHECKING:
     from presenced.server.clients import ClientConnection

@@ -20,7 +20,7 @@ Structure (who owns which task):
   or ``send`` (see :class:`TlsPeerChannel` for why), and ``receive_nowait`` reads what has
   arrived without waiting (the gossip layer reads near peers once per tick with it). Plain
   binary frames are read and written directly; wsproto runs the handshake, control frames,
-  fragments and protocol errors (see :mod:`presenced.server.websocket`).
+  fragments and protocol errors (see :mod:`presenced.core.ws_frames`).
 * TLS is the standard library's :class:`ssl.SSLSocket` in non-blocking mode, waited on with
   :func:`trio.lowlevel.wait_readable` / ``wait_writable``: OpenSSL does the record layer in C,
   and a message that has arrived can be read synchronously. (trio's ``SSLStream`` runs the

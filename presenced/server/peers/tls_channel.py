@@ -7,7 +7,7 @@ layer reads near peers once per tick with it). trio's ``SSLStream`` runs the sam
 through memory BIOs in Python: ~60 µs more CPU per message here, and no way to read without
 awaiting; see ``bench/peer_channel_cost.py``. Plain binary frames are read and written
 directly; wsproto runs control frames, fragments and protocol errors (see
-:mod:`presenced.server.websocket`). The transport that dials and accepts these channels is
+:mod:`presenced.core.ws_frames`). The transport that dials and accepts these channels is
 :mod:`presenced.server.peers.tls`.
 """
 
@@ -28,8 +28,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from presenced.certs import cert_names
+from presenced.core.ws_frames import binary_frame, binary_payload, frame_header
 from presenced.server.peers.transport import ChannelClosed
-from presenced.server.websocket import binary_frame, binary_payload, frame_header
 
 __all__ = ["TlsPeerChannel", "reason"]
 

@@ -20,6 +20,10 @@ when it can take it. A client that stays unable to drain its queue for
 ``slow_client_timeout`` is closed with 1013. Nothing one connection does can raise into
 another: handlers only touch the node through synchronous calls, and any unexpected error
 closes this connection alone (1011) and is logged.
+
+What a client may do (hello, join, update, leave, broadcast, direct messages, its rate
+limit) is decided by its :class:`~presenced.core.session.SessionRules`; this module reads,
+verifies tokens, and carries out what the rules answer.
 """
 
 from __future__ import annotations
@@ -36,48 +40,47 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from presenced.auth import AuthError, Grant, anonymous_grant, verify_token
-from presenced.core import protocol
+from presenced.auth import AuthError, anonymous_grant, verify_token
+from presenced.core import client_wire as wire
+from presenced.core.client_decode import decode_client_frame
+from presenced.core.client_frames import error, error_from, message_frame, pong
 from presenced.core.frame_guard import FrameGuard
-from presenced.core.protocol import ProtocolError
-from presenced.core.ratelimit import FloodLimit, Verdict
 from presenced.core.resume import CLEAN_CLOSE_CODES
-from presenced.server.sessions import configure_keepalive
-from presenced.server.websocket import (
+from presenced.core.session import HelloRoute, Refusal, SessionRules, unauthorized
+from presenced.core.ws_frames import (
     PING_FRAME,
-    RECEIVE_BYTES,
-    HandshakeFailed,
-    accept_websocket,
+    CloseCode,
     close_frame,
     complete_text_messages,
-    drain_input,
     joined,
-    message_frame,
     pong_frame,
     whole_control_frames,
 )
+from presenced.server.clients.handshake import (
+    RECEIVE_BYTES,
+    HandshakeFailed,
+    accept_websocket,
+    drain_input,
+)
+from presenced.server.clients.sessions import configure_keepalive
 
 if TYPE_CHECKING:
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
 #: Closes by the daemon after which the session may still be resumed (silence, a shutdown,
 #: a client too slow to read): any other (policy, too big, internal) ends it at once.
-_RESUMABLE_CLOSES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER})
+_RESUMABLE_CLOSES = frozenset({CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER})
 
 #: Most frames one message may be split into (each is held until the message is complete).
 MAX_FRAGMENTS = 64
 #: Pieces of a message held before they are joined (a frame may arrive a few bytes a read).
 _JOIN_PIECES = 64
 #: Closes for what a client sent (it may still be sending), and how much more is read then.
-_CLIENT_FAULTS = frozenset({1002, 1007, CLOSE_POLICY, CLOSE_TOO_BIG})
+_CLIENT_FAULTS = frozenset(
+    {CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_DATA, CloseCode.POLICY, CloseCode.TOO_BIG}
+)
 _DRAIN_BYTES = 1 << 20
 #: Empty tick-boundary reads after which a paced connection is read as data arrives again.
 PACED_IDLE_TICKS = 8
@@ -95,11 +98,11 @@ class ClientConnection:
         self.stream = stream
         self.peer = peer
         self.ws: WSConnection | None = None
+        #: The session's user once it said hello (the rules decide it), and its id.
         self.user = ""
         self.session = ""
-        self.grant: Grant | None = None
-        #: Rooms this session has joined (a dict used as an ordered set).
-        self.rooms: dict[str, None] = {}
+        #: What this client may do (rooms, grant, rate limit): see presenced.core.session.
+        self.rules = SessionRules(self.limits, node.clock())
         self._outbox: deque[tuple[str | None, bytes]] = deque()
         self._queued_bytes = 0
         self._wakeup = trio.Event()
@@ -107,10 +110,6 @@ class ClientConnection:
         #: The socket's file descriptor while it is open and plain TCP (write-through path).
         self._fd: int | None = None
         self._stalled_since: float | None = None
-        self._limit = FloodLimit(
-            self.limits.max_messages_per_second, self.limits.message_burst, node.clock()
-        )
-        self._last_rate_error = float("-inf")
         #: Checks frame headers before wsproto reads them (off the fast path).
         self._guard = FrameGuard(self.limits.max_frame_bytes, MAX_FRAGMENTS)
         self._fragments: list[str | bytes] = []
@@ -129,12 +128,17 @@ class ClientConnection:
         self._stop_reading = False
         #: Whether reads still take the whole-text-frames fast path (see _handle_data).
         self._fast_frames = True
-        #: Liveness (see presenced.server.sessions): when input last came, when we pinged.
+        #: Liveness (see presenced.server.clients.sessions): when input last came, when we pinged.
         self.last_input = node.clock()
         self.pinged_at = float("-inf")
         #: The session must leave with this connection (a clean close, a policy close), not
         #: wait for a resume.
         self.session_ends = False
+
+    @property
+    def rooms(self) -> dict[str, None]:
+        """Rooms this session has joined (a dict used as an ordered set; the rules own it)."""
+        return self.rules.rooms
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,7 +170,7 @@ class ClientConnection:
             pass
         except Exception:
             log.exception("client %s: unexpected error; closing this connection", self.peer)
-            self._close = self._close or (CLOSE_INTERNAL, "internal error")
+            self._close = self._close or (CloseCode.INTERNAL, "internal error")
         finally:
             self._fd = None  # never write to a descriptor number the kernel may reuse
             node.sessions.connection_ended(self)
@@ -186,7 +190,7 @@ class ClientConnection:
             if code not in _RESUMABLE_CLOSES:
                 self.session_ends = True
             self.node.metrics.count_close(code)
-            if code == CLOSE_TRY_AGAIN_LATER:
+            if code == CloseCode.TRY_AGAIN_LATER:
                 self._outbox.clear()  # it could not take these; the close frame must go first
         self._scope.cancel()
 
@@ -224,7 +228,7 @@ class ClientConnection:
             except _GONE:
                 return
         if self._hello_scope.cancelled_caught:
-            self.close(CLOSE_POLICY, "no hello in time")
+            self.close(CloseCode.POLICY, "no hello in time")
 
     async def _read_loop(self, ws: WSConnection) -> None:
         # Frames the client sent right behind its upgrade request.
@@ -290,7 +294,7 @@ class ClientConnection:
             keep = self._handle_data(ws, data)
         except Exception:
             log.exception("client %s: unexpected error; closing this connection", self.peer)
-            self.close(CLOSE_INTERNAL, "internal error")
+            self.close(CloseCode.INTERNAL, "internal error")
             keep = False
         if not keep:
             self._stop_reading = True
@@ -299,7 +303,7 @@ class ClientConnection:
     def _handle_data(self, ws: WSConnection, data: bytes) -> bool:
         """Handle what one read brought; False once the connection should end. Whole text
         frames take the fast path until the first read that is anything else; from then on
-        wsproto reads everything (see :mod:`presenced.server.websocket`), each read checked by
+        wsproto reads everything (see :mod:`presenced.core.ws_frames`), each read checked by
         the frame guard first, so a frame over the limits is refused at its header."""
         if self._fast_frames:
             messages = complete_text_messages(data)
@@ -389,149 +393,124 @@ class ClientConnection:
         return self._close is None
 
     def _too_large(self, reason: str) -> None:
-        self.send(protocol.error(protocol.TOO_LARGE, reason, None))
-        self.close(CLOSE_TOO_BIG, reason)
+        self.send(error(wire.TOO_LARGE, reason, None))
+        self.close(CloseCode.TOO_BIG, reason)
 
     # ------------------------------------------------------------------ requests
 
     def _on_message(self, data: str | bytes) -> None:
         node = self.node
         node.metrics.messages_in += 1
-        if not self._take_token():
+        rules = self.rules
+        refusal = rules.admit(node.clock())
+        if refusal is not None:
+            self._refused(refusal)
             return
         ref: Any = None
         try:
-            message = protocol.decode_client_frame(data, self.limits)
+            message = decode_client_frame(data, self.limits)
             ref = message.ref
-            if self.grant is None and not isinstance(message, protocol.Hello):
-                self.send(protocol.error(protocol.HELLO_REQUIRED, "send hello first", ref))
-                self.close(CLOSE_POLICY, "hello required")
-                return
+            if rules.grant is None:  # (the rule is asked only until the session has begun)
+                rules.check_greeted(message)
             self._handlers[type(message)](self, message)
-        except ProtocolError as exc:
+        except Refusal as refused:
+            self._refused(refused)
+        except wire.ProtocolError as exc:
             node.metrics.count_error(exc.code)
-            self.send(protocol.error_from(exc))
+            self.send(error_from(exc))
         except Exception:
             log.exception("client %s: error handling a request", self.peer)
-            self.send(protocol.error(protocol.INTERNAL, "internal error", ref))
-            self.close(CLOSE_INTERNAL, "internal error")
+            self.send(error(wire.INTERNAL, "internal error", ref))
+            self.close(CloseCode.INTERNAL, "internal error")
 
     def _take_token(self) -> bool:
-        """Take a token for one message or control frame; False when it is dropped (see
-        :class:`FloodLimit`: a client far over the rate for long is closed with 1008)."""
-        verdict = self._limit.take(self.node.clock())
-        if verdict is Verdict.SERVE:
+        """Take a token for one message or control frame; False when it is dropped."""
+        refusal = self.rules.admit(self.node.clock())
+        if refusal is None:
             return True
-        self._rate_limited(verdict)
+        self._refused(refusal)
         return False
 
-    def _rate_limited(self, verdict: Verdict) -> None:
-        now = self.node.clock()
-        if now - self._last_rate_error >= 1.0:
-            self._last_rate_error = now
-            self.node.metrics.count_error(protocol.RATE_LIMITED)
-            self.send(protocol.error(protocol.RATE_LIMITED, "too many messages; slow down", None))
-        if verdict is Verdict.CLOSE:
-            log.info("client %s closed: message flood", self.peer)
-            self.close(CLOSE_POLICY, "message rate limit exceeded")
+    def _refused(self, refusal: Refusal) -> None:
+        """Carry out a refusal: its error (when it says so), then its close."""
+        if refusal.tell:
+            self.node.metrics.count_error(refusal.code)
+            self.send(error_from(refusal))
+        if refusal.close is not None:
+            log.info("client %s closed (%s): %s", self.peer, refusal.reason, refusal.message)
+            self.close(refusal.close, refusal.reason)
 
-    def _on_hello(self, message: protocol.Hello) -> None:
-        if self.grant is not None:
-            raise ProtocolError(protocol.BAD_REQUEST, "hello was already sent", message.ref)
+    def _on_hello(self, message: wire.Hello) -> None:
         config = self.node.config
-        if message.token is not None:
-            if config.token_secret is None:
-                self._refuse(message.ref, "this daemon does not accept tokens")
-                return
+        secret = config.token_secret
+        route = self.rules.hello_route(message, secret is not None, config.allow_anonymous)
+        if route is HelloRoute.TOKEN:
+            assert secret is not None and message.token is not None
             try:
-                self.grant = verify_token(config.token_secret, message.token)
+                grant = verify_token(secret, message.token)
             except AuthError as exc:
-                self._refuse(message.ref, exc.message)
-                return
-        elif config.allow_anonymous:
+                raise unauthorized(message.ref, exc.message) from None
+        else:
             user = message.user
             if user is None and message.resume is not None:
                 user = self.node.sessions.user_of(message.resume)
-            self.grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
-        else:
-            self._refuse(message.ref, "a token is required")
-            return
-        self.user = self.grant.user
+            grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
+        self.user = self.rules.greeted(grant)
         self._hello_scope.deadline = float("inf")
         self.node.sessions.welcome(self, message)
 
-    def _refuse(self, ref: Any, reason: str) -> None:
-        self.node.metrics.count_error(protocol.UNAUTHORIZED)
-        log.info("client %s unauthorized: %s", self.peer, reason)
-        self.send(protocol.error(protocol.UNAUTHORIZED, reason, ref))
-        self.close(CLOSE_POLICY, "unauthorized")
+    def _on_join(self, message: wire.Join) -> None:
+        self.rules.join(message)
+        self.node.join(self, message.room, message.meta, message.ref)
 
-    def _on_join(self, message: protocol.Join) -> None:
+    def _on_update(self, message: wire.Update) -> None:
+        node = self.node
         room = message.room
-        assert self.grant is not None
-        if not self.grant.may_join(room):
-            raise ProtocolError(protocol.FORBIDDEN, f"not allowed to join {room!r}", message.ref)
-        if room not in self.rooms and len(self.rooms) >= self.limits.max_rooms_per_connection:
-            raise ProtocolError(
-                protocol.TOO_MANY_ROOMS,
-                f"at most {self.limits.max_rooms_per_connection} rooms per connection",
-                message.ref,
-            )
-        self.rooms[room] = None
-        self.node.join(self, room, message.meta, message.ref)
-
-    def _on_update(self, message: protocol.Update) -> None:
-        room = message.room
-        current = self.node.current_meta(self, room) if room in self.rooms else None
-        if current is None:
-            raise ProtocolError(protocol.NOT_JOINED, f"not in room {room!r}", message.ref)
-        meta = protocol.apply_meta_patch(dict(current), message.meta)
-        if protocol.meta_size(meta) > self.limits.max_meta_bytes:
-            raise ProtocolError(protocol.TOO_LARGE, "meta would be too large", message.ref)
-        self.node.update(self, room, meta)
+        node.update(self, room, self.rules.update(message, node.current_meta(self, room)))
         self._pace()
 
-    def _on_leave(self, message: protocol.Leave) -> None:
-        if message.room not in self.rooms:
-            raise ProtocolError(protocol.NOT_JOINED, f"not in room {message.room!r}", message.ref)
-        del self.rooms[message.room]
+    def _on_leave(self, message: wire.Leave) -> None:
+        frame = self.rules.leave(message)
         self.node.leave(self, message.room)
-        self.send(protocol.left(message.ref, message.room))
+        self.send(frame)
 
-    def _on_broadcast(self, message: protocol.Broadcast) -> None:
-        if message.room not in self.rooms:
-            raise ProtocolError(protocol.NOT_JOINED, f"not in room {message.room!r}", message.ref)
+    def _on_broadcast(self, message: wire.Broadcast) -> None:
+        self.rules.broadcast(message)
         self.node.broadcast(self, message.room, message.event, message.data, message.echo)
 
-    def _on_send(self, message: protocol.Send) -> None:
+    def _on_send(self, message: wire.Send) -> None:
         messenger = self.node.messenger
-        if messenger is None:
-            raise ProtocolError(protocol.INTERNAL, "direct messages are not enabled", message.ref)
-        messenger.send(self, message)
+        self.rules.direct(message, messenger is not None)
+        if messenger is not None:
+            messenger.send(self, message)
 
-    def _on_read(self, message: protocol.MarkRead) -> None:
-        if self.node.messenger is not None:
-            self.node.messenger.mark_read(self, message)
+    def _on_read(self, message: wire.MarkRead) -> None:
+        messenger = self.node.messenger
+        self.rules.direct(message, messenger is not None)
+        if messenger is not None:
+            messenger.mark_read(self, message)
 
-    def _on_fetch(self, message: protocol.Fetch) -> None:
-        if self.node.messenger is None:
-            self.send(protocol.fetched(message.ref, 0, 0))
-            return
-        self.node.messenger.fetch(self, message)
+    def _on_fetch(self, message: wire.Fetch) -> None:
+        messenger = self.node.messenger
+        reply = self.rules.direct(message, messenger is not None)
+        if reply is not None:
+            self.send(reply)
+        elif messenger is not None:
+            messenger.fetch(self, message)
 
-    def _on_ping(self, message: protocol.Ping) -> None:
-        self.send(protocol.pong(message.ref, message.t, self.node.wall_clock() * 1000.0))
+    def _on_ping(self, message: wire.Ping) -> None:
+        self.send(pong(message.ref, message.t, self.node.wall_clock() * 1000.0))
 
     _handlers: dict[type, Any] = {
-        protocol.Hello: _on_hello,
-        protocol.Join: _on_join,
-        protocol.Update: _on_update,
-        protocol.Leave: _on_leave,
-        protocol.Broadcast: _on_broadcast,
-        protocol.Ping: _on_ping,
-        protocol.Send: _on_send,
-        protocol.MarkRead: _on_read,
-        protocol.Fetch: _on_fetch,
+        wire.Hello: _on_hello,
+        wire.Join: _on_join,
+        wire.Update: _on_update,
+        wire.Leave: _on_leave,
+        wire.Broadcast: _on_broadcast,
+        wire.Ping: _on_ping,
+        wire.Send: _on_send,
+        wire.MarkRead: _on_read,
+        wire.Fetch: _on_fetch,
     }
 
     # ------------------------------------------------------------------ writing
@@ -581,7 +560,7 @@ class ClientConnection:
             self._stalled_since = now
         elif now - self._stalled_since > self.limits.slow_client_timeout:
             log.info("client %s closed: too slow to read its updates", self.peer)
-            self.close(CLOSE_TRY_AGAIN_LATER, "too slow")
+            self.close(CloseCode.TRY_AGAIN_LATER, "too slow")
             return
         self.node.metrics.resyncs += 1
         stale = {room for room, _ in self._outbox if room is not None}
@@ -593,7 +572,7 @@ class ClientConnection:
         self._queued_bytes = sum(len(frame) for _, frame in kept)
         if self._queued_bytes > 2 * self.limits.outbox_max_bytes:
             log.info("client %s closed: outbox full", self.peer)
-            self.close(CLOSE_TRY_AGAIN_LATER, "too slow")
+            self.close(CloseCode.TRY_AGAIN_LATER, "too slow")
 
     async def _writer(self) -> None:
         while True:

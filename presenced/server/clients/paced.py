@@ -1,8 +1,8 @@
 """The client connections the node's ticker reads at tick boundaries (paced clients).
 
 A client that streams updates has its reader task park while the ticker reads its socket once
-per tick boundary (see :mod:`presenced.server.clients`): the daemon wakes once per tick for all
-its busy clients instead of once per message.
+per tick boundary (see :mod:`presenced.server.clients.connection`): the daemon wakes once per
+tick for all its busy clients instead of once per message.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from presenced.server.clients import ClientConnection
+    from presenced.server.clients.connection import ClientConnection
 
 
 class PacedClients:

@@ -1,11 +1,13 @@
-"""The server side of the WebSocket handshake and framing, on wsproto over a trio stream.
+"""WebSocket framing that needs no connection state: close codes, whole frames out, and the
+fast reads of whole frames in.
 
 The client service does not use trio-websocket's connection object: that adds a reader task
 and a channel hop per message (measured at ~100 µs of CPU per paced message on a 2-vCPU VM),
-and the hot path here is thousands of small frames per second. Instead each connection's own
-task feeds bytes to wsproto's sans-I/O state machine and handles events inline.
+and the hot path is thousands of small frames per second. Each connection's own task feeds
+bytes to wsproto's sans-I/O state machine instead (see :mod:`presenced.server.clients`), and
+the common cases skip even that, through the functions here.
 
-Server frames are unmasked and we negotiate no extensions, so one encoded frame is valid on
+Server frames are unmasked and no extensions are negotiated, so one encoded frame is valid on
 every connection: a room diff is encoded once and the same bytes are written to every member.
 
 Client frames: what a client sends is almost always whole, small, final, masked text frames
@@ -16,9 +18,9 @@ invalid UTF-8) returns None, and the connection hands that read, and every later
 wsproto, which either handles it or closes with the right code. So the fast path only ever
 accepts what wsproto would accept, with the same result (a property test checks this).
 
-Peer links (:mod:`presenced.server.peers.tls_channel`) carry one binary message per tick each
-way, and wsproto took 25-37 µs of CPU to read one and 11-22 µs to frame one. So they split what they
-read into whole frames (:func:`frame_header`), take a final binary frame's payload directly
+Peer links carry one binary message per tick each way, and wsproto took 25-37 µs of CPU to
+read one and 11-22 µs to frame one. So they split what they read into whole frames
+(:func:`frame_header`), take a final binary frame's payload directly
 (:func:`binary_payload`), and hand any other frame to wsproto whole; they frame what they send
 with :func:`binary_frame`. wsproto still runs the handshake, control frames, fragments and
 every protocol error, and since it is only ever given whole frames, it never holds part of
@@ -27,32 +29,38 @@ one, so the next plain frame may again skip it.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from typing import Any
+import enum
 
-import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.frame_protocol import CloseReason, FrameProtocol, XorMaskerSimple
-from wsproto.utilities import RemoteProtocolError
 
-from presenced.core import protocol
 
-#: The subprotocol a client may offer to pin the protocol version.
-SUBPROTOCOL = "presenced.v1"
-#: Bytes read from a socket per receive call.
-RECEIVE_BYTES = 65_536
+class CloseCode(enum.IntEnum):
+    """The WebSocket close codes the daemon sends or acts on (RFC 6455, section 7.4.1).
+
+    An IntEnum: a code read off the wire (a plain int) compares and hashes equal to its
+    member, and it prints as its number (metrics labels, logs).
+    """
+
+    #: A clean end: the client means to go (its session leaves at once).
+    NORMAL = 1000
+    #: Going away: a shutdown, a silent connection, a session taken over by a resume.
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    #: A close frame without a code (never sent; reported by the receiving side).
+    NO_STATUS = 1005
+    #: Text that is not UTF-8.
+    INVALID_DATA = 1007
+    #: A policy violation: unauthorized, no hello, a message flood.
+    POLICY = 1008
+    #: A frame or message over the size limits.
+    TOO_BIG = 1009
+    #: An unexpected error in the daemon (this connection alone is closed).
+    INTERNAL = 1011
+    #: Try again later: a client too slow to read what it is sent.
+    TRY_AGAIN_LATER = 1013
+
 
 _framer = FrameProtocol(client=False, extensions=[])
-#: The blank line that ends HTTP headers, as h11 finds it.
-_HEADERS_END = re.compile(b"\n\r?\n")
-
-
-def message_frame(message: dict[str, Any]) -> bytes:
-    """One server message as a complete text frame: encoded once (by orjson, see
-    :func:`protocol.encode_frame`) however many members it goes to."""
-    return text_frame(protocol.encode_frame(message))
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -199,78 +207,3 @@ def joined(pieces: list[str | bytes]) -> str | bytes:
     if isinstance(pieces[0], bytes):
         return b"".join(p for p in pieces if isinstance(p, bytes))
     return "".join(p for p in pieces if isinstance(p, str))
-
-
-async def drain_input(stream: trio.abc.Stream, max_bytes: int) -> None:
-    """End our side of ``stream`` and read (and ignore) what the peer still sends, until it
-    hangs up or ``max_bytes``: the polite end of a connection we closed for what the peer
-    sent. A socket closed with unread input is reset, and the reset makes the peer's kernel
-    throw away what the peer had not read yet: the error and close frame that say why."""
-    if isinstance(stream, trio.abc.HalfCloseableStream):
-        await stream.send_eof()
-    drained = 0
-    while drained < max_bytes and (data := await stream.receive_some(RECEIVE_BYTES)):
-        drained += len(data)
-
-
-class HandshakeFailed(Exception):
-    """The peer did not complete a valid WebSocket upgrade; the stream is done."""
-
-
-async def accept_websocket(
-    stream: trio.abc.Stream, *, admit: Callable[[], bool] = lambda: True
-) -> tuple[WSConnection, Request, bytes]:
-    """Read the HTTP upgrade request and answer it.
-
-    Returns the wsproto connection, the request, and the bytes the client sent after its
-    request in the same reads: frames it sent without waiting for the answer. The server side
-    of wsproto does not keep them (it hands the connection no trailing data), so the caller
-    reads them as the first input of the connection. ``admit`` is asked when the request is
-    complete; if it refuses (the daemon is at its connection limit) the answer is HTTP 503.
-    """
-    ws = WSConnection(ConnectionType.SERVER)
-    received = b""
-    while True:
-        data = await stream.receive_some(RECEIVE_BYTES)
-        if not data:
-            raise HandshakeFailed("connection closed during the handshake")
-        received += data
-        try:
-            ws.receive_data(bytes(data))
-            for event in ws.events():
-                if isinstance(event, Request):
-                    # Where h11 ends the request's headers (a GET upgrade has no body).
-                    end = _HEADERS_END.search(received)
-                    pipelined = received[end.end() :] if end else b""
-                    answered = await _answer(stream, ws, event, not admit())
-                    return (*answered, pipelined)
-        except RemoteProtocolError as exc:
-            await _reject(stream, ws, exc.event_hint, str(exc))
-            raise HandshakeFailed(str(exc)) from exc
-
-
-async def _answer(
-    stream: trio.abc.Stream, ws: WSConnection, request: Request, busy: bool
-) -> tuple[WSConnection, Request]:
-    if busy:
-        await _reject(stream, ws, RejectConnection(status_code=503), "server busy")
-        raise HandshakeFailed("connection limit reached")
-    subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
-    await stream.send_all(ws.send(AcceptConnection(subprotocol=subprotocol)))
-    return ws, request
-
-
-async def _reject(stream: trio.abc.Stream, ws: WSConnection, hint: object, reason: str) -> None:
-    body = (reason + "\n").encode()
-    reject = hint if isinstance(hint, RejectConnection) else RejectConnection(status_code=400)
-    reject = RejectConnection(
-        status_code=reject.status_code,
-        headers=[(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
-        has_body=True,
-    )
-    try:
-        data = ws.send(reject) + ws.send(RejectData(data=body))
-        with trio.move_on_after(1):
-            await stream.send_all(data)
-    except Exception:  # the peer is already misbehaving; nothing more to tell it
-        pass

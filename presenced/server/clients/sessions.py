@@ -44,18 +44,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from presenced.core import protocol
+from presenced.core.client_frames import welcome
+from presenced.core.client_wire import Hello
 from presenced.core.resume import Timing, resume_token, token_session, token_valid, verdict
+from presenced.core.ws_frames import CloseCode
 
 if TYPE_CHECKING:
-    from presenced.server.clients import ClientConnection
+    from presenced.server.clients.connection import ClientConnection
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
-
-#: Close code of a connection closed for silence, or taken over by a resume: "go away and
-#: come back" (the client reconnects and resumes).
-CLOSE_GOING_AWAY = 1001
 
 
 @attrs.define
@@ -100,7 +98,7 @@ class Sessions:
             return held.user
         return self.node.state.session_user(session)
 
-    def welcome(self, conn: ClientConnection, hello: protocol.Hello) -> None:
+    def welcome(self, conn: ClientConnection, hello: Hello) -> None:
         """``conn`` is authenticated: get its session back (``hello.resume``) or start one,
         and welcome it. A resumed session then gets a ``state`` of each of its rooms."""
         node = self.node
@@ -109,7 +107,7 @@ class Sessions:
             conn.session = secrets.token_urlsafe(9)
         node.identified(conn)
         conn.send(
-            protocol.welcome(
+            welcome(
                 hello.ref,
                 conn.session,
                 conn.user,
@@ -144,7 +142,7 @@ class Sessions:
         """Give ``conn`` (authenticated, no session yet) the session ``token`` names, if it
         is this user's and still here (detached, or on a connection we took for alive) or
         visible in the presence state (held by another daemon, resumed here).
-        Sets ``conn.session`` and ``conn.rooms`` (:meth:`welcome` does the rest)."""
+        Sets ``conn.session`` and its rules' rooms (:meth:`welcome` does the rest)."""
         if self.closing or self.timing.resume_grace_s <= 0:
             return False
         session = token_session(token)
@@ -160,23 +158,21 @@ class Sessions:
                 if old is conn or old.user != conn.user:
                     return False
                 node.detach(old)
-                old.close(CLOSE_GOING_AWAY, "session resumed on another connection")
+                old.close(CloseCode.GOING_AWAY, "session resumed on another connection")
             elif not visible:
                 return False  # not here, and nowhere (its grace ran out, or never was)
         conn.session = session
         self.live[session] = conn
-        grant = conn.grant
-        rooms = [room for room, _, _ in visible]
-        allowed = [room for room in rooms if grant is None or grant.may_join(room)]
-        allowed = allowed[: conn.limits.max_rooms_per_connection]
-        if len(allowed) < len(rooms):  # a new token with fewer rooms: leave the others
-            node.end_session(conn.user, session, [r for r in rooms if r not in allowed])
+        # The rules keep the rooms its grant allows, up to the limit (a new token with
+        # fewer rooms: it leaves the others).
+        dropped = conn.rules.resumed([room for room, _, _ in visible])
+        if dropped:
+            node.end_session(conn.user, session, dropped)
         # The session's copies here become the newest (a copy another daemon holds is
         # shown until then): its writes from now on come from this daemon.
-        keep = set(allowed)
+        keep = conn.rooms
         adopt = [(room, meta) for room, meta, at in visible if room in keep and at != node.replica]
         node.adopt(conn.user, session, adopt)
-        conn.rooms = dict.fromkeys(allowed)
         node.metrics.sessions_resumed += 1
         if held is None and old is None:
             node.metrics.sessions_resumed_elsewhere += 1
@@ -230,7 +226,7 @@ class Sessions:
                     deadline = node.clock() + self.timing.resume_grace_s
                     self.detached[session] = Detached(user, session, rooms, deadline)
                     node.metrics.sessions_detached += 1
-                    conn.close(CLOSE_GOING_AWAY, "session resumed on another daemon")
+                    conn.close(CloseCode.GOING_AWAY, "session resumed on another daemon")
         for room, user, session in left:
             held = self.detached.get(session)
             if held is not None and held.user == user and room in held.rooms:
@@ -265,7 +261,7 @@ class Sessions:
             elif what == "dead":
                 log.info("client %s: no sign of life for %gs", conn.peer, now - conn.last_input)
                 metrics.clients_timed_out += 1
-                conn.close(CLOSE_GOING_AWAY, "no sign of life")
+                conn.close(CloseCode.GOING_AWAY, "no sign of life")
         expired: list[Detached] = []
         for held in self.detached.values():
             if held.deadline > now:
