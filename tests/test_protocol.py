@@ -86,6 +86,8 @@ def test_error_codes_are_stable() -> None:
         "expired",
         "timeout",
         "unavailable",
+        "disconnected",
+        "refused",
     }
     assert expected == p.ERROR_CODES
     assert p.BAD_REQUEST == "bad_request"

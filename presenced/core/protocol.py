@@ -36,6 +36,7 @@ from presenced.core.limits import Limits
 __all__ = [
     "BAD_REQUEST",
     "DEFAULT_FETCH",
+    "DISCONNECTED",
     "ERROR_CODES",
     "EXPIRED",
     "FAST",
@@ -57,8 +58,10 @@ __all__ = [
     "NOT_ONLINE",
     "PROTOCOL_VERSION",
     "RATE_LIMITED",
+    "REFUSED",
     "RELIABLE",
     "SERVER_BUSY",
+    "SERVER_USER",
     "STORE_FULL",
     "TIMEOUT",
     "TOO_LARGE",
@@ -92,6 +95,8 @@ __all__ = [
     "left",
     "message_error",
     "meta_size",
+    "parse_json",
+    "parse_request",
     "pong",
     "presence_entry",
     "read_receipt",
@@ -123,6 +128,8 @@ STORE_FULL: Final = "store_full"
 EXPIRED: Final = "expired"
 TIMEOUT: Final = "timeout"
 UNAVAILABLE: Final = "unavailable"
+DISCONNECTED: Final = "disconnected"
+REFUSED: Final = "refused"
 
 ERROR_CODES: Final = frozenset(
     {
@@ -144,8 +151,17 @@ ERROR_CODES: Final = frozenset(
         EXPIRED,
         TIMEOUT,
         UNAVAILABLE,
+        DISCONNECTED,
+        REFUSED,
     }
 )
+
+#: The sender name of broadcasts and direct messages made by the server API. It holds a
+#: control character, which no client's user name may (``hello`` refuses it, and so does
+#: token verification), so it never collides with a user: in receipts, in the stores'
+#: (origin, sender, recipient) order, in frames. Clients never see it: frames from the
+#: server say ``"server": true`` instead of naming a sender.
+SERVER_USER: Final = "\x7fserver"
 
 #: Longest string ``ref``: a correlation id, not a place to store data.
 MAX_REF_LENGTH: Final = 64
@@ -693,6 +709,24 @@ def decode_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
     return parser(obj, ref, limits, careful)
 
 
+def parse_json(text: str) -> Any:
+    """Decode JSON text as client frames are decoded (no NaN, infinities or absurd depth);
+    :class:`ProtocolError` if it is not. The server API reads request bodies with it."""
+    try:
+        value = _DECODE(text)
+    except (ValueError, RecursionError):
+        raise _bad("not valid JSON", None) from None
+    if (text.count("{") + text.count("[") > MAX_JSON_DEPTH) and _too_deep(value, MAX_JSON_DEPTH):
+        raise _bad(f"nested more than {MAX_JSON_DEPTH} levels deep", None)
+    return value
+
+
+def parse_request(kind: str, obj: dict[str, Any], limits: Limits) -> ClientMessage:
+    """Validate ``obj`` as the fields of a client request of type ``kind`` (``send``,
+    ``broadcast``...): the server API holds its requests to the same rules."""
+    return _PARSERS[kind](obj, None, limits, True)
+
+
 def to_wire(msg: ClientMessage) -> dict[str, Any]:
     """The frame object a client would send for ``msg`` (for test clients and tools).
 
@@ -819,7 +853,16 @@ def broadcast_event(
     event: str,
     data: Any,
 ) -> dict[str, Any]:
-    """A client's ``broadcast`` as delivered to the room, stamped with its sender."""
+    """A client's ``broadcast`` as delivered to the room, stamped with its sender (the
+    server API's: ``{"server": true, "region": ...}``, no user or session)."""
+    if from_user == SERVER_USER:
+        return {
+            "type": "broadcast",
+            "room": room,
+            "from": {"server": True, "region": from_region},
+            "event": event,
+            "data": data,
+        }
     return {
         "type": "broadcast",
         "room": room,
@@ -895,14 +938,15 @@ def direct_message(
     mode: str,
     sent_at_ms: int,
 ) -> dict[str, Any]:
-    """A direct message as its recipient sees it."""
-    out: dict[str, Any] = {
-        "type": "message",
-        "id": message_id,
-        "from": from_user,
-        "session": from_session,
-        "region": from_region,
-    }
+    """A direct message as its recipient sees it (from the server API: ``"server": true``
+    instead of ``from`` and ``session``)."""
+    out: dict[str, Any] = {"type": "message", "id": message_id}
+    if from_user == SERVER_USER:
+        out["server"] = True
+    else:
+        out["from"] = from_user
+        out["session"] = from_session
+    out["region"] = from_region
     if group:
         out["to"] = list(group)
     out["data"] = data

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
-from wsproto.frame_protocol import CloseReason, FrameProtocol, XorMaskerSimple
+from wsproto.frame_protocol import FrameProtocol, XorMaskerSimple
 from wsproto.utilities import RemoteProtocolError
 
 from presenced.core import protocol
@@ -67,8 +67,11 @@ def pong_frame(payload: bytes) -> bytes:
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    """A close frame with a status code and a short reason."""
-    return bytes(_framer.close(CloseReason(code), reason))
+    """A close frame with a status code and a short reason (at most 123 bytes of UTF-8).
+    Built directly: wsproto's framer takes only the codes it names, not the private-use
+    4000-4999 ones (the server API's disconnects)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
 
 
 #: A ping with no payload (the daemon's liveness probe to a quiet client).
