@@ -313,3 +313,24 @@ async def test_api_is_404_when_off(start_daemon: Any) -> None:
     status, _, answer = await call(running.daemon.http_port, "/api/v1/rooms", {})
     assert (status, answer["error"]["code"]) == (404, "not_found")
     assert "--api-key-file" in answer["error"]["message"]
+
+
+def test_api_key_file_flag(tmp_path: Any) -> None:
+    from presenced.config import ConfigError, build_config
+    from presenced.server.startup import secret_file_warning
+
+    key = tmp_path / "api.key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    base = {"allow_anonymous": True, "http": "127.0.0.1:0"}
+    assert build_config({**base, "api_key_file": str(key)}).api_key == KEY.encode()
+    assert secret_file_warning(key, "API key") is None
+    with pytest.raises(ConfigError, match="give --http"):
+        build_config({"allow_anonymous": True, "api_key_file": str(key)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config({**base, "api_key_file": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        build_config({**base, "api_key_file": str(tmp_path / "empty")})
+    key.chmod(0o644)
+    assert "other users can read it" in (secret_file_warning(key, "API key") or "")
