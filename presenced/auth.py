@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import jwt
 
+from presenced.core.protocol import SERVER_USER
+
 __all__ = [
     "ALGORITHM",
     "MAX_TOKEN_CHARS",
@@ -169,6 +171,8 @@ def verify_token(secret: bytes, token: str, now: float | None = None) -> Grant:
         raise _unauthorized(
             f"missing or invalid 'sub' claim: need a string of 1 to {MAX_USER_ID} characters"
         )
+    if user == SERVER_USER:  # the server API's sender name; never a user's
+        raise _unauthorized("invalid 'sub' claim: that name is reserved")
     rooms = claims.get("rooms")
     if not isinstance(rooms, list) or not all(isinstance(p, str) and p for p in rooms):
         raise _unauthorized("missing or invalid 'rooms' claim: need a list of room patterns")

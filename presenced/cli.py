@@ -189,6 +189,15 @@ def _env(name: str) -> str:
     " with. Default: none; then --allow-anonymous is required.",
 )
 @click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False),
+    envvar=_env("api_key_file"),
+    show_envvar=True,
+    help="File holding the server API's key (at least 32 bytes): turns on the API for"
+    " backends (publish, send, presence, disconnect) on the --http port, each request"
+    " carrying the key as a bearer token. Needs --http. Default: none (API off).",
+)
+@click.option(
     "--allow-anonymous/--no-allow-anonymous",
     default=None,
     envvar=_env("allow_anonymous"),
@@ -341,7 +350,7 @@ def run(config_file: str | None, **params: Any) -> None:
     except ConfigError as e:
         raise BadConfig(str(e)) from None
     _configure_logging(config.log_level, config.log_format)
-    _warn_at_start(options.get("token_secret_file"))
+    _warn_at_start(options.get("token_secret_file"), options.get("api_key_file"))
     # Ctrl-C is how a foreground daemon is meant to stop: no traceback, exit status 0.
     with contextlib.suppress(KeyboardInterrupt):
         try:
@@ -370,16 +379,17 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     configure_logging(level, fmt)
 
 
-def _warn_at_start(secret_file: object) -> None:
+def _warn_at_start(secret_file: object, api_key_file: object = None) -> None:
     """Log what the daemon can run with but the operator should fix (one line each)."""
-    if isinstance(secret_file, str) and secret_file:
-        import logging
+    import logging
 
-        from presenced.server.startup import secret_file_warning
+    from presenced.server.startup import secret_file_warning
 
-        warning = secret_file_warning(secret_file)
-        if warning is not None:
-            logging.getLogger("presenced.startup").warning("%s", warning)
+    for path, what in ((secret_file, "token secret"), (api_key_file, "API key")):
+        if isinstance(path, str) and path:
+            warning = secret_file_warning(path, what)
+            if warning is not None:
+                logging.getLogger("presenced.startup").warning("%s", warning)
 
 
 def _start_daemon(config: Config) -> None:

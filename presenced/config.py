@@ -63,6 +63,7 @@ FILE_KEYS = frozenset(
         "peers",
         "peer_listen",
         "token_secret_file",
+        "api_key_file",
         "allow_anonymous",
         "log_level",
         "log_format",
@@ -82,7 +83,7 @@ FILE_KEYS = frozenset(
     }
 )
 #: File keys holding paths, resolved against the config file's directory when relative.
-PATH_KEYS = ("token_secret_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
+PATH_KEYS = ("token_secret_file", "api_key_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 #: Milliseconds between ticks (see docs/operations.md: latency against CPU).
 DEFAULT_TICK_MS = 30
@@ -384,6 +385,10 @@ class Config:
         default=None, repr=False, validator=_validate_field(_check_secret)
     )
     allow_anonymous: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: The server API's key (``--api-key-file``; the API is off without one); kept out of repr.
+    api_key: bytes | None = attrs.field(
+        default=None, repr=False, validator=_validate_field(_check_secret)
+    )
     log_level: str = attrs.field(default="info", validator=_validate_field(_check_level_exact))
     #: "text" (one readable line per record) or "json" (one JSON object per line).
     log_format: str = attrs.field(default="text", validator=_validate_field(_check_format_exact))
@@ -443,6 +448,8 @@ class Config:
     max_queued_routed: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
     def __attrs_post_init__(self) -> None:
+        if self.api_key is not None and self.http is None:
+            raise ConfigError("the server API (--api-key-file) is served on --http: give --http")
         if self.token_secret is None and not self.allow_anonymous:
             raise ConfigError(
                 "no way for clients to authenticate: give --token-secret-file or --allow-anonymous"
@@ -585,6 +592,15 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         if not isinstance(secret_file, str | Path):
             raise ConfigError(f"{what('token_secret_file')}: expected a file path")
         kwargs["token_secret"] = read_secret_file(secret_file, what("token_secret_file"))
+    if given("api_key_file") and options["api_key_file"] != "":
+        key_file = options["api_key_file"]
+        if not isinstance(key_file, str | Path):
+            raise ConfigError(f"{what('api_key_file')}: expected a file path")
+        kwargs["api_key"] = read_secret_file(key_file, what("api_key_file"))
+    if kwargs.get("api_key") is not None and not (given("http") and options["http"] != ""):
+        raise ConfigError(
+            f"{what('api_key_file')}: the server API is served on the HTTP side port: give --http"
+        )
     if given("allow_anonymous"):
         kwargs["allow_anonymous"] = _as_bool(options["allow_anonymous"], what("allow_anonymous"))
     if given("log_level"):

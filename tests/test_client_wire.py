@@ -45,6 +45,8 @@ def test_error_codes_are_stable() -> None:
         "expired",
         "timeout",
         "unavailable",
+        "disconnected",
+        "refused",
     }
     assert expected == w.ERROR_CODES
     assert w.BAD_REQUEST == "bad_request"

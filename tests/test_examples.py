@@ -113,3 +113,36 @@ async def test_crowd_plays_against_a_daemon(start_daemon: Any) -> None:
     assert 80 <= sent <= 130, output
     assert delivered >= sent * 0.8, output
     assert re.search(r"delivered +[\d.]+ updates/s +latency p50", output), output
+
+
+async def test_api_backend_publishes_and_reads_occupancy(start_daemon: Any, tmp_path: Path) -> None:
+    from presenced.client import connect
+
+    key = "k" * 40
+    (tmp_path / "api.key").write_text(key + "\n")
+    running = await start_daemon(http=HostPort("127.0.0.1", 0), api_key=key.encode())
+    base = f"http://127.0.0.1:{running.daemon.http_port}"
+    async with connect(running.url, user="ann") as ann:
+        await ann.join("lobby", {"name": "Ann"})
+        args = [
+            sys.executable, str(EXAMPLES / "api_backend.py"), base,
+            "--key-file", str(tmp_path / "api.key"), "--room", "lobby",
+        ]  # fmt: skip
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                args, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT
+            )
+        output = result.stdout.decode() + result.stderr.decode()
+        assert result.returncode == 0, output
+        assert "published to lobby: 1 member(s)" in output, output
+        assert "occupancy of lobby: 1 session(s), 1 user(s) (sessions by region: test: 1)" in output
+        assert "  ann: 1 session(s) in test" in output
+        with trio.fail_after(5):
+            frame = await ann.next_message("broadcast")
+        assert frame["from"]["server"] is True and frame["event"] == "announcement"
+        (tmp_path / "api.key").write_text("w" * 40)
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                args, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT
+            )
+        assert result.returncode == 1 and b"401 unauthorized" in result.stderr

@@ -383,3 +383,21 @@ def decode_client_frame(data: str | bytes, limits: Limits) -> ClientMessage:
     # \u escape, and re-encoding grows a frame at most _MAX_REENCODE_GROWTH times.
     careful = "\\u" in text or size * _MAX_REENCODE_GROWTH > limits.max_meta_bytes
     return parser(obj, ref, limits, careful)
+
+
+def parse_json(text: str) -> Any:
+    """Decode JSON text as client frames are decoded (no NaN, infinities or absurd depth);
+    :class:`ProtocolError` if it is not. The server API reads request bodies with it."""
+    try:
+        value = _DECODE(text)
+    except (ValueError, RecursionError):
+        raise _bad("not valid JSON", None) from None
+    if (text.count("{") + text.count("[") > MAX_JSON_DEPTH) and _too_deep(value, MAX_JSON_DEPTH):
+        raise _bad(f"nested more than {MAX_JSON_DEPTH} levels deep", None)
+    return value
+
+
+def parse_request(kind: str, obj: dict[str, Any], limits: Limits) -> ClientMessage:
+    """Validate ``obj`` as the fields of a client request of type ``kind`` (``send``,
+    ``broadcast``...): the server API holds its requests to the same rules."""
+    return _PARSERS[kind](obj, None, limits, True)

@@ -13,6 +13,7 @@ from typing import Any
 from presenced.core.client_wire import (
     ERROR_CODES,
     PROTOCOL_VERSION,
+    SERVER_USER,
     ProtocolError,
     Ref,
     encode_frame,
@@ -103,7 +104,16 @@ def broadcast_event(
     event: str,
     data: Any,
 ) -> dict[str, Any]:
-    """A client's ``broadcast`` as delivered to the room, stamped with its sender."""
+    """A client's ``broadcast`` as delivered to the room, stamped with its sender (the
+    server API's: ``{"server": true, "region": ...}``, no user or session)."""
+    if from_user == SERVER_USER:
+        return {
+            "type": "broadcast",
+            "room": room,
+            "from": {"server": True, "region": from_region},
+            "event": event,
+            "data": data,
+        }
     return {
         "type": "broadcast",
         "room": room,
@@ -179,14 +189,15 @@ def direct_message(
     mode: str,
     sent_at_ms: int,
 ) -> dict[str, Any]:
-    """A direct message as its recipient sees it."""
-    out: dict[str, Any] = {
-        "type": "message",
-        "id": message_id,
-        "from": from_user,
-        "session": from_session,
-        "region": from_region,
-    }
+    """A direct message as its recipient sees it (from the server API: ``"server": true``
+    instead of ``from`` and ``session``)."""
+    out: dict[str, Any] = {"type": "message", "id": message_id}
+    if from_user == SERVER_USER:
+        out["server"] = True
+    else:
+        out["from"] = from_user
+        out["session"] = from_session
+    out["region"] = from_region
     if group:
         out["to"] = list(group)
     out["data"] = data

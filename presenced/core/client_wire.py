@@ -42,6 +42,8 @@ STORE_FULL: Final = "store_full"
 EXPIRED: Final = "expired"
 TIMEOUT: Final = "timeout"
 UNAVAILABLE: Final = "unavailable"
+DISCONNECTED: Final = "disconnected"
+REFUSED: Final = "refused"
 
 ERROR_CODES: Final = frozenset(
     {
@@ -63,8 +65,17 @@ ERROR_CODES: Final = frozenset(
         EXPIRED,
         TIMEOUT,
         UNAVAILABLE,
+        DISCONNECTED,
+        REFUSED,
     }
 )
+
+#: The sender name of broadcasts and direct messages made by the server API. It holds a
+#: control character, which no client's user name may (``hello`` refuses it, and so does
+#: token verification), so it never collides with a user: in receipts, in the stores'
+#: (origin, sender, recipient) order, in frames. Clients never see it: frames from the
+#: server say ``"server": true`` instead of naming a sender.
+SERVER_USER: Final = "\x7fserver"
 
 #: Longest string ``ref``: a correlation id, not a place to store data.
 MAX_REF_LENGTH: Final = 64

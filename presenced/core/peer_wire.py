@@ -16,6 +16,8 @@ Shapes (arrays rather than maps inside, to keep deltas compact):
   ``[room, user, session, counter, meta|null]``, and ``digest`` rows ``[node, inc, clock]``
 * ``bcast``  ``{t, id, room, event, data, user, session, region}`` (room broadcast, flooded)
 * ``ping`` / ``pong`` ``{t, id}`` (link RTT), ``bye`` ``{t, node, inc}`` (graceful leave)
+* ``kick``   ``{t, id, user, session, reason, refuse_ms}`` (disconnect by the server API,
+  flooded like ``bcast``: :mod:`presenced.core.kicks`)
 * ``gossip`` may also carry ``ls``: link-state advertisements for routing, rows
   ``[node, inc, seq, [[neighbour, cost_us], ...]]``
 * routed messages, forwarded hop by hop towards ``dst`` with ``hops`` left:
@@ -37,6 +39,7 @@ import attrs
 import cbor2
 
 from presenced.core.crdt import Delta, Record, ReplicaId
+from presenced.core.kicks import Kick, kick_from_wire, kick_to_wire
 from presenced.core.liveness import Beat
 from presenced.core.routing import LinkState
 
@@ -191,7 +194,7 @@ class Pulled:
 
 Routed = Direct | Receipt | Pull | Pulled
 
-PeerMessage = Hello | Gossip | RoomBroadcast | PeerPing | PeerPong | Bye | Routed
+PeerMessage = Hello | Gossip | RoomBroadcast | PeerPing | PeerPong | Bye | Kick | Routed
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -294,6 +297,8 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
         return {"t": "ping", "id": message.id}
     if isinstance(message, PeerPong):
         return {"t": "pong", "id": message.id}
+    if isinstance(message, Kick):
+        return kick_to_wire(message)
     return {"t": "bye", "node": message.replica.node, "inc": message.replica.incarnation}
 
 
@@ -346,6 +351,8 @@ def decode(data: bytes) -> PeerMessage:
             return PeerPong(_count(wire.get("id"), "id"))
         if kind == "bye":
             return Bye(_replica(wire.get("node"), wire.get("inc")))
+        if kind == "kick":
+            return kick_from_wire(wire)
     except (TypeError, ValueError, IndexError, RecursionError) as exc:
         if isinstance(exc, PeerProtocolError):
             raise

@@ -190,6 +190,14 @@ class Presence:
         self._deliver(room, conn.user, conn.session, self.region, event, data, conn, echo)
         self.outputs.flood(room, event, data, conn.user, conn.session, self.region)
 
+    def publish(self, room: str, event: str, data: Any) -> int:
+        """A broadcast from the server API: like a client's, from :data:`SERVER_USER`, to every
+        member here and (through peers) everywhere. Returns how many members here got it."""
+        user = protocol.SERVER_USER
+        count = self._deliver(room, user, user, self.region, event, data, None, True)
+        self.outputs.flood(room, event, data, user, user, self.region)
+        return count
+
     def deliver_broadcast(self, message: peer_wire.RoomBroadcast) -> None:
         """A room broadcast that came from another daemon."""
         self._deliver(
@@ -213,10 +221,10 @@ class Presence:
         data: Any,
         sender: Member | None,
         echo: bool,
-    ) -> None:
+    ) -> int:
         members = self.members.get(room)
         if not members:
-            return
+            return 0
         frame = self.outputs.frame(
             protocol.broadcast_event(room, user, session, region, event, data)
         )
@@ -226,6 +234,7 @@ class Presence:
                 member.push(frame)
                 count += 1
         self.metrics.count_frames(count, len(frame))
+        return count
 
     def current_meta(self, conn: Member, room: str) -> Meta | None:
         return self.state.get(room, conn.user, conn.session)

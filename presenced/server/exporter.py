@@ -207,6 +207,9 @@ class DaemonCollector(Collector):
                 "Detached sessions that left when their resume grace ran out.",
                 metrics.sessions_expired,
             ),
+            ("api_publishes", "Server API publishes to a room.", metrics.api_publishes),
+            ("api_sends", "Server API direct messages.", metrics.api_sends),
+            ("api_disconnects", "Server API disconnects.", metrics.api_disconnects),
         ):
             yield CounterMetricFamily(f"presenced_{name}", doc, value=value)
         cumulative, buckets = 0, []

@@ -2,9 +2,9 @@
 
 An HTTP/1.1 server on trio and h11 (h11 parses; nothing here does). It is for operators,
 load balancers, Prometheus and the browser page, never for the hot path, so it is plain:
-one request per connection (``Connection: close``), GET and HEAD only, small bounded
-requests, and a deadline on every connection, so a client that stalls or sends junk costs one
-task for a few seconds and nobody else notices.
+one request per connection (``Connection: close``), GET and HEAD only (and POST under
+``/api/``), small bounded requests, and a deadline on every connection, so a client that
+stalls or sends junk costs one task for a few seconds and nobody else notices.
 
 =================  ====================================================================
 ``/healthz``       200 ``ok``: the process and its event loop are alive
@@ -14,6 +14,8 @@ task for a few seconds and nobody else notices.
 ``/status``        JSON: node, links, replicas, counts (`presenced status URL` prints it)
 ``/client.json``   where the page's WebSocket should connect: region, node, ``ws://`` URL
 ``/``, ``/FILE``   the files of ``presenced/web/`` (the browser page)
+``/api/v1/...``    the server API (:mod:`presenced.server.api`; 404 unless
+                   ``--api-key-file`` is given): POST, JSON bodies up to 64 KiB
 =================  ====================================================================
 """
 
@@ -35,6 +37,8 @@ import trio
 from prometheus_client.exposition import generate_latest
 
 from presenced import __version__
+from presenced.core import api_wire
+from presenced.server.api import Api
 from presenced.server.exporter import DaemonView, make_registry, readiness, status_document
 from presenced.server.startup import open_listeners
 
@@ -145,11 +149,18 @@ class HttpSide:
         self.max_connections = max_connections
         self.registry = make_registry(daemon)
         self.active = 0
+        self.api = Api(daemon, daemon.config.api_key)
 
     # ------------------------------------------------------------------ routes
 
-    async def respond(self, method: str, target: str, headers: Mapping[str, str]) -> Response:
+    async def respond(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> Response:
         """The response to a request (before HEAD drops its body)."""
+        if target.startswith("/api/"):
+            path = urllib.parse.urlsplit(target).path
+            status, document, extra = await self.api.answer(method, path, headers, body)
+            return Response(status, _compact(document), "application/json", extra)
         if method not in ("GET", "HEAD"):
             return Response.text(405, "method not allowed", ("Allow", "GET, HEAD"))
         try:
@@ -254,7 +265,8 @@ class HttpSide:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         request: h11.Request | None = None
         response: Response | None = None
-        body = 0
+        body = bytearray()
+        limit = MAX_REQUEST_BODY
         with trio.move_on_after(self.request_timeout) as reading:
             while response is None:
                 try:
@@ -267,12 +279,22 @@ class HttpSide:
                     conn.receive_data(data)  # b"" tells h11 the client closed
                 elif isinstance(event, h11.Request):
                     request = event
-                    if event.method not in (b"GET", b"HEAD"):
+                    if event.target.startswith(b"/api/"):
+                        limit = api_wire.MAX_BODY_BYTES  # the server API reads JSON bodies
+                        if _content_length(event) > limit:
+                            response = _api_too_large()
+                    elif event.method not in (b"GET", b"HEAD"):
                         break  # answered at once: no need to read a body we refuse
                 elif isinstance(event, h11.Data):
-                    body += len(event.data)
-                    if body > MAX_REQUEST_BODY:
-                        response = Response.text(413, "request body too large")
+                    if len(body) + len(event.data) > limit:
+                        too_large = limit == api_wire.MAX_BODY_BYTES
+                        response = (
+                            _api_too_large()
+                            if too_large
+                            else Response.text(413, "request body too large")
+                        )
+                    elif limit == api_wire.MAX_BODY_BYTES:
+                        body += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:  # ConnectionClosed, or PAUSED after a complete request
@@ -292,6 +314,7 @@ class HttpSide:
                     request.method.decode("ascii", "replace"),
                     request.target.decode("ascii", "replace"),
                     headers,
+                    bytes(body),
                 )
             except Exception:
                 log.exception("http side port: error answering %r", request.target)
@@ -326,6 +349,23 @@ class HttpSide:
         with trio.move_on_after(1):
             while await stream.receive_some(RECEIVE_BYTES):
                 pass
+
+
+def _compact(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
+
+
+def _content_length(request: h11.Request) -> int:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)  # (h11 has checked it is a number)
+    return 0
+
+
+def _api_too_large() -> Response:
+    message = f"the body is over {api_wire.MAX_BODY_BYTES} bytes"
+    document = api_wire.error_document(api_wire.TOO_LARGE, message)
+    return Response(413, _compact(document), "application/json")
 
 
 def _read_small(path: Path) -> bytes:

@@ -49,6 +49,10 @@ class Metrics:
     #: Of those, sessions another daemon held (resumed here from its presence entries).
     sessions_resumed_elsewhere: int = 0
     sessions_expired: int = 0
+    #: Server API calls that publish, send and disconnect (its reads are not counted).
+    api_publishes: int = 0
+    api_sends: int = 0
+    api_disconnects: int = 0
 
     def count_frames(self, count: int, size: int) -> None:
         self.frames_out += count

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from presenced.core import peer_wire
+from presenced.core import peer_wire, protocol
 from presenced.core.client_frames import message_frame
 from presenced.core.crdt import ReplicaId
+from presenced.core.kicks import CLOSE_DISCONNECTED, CLOSE_REFUSED, Kick, Refusals
 from presenced.core.liveness import DOWN
 from presenced.core.presence import Member, Presence
 from presenced.server.clients import PacedClients, Sessions
@@ -123,6 +124,14 @@ class DaemonOutputs:
             messenger.user_appeared(user)
 
 
+def _close_reason(text: str) -> str:
+    """``text`` cut to fit a close frame's reason (at most 123 bytes of UTF-8)."""
+    data = text.encode()
+    if len(data) <= 123:
+        return text
+    return data[:123].decode(errors="ignore")
+
+
 class Node(Presence):
     """The presence node of one daemon incarnation, with its configuration, metrics, paced
     clients, client sessions and wings (see the module docstring)."""
@@ -166,6 +175,53 @@ class Node(Presence):
         self.messenger: Messenger | None = None
         #: Client liveness (pings, dead connections) and sessions waiting to be resumed.
         self.sessions = Sessions(self)
+        #: Users and sessions the server API disconnected with a refusal (hellos refused).
+        self.refusals = Refusals()
+
+    # ------------------------------------------------------------------ the server API
+
+    def kick_everywhere(self, user: str, session: str, reason: str, refuse_s: float) -> int:
+        """Disconnect ``user`` (``session`` "": every session) on every daemon of the mesh:
+        here now, elsewhere through a flooded :class:`Kick`. Returns the connections closed
+        here."""
+        kick = Kick(secrets.token_hex(8), user, session, reason, round(refuse_s * 1000))
+        closed = self.apply_kick(kick)
+        if self.gossip is not None:
+            self.gossip.on_kick(kick, None)
+        return closed
+
+    def apply_kick(self, kick: Kick) -> int:
+        """Close this daemon's connections of the kicked user or session (4001, the reason in
+        an ``error`` frame and the close frame), end its detached sessions at once (no resume
+        grace), and refuse its hellos for ``refuse_ms``. Returns the connections closed."""
+        if kick.refuse_ms:
+            self.refusals.refuse(kick.user, kick.session, self.clock() + kick.refuse_ms / 1000)
+        message = kick.reason or "disconnected by the server"
+        closed = 0
+        for conn in self.user_connections(kick.user):
+            if not kick.session or conn.session == kick.session:
+                conn.send(protocol.error(protocol.DISCONNECTED, message))
+                conn.close(CLOSE_DISCONNECTED, _close_reason(message))
+                closed += 1
+        detached = self.sessions.detached
+        for session, held in list(detached.items()):
+            if held.user == kick.user and (not kick.session or session == kick.session):
+                del detached[session]
+                self.end_session(held.user, session, held.rooms)
+        return closed
+
+    def identified(self, conn: Member) -> None:
+        """A connection said hello: refused (4002) while its user or session is barred by a
+        disconnect, else direct messages for its user may now be written to it."""
+        left_s = self.refusals.left_s(conn.user, conn.session, self.clock())
+        if left_s is not None:
+            retry_ms = max(1, round(left_s * 1000))
+            frame = protocol.error(protocol.REFUSED, "disconnected by the server; retry later")
+            frame["retry_after_ms"] = retry_ms
+            conn.send(frame)
+            conn.close(CLOSE_REFUSED, "refused by the server")
+            return
+        super().identified(conn)
 
     def wire(self, *, gossip: PeerManager | None, messenger: Messenger | None) -> None:
         """Connect the wings the node talks to (the daemon does, once both exist)."""

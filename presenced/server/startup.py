@@ -191,9 +191,10 @@ def _public_der(public_key: PublicKeyTypes) -> bytes:
 # -- the token secret ----------------------------------------------------------------------------
 
 
-def secret_file_warning(path: str | os.PathLike[str]) -> str | None:
-    """Why the token secret file is exposed, if users other than its owner may read it:
-    anyone who reads it can mint tokens for any user and room."""
+def secret_file_warning(path: str | os.PathLike[str], what: str = "token secret") -> str | None:
+    """Why the token secret (or API key) file is exposed, if users other than its owner may
+    read it: anyone who reads it can mint tokens for any user and room (or call the server
+    API)."""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
@@ -201,6 +202,7 @@ def secret_file_warning(path: str | os.PathLike[str]) -> str | None:
     if not mode & (stat.S_IRGRP | stat.S_IROTH):
         return None
     return (
-        f"the token secret file {os.fspath(path)} has mode {mode:04o}: other users can read it"
-        f" and mint tokens; chmod 600 {os.fspath(path)}"
+        f"the {what} file {os.fspath(path)} has mode {mode:04o}: other users can read it"
+        f" and {'mint tokens' if what == 'token secret' else 'use it'};"
+        f" chmod 600 {os.fspath(path)}"
     )

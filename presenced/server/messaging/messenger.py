@@ -40,6 +40,7 @@ from presenced.core.direct_effects import (
     Wake,
 )
 from presenced.server.messaging.fetches import cluster_view
+from presenced.server.messaging.server_sender import SERVER_USER, ServerSender
 from presenced.server.messaging.store import MessageStore
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Messenger:
         self.wall_clock = node.wall_clock
         #: When the daemon started serving (the run loop): see ``cluster_settled``.
         self.started_at = node.clock()
-        self.machine: DirectMessages[ClientConnection] = DirectMessages(
+        self.machine: DirectMessages[ClientConnection | ServerSender] = DirectMessages(
             self.name,
             self.region,
             f"{self.name}.{_base36(node.replica.incarnation)}",
@@ -99,6 +100,12 @@ class Messenger:
         now, wall_s = self._clocks()
         self._do(self.machine.send(conn, conn.user, conn.session, message, now, wall_s))
 
+    def send_as_server(self, sender: ServerSender, message: protocol.Send) -> None:
+        """A ``send`` from the server API: the same machine, routing, storage and receipts
+        as a client's, from :data:`SERVER_USER`; the answers go to ``sender``."""
+        now, wall_s = self._clocks()
+        self._do(self.machine.send(sender, SERVER_USER, SERVER_USER, message, now, wall_s))
+
     def mark_read(self, conn: ClientConnection, message: protocol.MarkRead) -> None:
         """The recipient read a message shown here: tell its sender (once per user).
         :class:`~presenced.core.protocol.ProtocolError` if it was not shown to them here."""
@@ -130,7 +137,13 @@ class Messenger:
     def _clocks(self) -> tuple[float, float]:
         return self.node.clock(), self.wall_clock()
 
-    def _do(self, effects: list[Effect[ClientConnection]]) -> None:
+    def _reachable(self, conn: ClientConnection | ServerSender) -> bool:
+        """Whether the sender behind a handle still listens."""
+        if isinstance(conn, ServerSender):
+            return conn.open
+        return conn in self.node.connections
+
+    def _do(self, effects: list[Effect[ClientConnection | ServerSender]]) -> None:
         """Carry out the machine's effects, in order."""
         node = self.node
         for effect in effects:
@@ -151,7 +164,7 @@ class Messenger:
             elif isinstance(effect, TellSender):
                 self._tell_sender(effect)
             elif isinstance(effect, Reply):
-                if not effect.if_connected or effect.conn in node.connections:
+                if not effect.if_connected or self._reachable(effect.conn):
                     effect.conn.send(effect.frame)
             elif isinstance(effect, Wake):
                 self._wakeup.set()
@@ -162,11 +175,11 @@ class Messenger:
             else:
                 log.debug("%s", effect.text)
 
-    def _tell_sender(self, effect: TellSender[ClientConnection]) -> None:
+    def _tell_sender(self, effect: TellSender[ClientConnection | ServerSender]) -> None:
         """To the sending session if it is still here, else (without its ``ref``, which
         means nothing to the other sessions) to every session of its user here."""
         conn = effect.conn
-        if conn is not None and conn in self.node.connections:
+        if conn is not None and self._reachable(conn):
             conn.send(effect.frame)
             return
         frame = effect.frame

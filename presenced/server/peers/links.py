@@ -395,6 +395,8 @@ class PeerLink:
                 node.messenger.on_routed(message, self.remote.node)
         elif isinstance(message, wire.RoomBroadcast):
             self.manager.on_broadcast(message, self)
+        elif isinstance(message, wire.Kick):
+            self.manager.on_kick(message, self)
         elif isinstance(message, wire.Bye):
             self.manager.on_bye(message.replica, self)
         elif message == self.hello:

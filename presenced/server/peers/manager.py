@@ -356,6 +356,18 @@ class PeerManager:
             if link is not source and self._nursery is not None:
                 self._nursery.start_soon(self._send_quietly, link, message)
 
+    def on_kick(self, message: wire.Kick, source: PeerLink | None) -> None:
+        """A disconnect by the server API: carry it out here once (the daemon asked has
+        already), flood it to other peers, de-duplicated by id like a broadcast."""
+        if message.id in self._seen_broadcasts:
+            return
+        self._seen_broadcasts[message.id] = None
+        if source is not None:
+            self.node.apply_kick(message)
+        for link in self.links.values():
+            if link is not source and self._nursery is not None:
+                self._nursery.start_soon(self._send_quietly, link, message)
+
     async def _send_quietly(self, link: PeerLink, message: wire.PeerMessage) -> None:
         with contextlib.suppress(ChannelClosed):
             await link._send(message)
