@@ -334,7 +334,7 @@ async def test_an_error_reading_one_connection_closes_it_alone(
             for x in range(3):
                 await bomb.send({"type": "update", "room": "r", "meta": {"x": x}})
             with trio.fail_after(WAIT):
-                while "bomb" not in {c.user for c in server.daemon.node.paced}:
+                while "bomb" not in {c.user for c in server.daemon.paced}:
                     await trio.sleep(0.001)
         monkeypatch.setattr(ClientConnection, "_handle_events", explode)
         await bomb.stream.send_all(client_frame(PING, b"boom"))  # wsproto's to read

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from presenced.config import Config
+    from presenced.server.clients import Sessions
     from presenced.server.node import Node
     from presenced.server.peers import PeerManager
 
@@ -54,6 +55,8 @@ class DaemonView(Protocol):
     def node(self) -> Node: ...
     @property
     def peers(self) -> PeerManager | None: ...
+    @property
+    def sessions(self) -> Sessions: ...
     @property
     def client_port(self) -> int | None: ...
     @property
@@ -238,7 +241,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "presenced_detached_sessions",
             "Sessions waiting to be resumed (their connection dropped).",
-            value=len(node.sessions.detached),
+            value=len(daemon.sessions.detached),
         )
 
         # -- presence

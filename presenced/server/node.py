@@ -6,8 +6,10 @@ client sessions and the two wings it talks to, and :class:`DaemonOutputs` carrie
 the presence node asks (:class:`~presenced.core.presence.Outputs`): encode frames, poke peer
 links, flood broadcasts, tell messaging a user appeared, wake the ticker.
 
-Wiring: the daemon (:mod:`presenced.server.daemon`) builds the node, then the peer manager
-and the messenger around it, and hands both to :meth:`Node.wire` in one place. The ticker
+Wiring: the daemon (:mod:`presenced.server.daemon`) builds the node, then the client
+sessions, the peer manager and the messenger around it, and hands the last two to
+:meth:`Node.wire` in one place. The node types them by what is called through it
+(:mod:`presenced.server.roles`) and imports nothing from the wings. The ticker
 (:mod:`presenced.server.ticker`) attaches its alarm to the outputs while it runs. Nothing
 sets itself on the node.
 """
@@ -26,14 +28,12 @@ from presenced.core import peer_wire
 from presenced.core.client_frames import message_frame
 from presenced.core.crdt import ReplicaId
 from presenced.core.liveness import DOWN
-from presenced.core.presence import Member, Presence
-from presenced.server.clients import PacedClients, Sessions
+from presenced.core.presence import Presence
 from presenced.server.metrics import Metrics
+from presenced.server.roles import DirectMessaging, PeerLayer
 
 if TYPE_CHECKING:
     from presenced.config import Config
-    from presenced.server.messaging import Messenger
-    from presenced.server.peers import PeerManager
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ class DaemonOutputs:
         self.paced_pending: Callable[[], bool] = _no
         self.request_digests: Callable[[], None] = _nothing
         self.wake_at: Callable[[float], None] = _not_now
-        self._gossip: PeerManager | None = None
-        self._messenger: Messenger | None = None
+        self._gossip: PeerLayer | None = None
+        self._messenger: DirectMessaging | None = None
 
-    def wire(self, gossip: PeerManager | None, messenger: Messenger | None) -> None:
+    def wire(self, gossip: PeerLayer | None, messenger: DirectMessaging | None) -> None:
         self._gossip = gossip
         self._messenger = messenger
         if gossip is not None:
@@ -100,7 +100,7 @@ class DaemonOutputs:
             message = peer_wire.RoomBroadcast(
                 secrets.token_hex(8), room, event, data, user, session, region
             )
-            self._gossip.on_broadcast(message, None)
+            self._gossip.flood(message)
 
     def replica_up(self, replica: ReplicaId) -> None:
         log.info("replica %s is up", replica)
@@ -124,8 +124,8 @@ class DaemonOutputs:
 
 
 class Node(Presence):
-    """The presence node of one daemon incarnation, with its configuration, metrics, paced
-    clients, client sessions and wings (see the module docstring)."""
+    """The presence node of one daemon incarnation, with its configuration, metrics and the
+    wings it talks to (see the module docstring)."""
 
     outputs: DaemonOutputs
     metrics: Metrics
@@ -158,31 +158,13 @@ class Node(Presence):
         self.tick_s = plan.tick_s
         self.hold = plan.hold_s
         self.flush_lag = plan.poll_point_s
-        #: Connections whose input the ticker reads at tick boundaries (they stream updates).
-        self.paced = PacedClients()
         #: The peer layer (None: no peers) and direct messages (None: a bare node in unit
         #: tests); set by :meth:`wire`.
-        self.gossip: PeerManager | None = None
-        self.messenger: Messenger | None = None
-        #: Client liveness (pings, dead connections) and sessions waiting to be resumed.
-        self.sessions = Sessions(self)
+        self.gossip: PeerLayer | None = None
+        self.messenger: DirectMessaging | None = None
 
-    def wire(self, *, gossip: PeerManager | None, messenger: Messenger | None) -> None:
+    def wire(self, *, gossip: PeerLayer | None, messenger: DirectMessaging | None) -> None:
         """Connect the wings the node talks to (the daemon does, once both exist)."""
         self.gossip = gossip
         self.messenger = messenger
         self.outputs.wire(gossip, messenger)
-
-    def disconnect(self, conn: Member) -> None:
-        self.paced.discard(conn)  # type: ignore[arg-type]  # (members are ClientConnections)
-        super().disconnect(conn)
-
-    def detach(self, conn: Member) -> list[str]:
-        self.paced.discard(conn)  # type: ignore[arg-type]
-        return super().detach(conn)
-
-    def remove_all_local(self) -> None:
-        """Shutdown: every local entry leaves (peers hear it before the links close), the
-        detached sessions' too, and no session waits to be resumed any more."""
-        self.sessions.shutdown()
-        super().remove_all_local()

@@ -18,6 +18,7 @@ import time
 from typing import Protocol
 
 from presenced.server.alarm import Alarm, open_alarm
+from presenced.server.clients.paced import PacedClients
 from presenced.server.node import Node
 
 
@@ -47,11 +48,13 @@ class PacedLinks(Protocol):
 
 
 class Ticker:
-    """Runs the tick plan of ``node``; ``links`` is its peer layer (None: no peers)."""
+    """Runs the tick plan of ``node``; ``links`` is its peer layer (None: no peers),
+    ``paced`` the client connections it reads at boundaries."""
 
-    def __init__(self, node: Node, links: PacedLinks | None) -> None:
+    def __init__(self, node: Node, links: PacedLinks | None, paced: PacedClients) -> None:
         self.node = node
         self.links = links
+        self.paced = paced
 
     async def run(self) -> None:
         """Until cancelled: boundaries, paced reads and flushes, each when the plan says."""
@@ -71,7 +74,7 @@ class Ticker:
         node = self.node
         return (
             node.plan.boundary_wanted
-            or bool(node.paced)
+            or bool(self.paced)
             or (links is not None and bool(links.paced))
         )
 
@@ -108,7 +111,7 @@ class Ticker:
         node.plan.start_boundary()
         node.reading_clients = True
         try:
-            node.paced.read()  # busy clients' updates make this tick's gossip
+            self.paced.read()  # busy clients' updates make this tick's gossip
         finally:
             node.reading_clients = False
         now = woke

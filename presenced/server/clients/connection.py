@@ -65,6 +65,8 @@ from presenced.server.clients.handshake import (
 from presenced.server.clients.sessions import configure_keepalive
 
 if TYPE_CHECKING:
+    from presenced.server.clients.paced import PacedClients
+    from presenced.server.clients.sessions import Sessions
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,19 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 class ClientConnection:
     """State and tasks of one connected client (one browser tab or app instance)."""
 
-    def __init__(self, node: Node, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self,
+        node: Node,
+        stream: trio.abc.Stream,
+        peer: str,
+        *,
+        sessions: Sessions,
+        paced: PacedClients,
+    ) -> None:
         self.node = node
+        #: The daemon's sessions (hello, resume, endings) and its paced clients.
+        self.sessions = sessions
+        self.paced = paced
         self.limits = node.config.limits
         self.stream = stream
         self.peer = peer
@@ -172,8 +185,9 @@ class ClientConnection:
             log.exception("client %s: unexpected error; closing this connection", self.peer)
             self._close = self._close or (CloseCode.INTERNAL, "internal error")
         finally:
+            self._unpace()  # the ticker reads it no more, before its socket closes
             self._fd = None  # never write to a descriptor number the kernel may reuse
-            node.sessions.connection_ended(self)
+            self.sessions.connection_ended(self)
             await self._close_transport()
 
     def _admit(self) -> bool:
@@ -254,14 +268,14 @@ class ClientConnection:
             self._paced = True
             self._idle_polls = 0
             self._resume = trio.Event()
-            self.node.paced.add(self, self._fd)
+            self.paced.add(self, self._fd)
             self.node.want_tick()  # (an idle ticker sleeps through boundaries)
 
     def _unpace(self) -> None:
         """Back to reading as data arrives (the reader task resumes)."""
         if self._paced:
             self._paced = False
-            self.node.paced.discard(self)
+            self.paced.discard(self)
             self._resume.set()
 
     def quiet_tick(self) -> None:
@@ -453,11 +467,11 @@ class ClientConnection:
         else:
             user = message.user
             if user is None and message.resume is not None:
-                user = self.node.sessions.user_of(message.resume)
+                user = self.sessions.user_of(message.resume)
             grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
         self.user = self.rules.greeted(grant)
         self._hello_scope.deadline = float("inf")
-        self.node.sessions.welcome(self, message)
+        self.sessions.welcome(self, message)
 
     def _on_join(self, message: wire.Join) -> None:
         self.rules.join(message)

@@ -39,11 +39,11 @@ from presenced.core.direct_effects import (
     TellSender,
     Wake,
 )
+from presenced.core.presence import Member
 from presenced.server.messaging.fetches import cluster_view
 from presenced.server.messaging.store import MessageStore
 
 if TYPE_CHECKING:
-    from presenced.server.clients import ClientConnection
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Messenger:
         self.wall_clock = node.wall_clock
         #: When the daemon started serving (the run loop): see ``cluster_settled``.
         self.started_at = node.clock()
-        self.machine: DirectMessages[ClientConnection] = DirectMessages(
+        self.machine: DirectMessages[Member] = DirectMessages(
             self.name,
             self.region,
             f"{self.name}.{_base36(node.replica.incarnation)}",
@@ -94,18 +94,18 @@ class Messenger:
 
     # ------------------------------------------------------------------ client requests
 
-    def send(self, conn: ClientConnection, message: protocol.Send) -> None:
+    def send(self, conn: Member, message: protocol.Send) -> None:
         """A client's ``send``: store it (reliable) and start delivering every copy."""
         now, wall_s = self._clocks()
         self._do(self.machine.send(conn, conn.user, conn.session, message, now, wall_s))
 
-    def mark_read(self, conn: ClientConnection, message: protocol.MarkRead) -> None:
+    def mark_read(self, conn: Member, message: protocol.MarkRead) -> None:
         """The recipient read a message shown here: tell its sender (once per user).
         :class:`~presenced.core.protocol.ProtocolError` if it was not shown to them here."""
         now, wall_s = self._clocks()
         self._do(self.machine.mark_read(conn.user, message, now, wall_s))
 
-    def fetch(self, conn: ClientConnection, message: protocol.Fetch) -> None:
+    def fetch(self, conn: Member, message: protocol.Fetch) -> None:
         """Pull the user's pending messages from every daemon that may hold some."""
         now, wall_s = self._clocks()
         self._do(self.machine.fetch(conn, conn.user, message, now, wall_s))
@@ -130,7 +130,7 @@ class Messenger:
     def _clocks(self) -> tuple[float, float]:
         return self.node.clock(), self.wall_clock()
 
-    def _do(self, effects: list[Effect[ClientConnection]]) -> None:
+    def _do(self, effects: list[Effect[Member]]) -> None:
         """Carry out the machine's effects, in order."""
         node = self.node
         for effect in effects:
@@ -162,7 +162,7 @@ class Messenger:
             else:
                 log.debug("%s", effect.text)
 
-    def _tell_sender(self, effect: TellSender[ClientConnection]) -> None:
+    def _tell_sender(self, effect: TellSender[Member]) -> None:
         """To the sending session if it is still here, else (without its ``ref``, which
         means nothing to the other sessions) to every session of its user here."""
         conn = effect.conn

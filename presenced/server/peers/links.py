@@ -50,17 +50,20 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from presenced.core import peer_wire as wire
 from presenced.core.crdt import ReplicaId
 from presenced.core.gossip import PeerView, dialer_of
+from presenced.core.routing import LinkState, RouteTable
 from presenced.server.peers.transport import ChannelClosed, PeerChannel
 
 if TYPE_CHECKING:
-    from presenced.server.peers.manager import PeerManager
+    from presenced.config import Config
+    from presenced.server.clients.sessions import Sessions
+    from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +75,36 @@ PACE_AFTER = 3
 PACED_READ_LIMIT = 256
 
 
+class LinkOwner(Protocol):
+    """What a link uses of the layer that owns it (:class:`~presenced.server.peers.PeerManager`
+    is it: it creates the links, so this module names it by what a link calls)."""
+
+    @property
+    def node(self) -> Node: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def sessions(self) -> Sessions: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def links(self) -> dict[str, PeerLink]: ...
+    @property
+    def paced(self) -> dict[PeerLink, None]: ...
+
+    def encode(self, message: wire.PeerMessage) -> bytes: ...
+    def advertise(self) -> None: ...
+    def learn_link_states(self, states: tuple[LinkState, ...], source: PeerLink) -> None: ...
+    def relay(self, replicas: list[ReplicaId], exclude: PeerLink) -> None: ...
+    def on_broadcast(self, message: wire.RoomBroadcast, source: PeerLink | None) -> None: ...
+    def on_bye(self, replica: ReplicaId, source: PeerLink) -> None: ...
+
+
 class PeerLink:
     """One live link to one peer replica."""
 
     def __init__(
-        self, manager: PeerManager, channel: PeerChannel, hello: wire.Hello, dialed: bool
+        self, manager: LinkOwner, channel: PeerChannel, hello: wire.Hello, dialed: bool
     ) -> None:
         self.manager = manager
         self.node = node = manager.node
@@ -423,7 +451,7 @@ class PeerLink:
         if changes:
             node.apply(changes, from_peer=True)
         if node.state.index.taken_over or node.state.index.left_elsewhere:
-            node.sessions.contested()  # a session held here was resumed, or left, elsewhere
+            self.manager.sessions.contested()  # a session held here was resumed, or left, elsewhere
         if merged:
             self.manager.relay(merged, exclude=self)
         if wake:

@@ -38,6 +38,7 @@ from presenced.server.peers.links import PeerLink
 from presenced.server.peers.transport import ChannelClosed, PeerChannel, PeerTransport
 
 if TYPE_CHECKING:
+    from presenced.server.clients.sessions import Sessions
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ class PeerManager:
         node: Node,
         transport: PeerTransport,
         config: Config,
+        sessions: Sessions,
         *,
         accept: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         self.node = node
+        #: The clients' sessions: told when a merge shows a session held here was resumed,
+        #: or left a room, on another daemon.
+        self.sessions = sessions
         #: Whether to accept inbound links (only dial when False: no --peer-listen).
         self.accept = accept
         self.transport = transport
@@ -355,6 +360,10 @@ class PeerManager:
         for link in self.links.values():
             if link is not source and self._nursery is not None:
                 self._nursery.start_soon(self._send_quietly, link, message)
+
+    def flood(self, message: wire.RoomBroadcast) -> None:
+        """A room broadcast made here: send it to every peer."""
+        self.on_broadcast(message, None)
 
     async def _send_quietly(self, link: PeerLink, message: wire.PeerMessage) -> None:
         with contextlib.suppress(ChannelClosed):
