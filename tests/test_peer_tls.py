@@ -372,7 +372,7 @@ async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki)
             missing = PacedLink(view=SimpleNamespace(batch_tick=tick - 1), channel=accepted)
             arrived = PacedLink(view=SimpleNamespace(batch_tick=tick), channel=dialled)
             manager = SimpleNamespace(
-                node=SimpleNamespace(tick_number=lambda: tick),
+                node=SimpleNamespace(tick_index=lambda: tick),
                 paced={missing: None, arrived: None},
             )
             # (the two PeerManager methods at work, on a stand-in holding what they read)

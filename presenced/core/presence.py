@@ -411,11 +411,11 @@ class Presence:
 
     # ------------------------------------------------------------------ ticks
 
-    def tick_number(self) -> int:
+    def tick_index(self) -> int:
         """The current tick's index (aligned phase time / tick)."""
         return self.plan.tick_index(self.phase_clock())
 
-    def tick_phase(self) -> float:
+    def tick_phase_s(self) -> float:
         """Seconds since the last aligned tick boundary (now)."""
         return self.plan.tick_phase_s(self.phase_clock())
 

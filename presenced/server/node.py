@@ -153,11 +153,8 @@ class Node(Presence):
         )
         self.config = config
         self.wall_clock = wall_clock
-        plan = self.plan
-        #: The tick's length; the hold and poll point (the tick plan's, read by peer links).
-        self.tick_s = plan.tick_s
-        self.hold = plan.hold_s
-        self.flush_lag = plan.poll_point_s
+        #: The tick's length (the tick plan's).
+        self.tick_s = self.plan.tick_s
         #: The peer layer (None: no peers) and direct messages (None: a bare node in unit
         #: tests); set by :meth:`wire`.
         self.gossip: PeerLayer | None = None

@@ -30,7 +30,7 @@ class PacedLinks(Protocol):
         """The links the ticker reads (truthy when any)."""
         ...
 
-    def tick(self, local_changed: bool) -> None:
+    def at_boundary(self, local_changed: bool) -> None:
         """Links send the tick's gossip (``local_changed``: own entries changed)."""
         ...
 
@@ -116,7 +116,7 @@ class Ticker:
             node.reading_clients = False
         now = woke
         if links is not None:
-            links.tick(node.local_dirty)
+            links.at_boundary(node.local_dirty)
             if links.paced:
                 now = self._await_paced(links, woke + node.plan.poll_point_s)
         node.local_dirty = False

@@ -269,11 +269,11 @@ class PeerManager:
     # ------------------------------------------------------------------ gossip
 
     def local_changed(self) -> None:
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         for link in self.links.values():
             link.poke(tick)
 
-    def tick(self, local_changed: bool) -> None:
+    def at_boundary(self, local_changed: bool) -> None:
         """Called at every tick boundary: links send local changes and what else is due."""
         self._in_tick = True
         try:
@@ -298,7 +298,7 @@ class PeerManager:
     def awaiting_batches(self) -> bool:
         """Whether a link whose batches come early in each tick has not sent this tick's yet
         (the node holds the tick's flush for it, see :meth:`Node.flush_time`)."""
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         return any(link.awaited(tick) for link in self.links.values())
 
     def poll_paced(self, final: bool = True) -> None:
@@ -332,7 +332,7 @@ class PeerManager:
 
     def _missing_batches(self) -> list[PeerLink]:
         """The paced links whose batch of this tick has not been read yet."""
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         return [link for link in self.paced if link.view.batch_tick != tick]
 
     def request_digests(self) -> None:
