@@ -31,9 +31,9 @@ same flush the message would have joined anyway. Only that last read, finding no
 the tick (the peer was quiet, or its batch is late), hands the link back to its reader task,
 which waits for data as usual, and the link's next batch on time paces it again. A tick's
 batch is the message the peer's tick sent, marked ``batch`` (``tk`` on the wire): repairs,
-relays and link-state news go out whenever they come in. A peer whose batches land later in the tick (a
-far one, unless its delay is within the poll point of a whole number of ticks: then pacing
-changes nothing either) is not paced. While a link is paced, its other
+relays and link-state news go out whenever they come in. A peer whose batches land later in
+the tick (a far one, unless its delay is within the poll point of a whole number of ticks:
+then pacing changes nothing either) is not paced. While a link is paced, its other
 messages (routed messages, pings) wait for that read: at most a tick and a poll point. RTT
 pings go out with the next gossip message (normally the tick's); once the ticker has read
 the peer's batch of that tick, the link goes back to its reader, which reads the pong as it
