@@ -131,7 +131,7 @@ async def test_cursor_burst_arrives_as_latest_value(autojump_clock: object) -> N
 async def test_crashed_daemon_users_vanish_and_return(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
         net = SimNetwork(seed=3, latency=0.02)
-        cluster = await line(nursery, net, down_after=3.0, purge_after=30.0)
+        cluster = await line(nursery, net, down_after_s=3.0, purge_after_s=30.0)
         ann = cluster.client("eu", "ann")
         cat = cluster.client("us", "cat")
         ann.join("r")
@@ -180,7 +180,7 @@ async def test_partition_and_heal_converge(autojump_clock: object) -> None:
 async def test_graceful_stop_removes_users_everywhere_at_once(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
         cluster = await line(
-            nursery, SimNetwork(seed=5, latency=0.02), down_after=30.0, purge_after=60.0
+            nursery, SimNetwork(seed=5, latency=0.02), down_after_s=30.0, purge_after_s=60.0
         )
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")
@@ -202,7 +202,7 @@ async def test_a_bye_counts_only_from_the_node_it_names(autojump_clock: object) 
     liveness (down, then purged), and ap's next incarnation is welcome everywhere."""
     async with trio.open_nursery() as nursery:
         cluster = await line(
-            nursery, SimNetwork(seed=6, latency=0.02), down_after=3.0, purge_after=20.0
+            nursery, SimNetwork(seed=6, latency=0.02), down_after_s=3.0, purge_after_s=20.0
         )
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")

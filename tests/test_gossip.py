@@ -31,7 +31,7 @@ class Side:
     def __init__(self, name: str, now: float) -> None:
         self.replica = ReplicaId(name, 1)
         self.state = PresenceState(self.replica, name)
-        self.liveness = Liveness(self.replica, down_after=3.0, purge_after=30.0, now=now)
+        self.liveness = Liveness(self.replica, down_after_s=3.0, purge_after_s=30.0, now=now)
         self.routes = RouteTable(name, 1)
         self.links: tuple[str, ...] = ()
         self.view: PeerView

@@ -288,7 +288,7 @@ async def test_over_real_sockets_a_session_resumes_on_the_other_daemon(
             tls_ca=tmp_path / "ca.pem",
             token_secret=b"k" * 32,
             resume_grace_s=1.5,
-            down_after=2.0,
+            down_after_s=2.0,
         )
         daemons[name] = Daemon(config)
         await nursery.start(daemons[name].serve)

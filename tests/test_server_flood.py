@@ -289,7 +289,7 @@ async def test_a_header_announcing_2_to_the_62_bytes_is_closed_1009(
 
 
 async def test_frames_sent_behind_the_upgrade_request_are_read(start_daemon) -> None:
-    server = await start_daemon(limits={"hello_timeout": 1.0})
+    server = await start_daemon(limits={"hello_timeout_s": 1.0})
     hello = text({"type": "hello", "user": "eager", "ref": 1})
     raw = await Raw.open(server.daemon.client_port, first=hello + client_frame(PING, b"x"))
     welcome = await raw.next_message()

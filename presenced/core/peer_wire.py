@@ -208,7 +208,7 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
         wire: dict[str, Any] = {"t": "gossip"}
         if message.beats:
             wire["hb"] = [
-                [b.replica.node, b.replica.incarnation, b.heartbeat, round(b.age * 1000)]
+                [b.replica.node, b.replica.incarnation, b.heartbeat, round(b.age_s * 1000)]
                 for b in message.beats
             ]
             if any(b.clock for b in message.beats):

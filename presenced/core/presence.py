@@ -138,7 +138,7 @@ class Presence:
         self.metrics = metrics
         self.state = PresenceState(replica, region)
         self.liveness = Liveness(
-            replica, down_after=down_after_s, purge_after=purge_after_s, now=clock()
+            replica, down_after_s=down_after_s, purge_after_s=purge_after_s, now=clock()
         )
         self.feeds: dict[str, RoomFeed] = {}
         #: room -> members on this daemon (a dict used as an ordered set).

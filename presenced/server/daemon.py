@@ -34,7 +34,7 @@ from presenced.server.ticker import Ticker
 log = logging.getLogger(__name__)
 
 #: Seconds clients get to receive their close frames at shutdown.
-SHUTDOWN_GRACE = 2.0
+SHUTDOWN_GRACE_S = 2.0
 
 
 def new_incarnation() -> int:
@@ -166,7 +166,7 @@ class Daemon:
                         await self.peers.say_goodbye()
                     log.info("shutting down: closing %d clients", len(self.node.connections))
                     self.node.close_all(CloseCode.GOING_AWAY, "server shutting down")
-                    with trio.move_on_after(SHUTDOWN_GRACE):
+                    with trio.move_on_after(SHUTDOWN_GRACE_S):
                         while self.node.connections:
                             await trio.sleep(0.01)
                     connections.cancel_scope.cancel()
@@ -235,12 +235,12 @@ def _open_store(config: Config) -> MessageStore:
         return MessageStore(
             ":memory:",
             max_pending_per_recipient=config.message_max_pending,
-            max_age_s=config.message_max_age,
+            max_age_s=config.message_max_age_s,
         )
     return MessageStore.in_dir(
         config.data_dir,
         max_pending_per_recipient=config.message_max_pending,
-        max_age_s=config.message_max_age,
+        max_age_s=config.message_max_age_s,
     )
 
 

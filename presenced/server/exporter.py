@@ -105,7 +105,7 @@ def _region_of(daemon: DaemonView, replica: ReplicaId) -> str:
 
 #: Peer states in `/status` and `presenced_peer_link_up`: a direct link is up; no direct
 #: link, but the node's heartbeats arrive through another region; no heartbeat for
-#: ``down_after`` (its users have left every room).
+#: ``down_after_s`` (its users have left every room).
 LINK_UP, RELAYED, LINK_DOWN = "up", "relayed", "down"
 
 

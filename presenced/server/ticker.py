@@ -42,8 +42,8 @@ class PacedLinks(Protocol):
         """Whether a paced link's batch of this tick has not been read yet."""
         ...
 
-    def wait_for_batches(self, timeout: float) -> bool:
-        """Block the thread until a missing batch has input, for at most ``timeout`` s."""
+    def wait_for_batches(self, timeout_s: float) -> bool:
+        """Block the thread until a missing batch has input, for at most ``timeout_s``."""
         ...
 
 

@@ -28,8 +28,8 @@ import attrs
 import trio
 
 from presenced.config import (
-    DEFAULT_DOWN_AFTER,
-    DEFAULT_PURGE_AFTER,
+    DEFAULT_DOWN_AFTER_S,
+    DEFAULT_PURGE_AFTER_S,
     DEFAULT_RESUME_GRACE_S,
     DEFAULT_TICK_MS,
     Config,
@@ -224,8 +224,8 @@ class Cluster:
         net: SimNetwork,
         *,
         tick_ms: int = DEFAULT_TICK_MS,
-        down_after: float = DEFAULT_DOWN_AFTER,
-        purge_after: float = DEFAULT_PURGE_AFTER,
+        down_after_s: float = DEFAULT_DOWN_AFTER_S,
+        purge_after_s: float = DEFAULT_PURGE_AFTER_S,
         timings: Mapping[str, float] | None = None,
         data_root: Path | None = None,
         token_secret: bytes | None = None,
@@ -237,8 +237,8 @@ class Cluster:
         self.resume_grace_s = resume_grace_s
         self.net = net
         self.tick_ms = tick_ms
-        self.down_after = down_after
-        self.purge_after = purge_after
+        self.down_after_s = down_after_s
+        self.purge_after_s = purge_after_s
         #: Config fields of the peer layer's timings (like ``heartbeat_interval_s``).
         self.timings: dict[str, Any] = dict(timings or {})
         #: If set, each daemon keeps its message store in data_root/<name> (survives crashes).
@@ -262,8 +262,8 @@ class Cluster:
             listen=HostPort("127.0.0.1", 0),
             allow_anonymous=True,
             tick_ms=self.tick_ms,
-            down_after=self.down_after,
-            purge_after=self.purge_after,
+            down_after_s=self.down_after_s,
+            purge_after_s=self.purge_after_s,
             peers=tuple(self.address(p) for p in peers),
             # The simulated transport ignores the address, but a daemon with peers and no
             # peer_listen only dials, and simulated links must be dialable both ways.

@@ -17,7 +17,7 @@ Two tasks per connection:
 The outbox is bounded. Room diffs are state, so when a client cannot keep up its queued
 diffs are thrown away and replaced by one fresh ``state`` per room: it gets the newest state
 when it can take it. A client that stays unable to drain its queue for
-``slow_client_timeout`` is closed with 1013. Nothing one connection does can raise into
+``slow_client_timeout_s`` is closed with 1013. Nothing one connection does can raise into
 another: handlers only touch the node through synchronous calls, and any unexpected error
 closes this connection alone (1011) and is logged.
 
@@ -160,7 +160,7 @@ class ClientConnection:
         node = self.node
         try:
             with self._scope:
-                with trio.move_on_after(self.limits.hello_timeout):
+                with trio.move_on_after(self.limits.hello_timeout_s):
                     self.ws, _request, self._pipelined = await accept_websocket(
                         self.stream, admit=self._admit
                     )
@@ -235,7 +235,7 @@ class ClientConnection:
     async def _reader(self) -> None:
         assert self.ws is not None
         ws = self.ws
-        self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout
+        self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
         with self._hello_scope:
             try:
                 await self._read_loop(ws)
@@ -572,7 +572,7 @@ class ClientConnection:
         now = self.node.clock()
         if self._stalled_since is None:
             self._stalled_since = now
-        elif now - self._stalled_since > self.limits.slow_client_timeout:
+        elif now - self._stalled_since > self.limits.slow_client_timeout_s:
             log.info("client %s closed: too slow to read its updates", self.peer)
             self.close(CloseCode.TRY_AGAIN_LATER, "too slow")
             return

@@ -306,9 +306,9 @@ class PeerManager:
         for link in list(self.paced):
             link.poll(final)
 
-    def wait_for_batches(self, timeout: float) -> bool:
+    def wait_for_batches(self, timeout_s: float) -> bool:
         """Block the thread (not just the ticker's task) until a paced link whose batch of
-        this tick is missing has input, for at most ``timeout`` seconds (a fraction of a
+        this tick is missing has input, for at most ``timeout_s`` (a fraction of a
         tick: the poll point). True if some input came; False on timeout, or at once when a
         link's transport has no descriptor to wait on (the simulation), which leaves the
         batch to the poll point.
@@ -324,7 +324,7 @@ class PeerManager:
             if fd is None:
                 return False
             waiting.register(fd, select.POLLIN)
-        return bool(waiting.poll(max(0, math.ceil(timeout * 1000))))
+        return bool(waiting.poll(max(0, math.ceil(timeout_s * 1000))))
 
     def paced_pending(self) -> bool:
         """Whether a paced link's batch of this tick has not been read yet."""
@@ -376,7 +376,7 @@ class PeerManager:
         the one message that retires a replica at once and for ever, so one naming another
         node (a bug, or a peer speaking for others) is ignored, and byes are not relayed.
         Other daemons learn of the stop from the removals it sent before its bye (relayed
-        like any delta) and from liveness (down after ``down_after``).
+        like any delta) and from liveness (down after ``down_after_s``).
         """
         if not bye_accepted(replica, source.remote):
             log.warning(
