@@ -105,7 +105,7 @@ async def scenario(presences: int, latency: float) -> dict[str, object]:
     results: dict[str, object] = {"presences": presences, "replicas": 5, "latency_s": latency}
     async with trio.open_nursery() as nursery:
         net = SimNetwork(seed=7, latency=latency)
-        cluster = Cluster(nursery, net, down_after=3.0, purge_after=60.0)
+        cluster = Cluster(nursery, net, down_after_s=3.0, purge_after_s=60.0)
         for i, name in enumerate(NAMES):
             await cluster.start(name, peers=NAMES[:i])
         await trio.sleep(2)

@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from presenced import __version__
 from presenced.auth import mint_token
 from presenced.config import (
-    DEFAULT_MESSAGE_MAX_AGE,
+    DEFAULT_MESSAGE_MAX_AGE_S,
     LOG_FORMATS,
     LOG_LEVELS,
     Config,
@@ -169,7 +169,7 @@ def _env(name: str) -> str:
     show_envvar=True,
     help="Seconds without a heartbeat before a peer region's node is marked down: its users"
     " leave every room everywhere (they return if it comes back in time)."
-    f" Default: {_default(Config, 'down_after')}.",
+    f" Default: {_default(Config, 'down_after_s')}.",
 )
 @click.option(
     "--purge-after",
@@ -178,7 +178,7 @@ def _env(name: str) -> str:
     envvar=_env("purge_after"),
     show_envvar=True,
     help="Seconds without a heartbeat before a down node's users are dropped; more than"
-    f" --down-after. Default: {_default(Config, 'purge_after')}.",
+    f" --down-after. Default: {_default(Config, 'purge_after_s')}.",
 )
 @click.option(
     "--token-secret-file",
@@ -306,8 +306,8 @@ def _env(name: str) -> str:
     envvar=_env("message_max_age"),
     show_envvar=True,
     help="Seconds an undelivered reliable message is kept before it expires (its sender"
-    f" is told). Default: {_default(Config, 'message_max_age')}"
-    f" ({DEFAULT_MESSAGE_MAX_AGE / 86400:g} days).",
+    f" is told). Default: {_default(Config, 'message_max_age_s')}"
+    f" ({DEFAULT_MESSAGE_MAX_AGE_S / 86400:g} days).",
 )
 @click.option(
     "--client-timeout",

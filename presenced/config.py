@@ -87,10 +87,10 @@ PATH_KEYS = ("token_secret_file", "api_key_file", "tls_cert", "tls_key", "tls_ca
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 #: Milliseconds between ticks (see docs/operations.md: latency against CPU).
 DEFAULT_TICK_MS = 30
-DEFAULT_DOWN_AFTER = 3.0
-DEFAULT_PURGE_AFTER = 30.0
-#: Seconds between heartbeats on peer links, and how many of them ``down_after`` spans at
-#: least: liveness is checked every heartbeat interval, so a shorter ``down_after`` marks a
+DEFAULT_DOWN_AFTER_S = 3.0
+DEFAULT_PURGE_AFTER_S = 30.0
+#: Seconds between heartbeats on peer links, and how many of them ``down_after_s`` spans at
+#: least: liveness is checked every heartbeat interval, so a shorter ``down_after_s`` marks a
 #: peer down between two of its heartbeats on any link with a delay.
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 MIN_HEARTBEATS_DOWN = 2
@@ -102,10 +102,10 @@ DEFAULT_RESUME_GRACE_S = 10.0
 CLIENT_TIMEOUT_RANGE_S = (1.0, 3600.0)
 RESUME_GRACE_RANGE_S = (0.0, 3600.0)
 #: How long an undelivered reliable message is kept: a week.
-DEFAULT_MESSAGE_MAX_AGE = 7 * 86400.0
+DEFAULT_MESSAGE_MAX_AGE_S = 7 * 86400.0
 
 #: Limit flags of `presenced run` (option key -> `Limits` field). They are flags only; a file
-#: sets limits in its `[limits]` table by field name.
+#: sets limits in its `[limits]` table (`LIMIT_KEYS`).
 LIMIT_FLAGS: Mapping[str, str] = {
     "max_connections": "max_connections",
     "max_frame_bytes": "max_frame_bytes",
@@ -113,6 +113,11 @@ LIMIT_FLAGS: Mapping[str, str] = {
     "max_rooms_per_connection": "max_rooms_per_connection",
     "max_msg_rate": "max_messages_per_second",
     "msg_burst": "message_burst",
+}
+#: Keys of a config file's `[limits]` table -> `Limits` field: the field name, without the
+#: `_s` of a duration (the file says `hello_timeout = 5.0`, in seconds).
+LIMIT_KEYS: Mapping[str, str] = {
+    field.name.removesuffix("_s"): field.name for field in attrs.fields(Limits)
 }
 
 
@@ -407,18 +412,18 @@ class Config:
     tls_ca: Path | None = attrs.field(default=None, converter=_optional_path)
     #: Seconds without a heartbeat before a peer replica is down (its users kept, marked
     #: away) and then purged (its users dropped).
-    down_after: float = attrs.field(
-        default=DEFAULT_DOWN_AFTER, validator=_validate_field(_check_seconds)
+    down_after_s: float = attrs.field(
+        default=DEFAULT_DOWN_AFTER_S, validator=_validate_field(_check_seconds)
     )
-    purge_after: float = attrs.field(
-        default=DEFAULT_PURGE_AFTER, validator=_validate_field(_check_seconds)
+    purge_after_s: float = attrs.field(
+        default=DEFAULT_PURGE_AFTER_S, validator=_validate_field(_check_seconds)
     )
     #: Where the durable message store lives; None keeps reliable messages in memory only.
     data_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     #: Pending reliable messages kept per recipient, and for how long (seconds).
     message_max_pending: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
-    message_max_age: float = attrs.field(
-        default=DEFAULT_MESSAGE_MAX_AGE, validator=attrs.validators.gt(0)
+    message_max_age_s: float = attrs.field(
+        default=DEFAULT_MESSAGE_MAX_AGE_S, validator=attrs.validators.gt(0)
     )
     #: Seconds a client connection may show no sign of life before it is closed as dead
     #: (it is pinged after two thirds of that), and seconds a session whose connection
@@ -454,11 +459,12 @@ class Config:
             raise ConfigError(
                 "no way for clients to authenticate: give --token-secret-file or --allow-anonymous"
             )
-        if not self.down_after < self.purge_after:
+        if not self.down_after_s < self.purge_after_s:
             raise ConfigError(
-                f"down_after ({self.down_after}) must be less than purge_after ({self.purge_after})"
+                f"down_after_s ({self.down_after_s}) must be less than purge_after_s"
+                f" ({self.purge_after_s})"
             )
-        _check_heartbeats(self.down_after, self.heartbeat_interval_s, "down_after")
+        _check_heartbeats(self.down_after_s, self.heartbeat_interval_s, "down_after_s")
         if not self.link_timeout_s > self.heartbeat_interval_s:
             raise ConfigError(
                 f"link_timeout_s ({self.link_timeout_s:g}s) must be more than heartbeat_interval_s"
@@ -471,12 +477,12 @@ class Config:
             )
 
 
-def _check_heartbeats(down_after: float, heartbeat_s: float, what: str) -> None:
-    """``down_after`` spans at least ``MIN_HEARTBEATS_DOWN`` heartbeat intervals."""
+def _check_heartbeats(down_after_s: float, heartbeat_s: float, what: str) -> None:
+    """``down_after_s`` spans at least ``MIN_HEARTBEATS_DOWN`` heartbeat intervals."""
     least = MIN_HEARTBEATS_DOWN * heartbeat_s
-    if down_after < least:
+    if down_after_s < least:
         raise ConfigError(
-            f"{what} ({down_after:g}s) must be at least {MIN_HEARTBEATS_DOWN} peer heartbeat"
+            f"{what} ({down_after_s:g}s) must be at least {MIN_HEARTBEATS_DOWN} peer heartbeat"
             f" intervals ({least:g}s): shorter marks live peers down between two heartbeats"
         )
 
@@ -496,19 +502,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r}: invalid TOML: {e}") from None
-    limit_fields = {f.name for f in attrs.fields(Limits)}
     for key in data:
         if key not in FILE_KEYS:
             hint = ""
-            if key in limit_fields or key in LIMIT_FLAGS:
-                hint = " (limits go in a [limits] table, by Limits field name)"
+            if key in LIMIT_KEYS or key in LIMIT_FLAGS:
+                hint = " (limits go in a [limits] table)"
             raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}{hint}")
     limits = data.get("limits", {})
     if not isinstance(limits, dict):
         raise ConfigError(f"config file {str(path)!r}: 'limits' must be a table")
     for key in limits:
-        if key not in limit_fields:
-            known = ", ".join(sorted(limit_fields))
+        if key not in LIMIT_KEYS:
+            known = ", ".join(sorted(LIMIT_KEYS))
             raise ConfigError(
                 f"config file {str(path)!r}: unknown key 'limits.{key}' (known: {known})"
             )
@@ -527,9 +532,12 @@ def _build_limits(options: Mapping[str, Any], where: Mapping[str, str]) -> Limit
     """
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for field_name, value in dict(options.get("limits") or {}).items():
-        values[field_name] = value
-        origin[field_name] = where.get(f"limits.{field_name}", f"limits.{field_name}")
+    for key, value in dict(options.get("limits") or {}).items():
+        where_given = where.get(f"limits.{key}", f"limits.{key}")
+        if key not in LIMIT_KEYS:
+            raise ConfigError(f"{where_given}: unknown limit")
+        values[LIMIT_KEYS[key]] = value
+        origin[LIMIT_KEYS[key]] = where_given
     for key, field_name in LIMIT_FLAGS.items():
         if options.get(key) is not None:
             values[field_name] = options[key]
@@ -631,7 +639,7 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
             seconds = _as_float(options[key], what(key))
             if seconds <= 0:
                 raise ConfigError(f"{what(key)}: must be positive, got {options[key]!r}")
-            kwargs[key] = seconds
+            kwargs[f"{key}_s"] = seconds
     if given("data_dir") and options["data_dir"] != "":
         kwargs["data_dir"] = _writable_dir(options["data_dir"], what("data_dir"))
     if given("message_max_pending"):
@@ -643,7 +651,7 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         age = _as_float(options["message_max_age"], what("message_max_age"))
         if not 0 < age < math.inf:
             raise ConfigError(f"{what('message_max_age')}: must be a positive number of seconds")
-        kwargs["message_max_age"] = age
+        kwargs["message_max_age_s"] = age
     if given("client_timeout"):
         kwargs["client_timeout_s"] = _check_client_timeout(
             _as_float(options["client_timeout"], what("client_timeout")), what("client_timeout")
@@ -653,8 +661,8 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
             _as_float(options["resume_grace"], what("resume_grace")), what("resume_grace")
         )
     _check_ports_distinct(kwargs, what)
-    down = kwargs.get("down_after", DEFAULT_DOWN_AFTER)
-    purge = kwargs.get("purge_after", DEFAULT_PURGE_AFTER)
+    down = kwargs.get("down_after_s", DEFAULT_DOWN_AFTER_S)
+    purge = kwargs.get("purge_after_s", DEFAULT_PURGE_AFTER_S)
     if not down < purge:
         raise ConfigError(
             f"{what('down_after')} ({down:g}s) must be less than {what('purge_after')} ({purge:g}s)"

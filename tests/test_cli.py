@@ -107,7 +107,7 @@ def test_run_operations_options_from_flags_and_env(
     assert (flags.client_timeout_s, flags.resume_grace_s) == (20.0, 0.0)
     assert (env.client_timeout_s, env.resume_grace_s) == (15.0, 10.0)
     assert (env.http, env.log_format) == (HostPort("127.0.0.1", 9400), "text")
-    assert env.message_max_age == 60.0 and env.data_dir is None
+    assert env.message_max_age_s == 60.0 and env.data_dir is None
 
 
 def test_keyboard_interrupt_exits_quietly(monkeypatch: pytest.MonkeyPatch) -> None:

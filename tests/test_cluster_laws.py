@@ -147,7 +147,7 @@ class World:
         self.seed = seed
         self.net = SimNetwork(seed=seed)
         self.cluster = Cluster(
-            nursery, self.net, tick_ms=25, down_after=DOWN_AFTER, purge_after=PURGE_AFTER
+            nursery, self.net, tick_ms=25, down_after_s=DOWN_AFTER, purge_after_s=PURGE_AFTER
         )
         self.peers = peers_of(topology, names)
         self.sessions: list[Session] = []

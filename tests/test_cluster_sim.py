@@ -131,7 +131,7 @@ async def test_cursor_burst_arrives_as_latest_value(autojump_clock: object) -> N
 async def test_crashed_daemon_users_vanish_and_return(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
         net = SimNetwork(seed=3, latency=0.02)
-        cluster = await line(nursery, net, down_after=3.0, purge_after=30.0)
+        cluster = await line(nursery, net, down_after_s=3.0, purge_after_s=30.0)
         ann = cluster.client("eu", "ann")
         cat = cluster.client("us", "cat")
         ann.join("r")
@@ -180,7 +180,7 @@ async def test_partition_and_heal_converge(autojump_clock: object) -> None:
 async def test_graceful_stop_removes_users_everywhere_at_once(autojump_clock: object) -> None:
     async with trio.open_nursery() as nursery:
         cluster = await line(
-            nursery, SimNetwork(seed=5, latency=0.02), down_after=30.0, purge_after=60.0
+            nursery, SimNetwork(seed=5, latency=0.02), down_after_s=30.0, purge_after_s=60.0
         )
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")
@@ -202,7 +202,7 @@ async def test_a_bye_counts_only_from_the_node_it_names(autojump_clock: object) 
     liveness (down, then purged), and ap's next incarnation is welcome everywhere."""
     async with trio.open_nursery() as nursery:
         cluster = await line(
-            nursery, SimNetwork(seed=6, latency=0.02), down_after=3.0, purge_after=20.0
+            nursery, SimNetwork(seed=6, latency=0.02), down_after_s=3.0, purge_after_s=20.0
         )
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")
@@ -293,9 +293,9 @@ async def test_one_frame_per_tick_when_peers_land_before_the_hold(
 
 
 async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) -> None:
-    """Busy near peers' batches arrive within the flush lag: every link is read by the ticker
+    """Busy near peers' batches arrive within the poll point: every link is read by the ticker
     (no wake-up per message), and each region's moves still reach the others within a tick.
-    Pings still measure the link, to within two flush lags."""
+    Pings still measure the link, to within two poll points."""
     async with trio.open_nursery() as nursery:
         cluster, _ = await mesh_of_three(nursery, latency=0.001)
         clients = movers(cluster)
@@ -310,7 +310,7 @@ async def test_near_peers_are_read_at_the_flush_point(autojump_clock: object) ->
             node = cluster.node(name)
             for link in node.gossip.links.values():  # type: ignore[union-attr]
                 assert link.rtt is not None
-                assert 0.0019 <= link.rtt <= 0.002 + 2 * node.flush_lag
+                assert 0.0019 <= link.rtt <= 0.002 + 2 * node.plan.poll_point_s
         nursery.cancel_scope.cancel()
 
 
@@ -375,7 +375,8 @@ async def test_a_ping_hands_a_paced_link_to_its_reader_for_the_pong_only(
         assert unpaced == 0
         for name in ("eu", "us", "ap"):
             for link in cluster.node(name).gossip.links.values():  # type: ignore[union-attr]
-                assert link.rtt is not None and 0.0019 <= link.rtt <= 0.002 + 2 * node.flush_lag
+                assert link.rtt is not None
+                assert 0.0019 <= link.rtt <= 0.002 + 2 * node.plan.poll_point_s
         nursery.cancel_scope.cancel()
 
 
@@ -425,7 +426,7 @@ async def test_news_that_lands_late_in_a_tick_is_not_the_next_tick_batch(
         for step in range(20, 40):
             for client in clients.values():
                 client.update("r", {"x": step})
-            await trio.sleep(eu.tick_s * 0.8 - 0.001 - eu.tick_phase())  # late in the tick
+            await trio.sleep(eu.tick_s * 0.8 - 0.001 - eu.tick_phase_s())  # late in the tick
             for peer in ("us", "ap"):
                 news = cluster.node(peer).gossip.links[eu.replica.node]  # type: ignore[union-attr]
                 news.view.states_sent = {}  # (its next message repeats every link state: news)
@@ -455,7 +456,7 @@ async def test_a_tick_encodes_the_gossip_every_peer_gets_once(
         encoded = []
         real_encode = peer_wire.encode
         monkeypatch.setattr(peer_wire, "encode", lambda m: encoded.append(m) or real_encode(m))
-        gossip.tick(True)
+        gossip.at_boundary(True)
         assert len(encoded) == 1
         await cluster.settle(0.1)
         for peer in ("us", "ap"):
@@ -481,12 +482,12 @@ async def test_a_tick_message_the_writer_sends_is_still_the_tick_batch(
         monkeypatch.setattr(link, "_encode", lambda m: sent.append(m) or real_encode(m))
         clients["eu"].update("r", {"x": "queued"})
         link.enqueue(peer_wire.PeerPing(999))  # (a routed message would do the same)
-        gossip.tick(True)
+        gossip.at_boundary(True)
         assert not sent  # the writer sends, in order
         await trio.sleep(0.001)
         ping, batch = sent[:2]
         assert isinstance(ping, peer_wire.PeerPing)
-        assert isinstance(batch, peer_wire.Gossip) and batch.tick and batch.deltas
+        assert isinstance(batch, peer_wire.Gossip) and batch.batch and batch.deltas
         nursery.cancel_scope.cancel()
 
 

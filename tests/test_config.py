@@ -190,9 +190,9 @@ def test_limits_from_table_and_flags() -> None:
         }
     )
     assert config.limits == Limits(
-        max_connections=20, hello_timeout=2.0, max_meta_bytes=100, max_frame_bytes=1000
+        max_connections=20, hello_timeout_s=2.0, max_meta_bytes=100, max_frame_bytes=1000
     )
-    assert isinstance(config.limits.hello_timeout, float)
+    assert isinstance(config.limits.hello_timeout_s, float)
 
 
 def test_burst_follows_rate_unless_given() -> None:
@@ -219,7 +219,7 @@ def test_load_toml(tmp_path: Path, secret_file: Path, tls: dict[str, str]) -> No
         'region = "eu"\nlisten = ":7500"\npeers = ["wss://us.example:7443"]\n'
         f'token_secret_file = "{secret_file.name}"\ntick_ms = 50\n'
         'tls_cert = "tls_cert.pem"\ntls_key = "tls_key.pem"\ntls_ca = "tls_ca.pem"\n'
-        "[limits]\nmax_connections = 5\n"
+        "[limits]\nmax_connections = 5\nhello_timeout = 2.5\nslow_client_timeout = 4\n"
     )
     data = load_toml(path)
     # Relative paths are relative to the config file, not the working directory.
@@ -232,6 +232,8 @@ def test_load_toml(tmp_path: Path, secret_file: Path, tls: dict[str, str]) -> No
     assert config.token_secret == SECRET
     assert config.tick_ms == 50
     assert config.limits.max_connections == 5
+    # A duration's file key is its field name without the unit (the field is in seconds).
+    assert (config.limits.hello_timeout_s, config.limits.slow_client_timeout_s) == (2.5, 4.0)
 
 
 @pytest.mark.parametrize(
@@ -355,28 +357,29 @@ def test_tls_files_must_exist(tmp_path: Path, tls: dict[str, str]) -> None:
 
 def test_down_and_purge_after() -> None:
     config = build_config({"allow_anonymous": True})
-    assert (config.down_after, config.purge_after) == (3.0, 30.0)
+    assert (config.down_after_s, config.purge_after_s) == (3.0, 30.0)
     config = build_config({"allow_anonymous": True, "down_after": "1.5", "purge_after": 10})
-    assert (config.down_after, config.purge_after) == (1.5, 10.0)
+    assert (config.down_after_s, config.purge_after_s) == (1.5, 10.0)
     with pytest.raises(ConfigError, match=r"down_after \(40s\) must be less than purge_after"):
         build_config({"allow_anonymous": True, "down_after": 40})
     with pytest.raises(ConfigError, match="down_after: must be positive"):
         build_config({"allow_anonymous": True, "down_after": 0})
     with pytest.raises(ConfigError, match="must be less than purge_after"):
-        Config(allow_anonymous=True, down_after=5, purge_after=5)
+        Config(allow_anonymous=True, down_after_s=5, purge_after_s=5)
 
 
 def test_down_after_spans_at_least_two_heartbeats() -> None:
     """Liveness is checked every peer heartbeat interval (0.5 s): a shorter --down-after
     would mark live peers down between two heartbeats. One line, naming the option."""
-    assert build_config({"allow_anonymous": True, "down_after": 1}).down_after == 1.0
+    assert build_config({"allow_anonymous": True, "down_after": 1}).down_after_s == 1.0
     with pytest.raises(
         ConfigError, match=r"^--down-after \(0\.9s\) must be at least 2 peer heartbeat intervals"
     ):
         build_config({"allow_anonymous": True, "down_after": 0.9}, {"down_after": "--down-after"})
-    with pytest.raises(ConfigError, match=r"^down_after \(1s\) must be at least 2 peer heartbeat"):
-        Config(allow_anonymous=True, down_after=1.0, heartbeat_interval_s=0.75)
-    assert Config(allow_anonymous=True, down_after=0.5, heartbeat_interval_s=0.1).down_after == 0.5
+    with pytest.raises(ConfigError, match=r"^down_after_s \(1s\) must be at least 2 peer"):
+        Config(allow_anonymous=True, down_after_s=1.0, heartbeat_interval_s=0.75)
+    config = Config(allow_anonymous=True, down_after_s=0.5, heartbeat_interval_s=0.1)
+    assert config.down_after_s == 0.5
 
 
 def test_gossip_timings_are_validated_config() -> None:
@@ -418,10 +421,10 @@ def test_message_store_options(tmp_path: Path) -> None:
     )
     assert config.data_dir == tmp_path / "new" / "dir"
     assert config.data_dir.is_dir()  # created, so a bad path fails at start
-    assert (config.message_max_pending, config.message_max_age) == (50, 3600.0)
+    assert (config.message_max_pending, config.message_max_age_s) == (50, 3600.0)
     defaults = build_config({"allow_anonymous": True})
     assert defaults.data_dir is None
-    assert (defaults.message_max_pending, defaults.message_max_age) == (1000, 604800.0)
+    assert (defaults.message_max_pending, defaults.message_max_age_s) == (1000, 604800.0)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_region_configs_load_and_form_a_full_mesh(tmp_path: Path) -> None:
         assert set(config.peers) == others
         assert not config.allow_anonymous and config.token_secret == b"s" * 64
         assert config.data_dir == tmp_path / "data" / region
-        assert (config.message_max_pending, config.message_max_age) == (1000, 7 * 86400)
+        assert (config.message_max_pending, config.message_max_age_s) == (1000, 7 * 86400)
         assert config.log_format == "json"
         assert config.limits.max_connections == 20000
 

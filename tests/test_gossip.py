@@ -31,14 +31,14 @@ class Side:
     def __init__(self, name: str, now: float) -> None:
         self.replica = ReplicaId(name, 1)
         self.state = PresenceState(self.replica, name)
-        self.liveness = Liveness(self.replica, down_after=3.0, purge_after=30.0, now=now)
+        self.liveness = Liveness(self.replica, down_after_s=3.0, purge_after_s=30.0, now=now)
         self.routes = RouteTable(name, 1)
         self.links: tuple[str, ...] = ()
         self.view: PeerView
 
-    def build(self, now: float, *, at_tick: bool = False) -> wire.Gossip | None:
+    def build(self, now: float, *, batch: bool = False) -> wire.Gossip | None:
         args = (now, self.state, self.liveness, self.routes, self.links)
-        return self.view.build(*args, at_tick=at_tick)
+        return self.view.build(*args, batch=batch)
 
     def receive(self, message: wire.Gossip, now: float) -> tuple[list[object], bool]:
         """What a link does with a gossip message: the node observes its beats first (an
@@ -66,10 +66,10 @@ class Pair:
     def other(self, side: Side) -> Side:
         return self.acceptor if side is self.dialer else self.dialer
 
-    def send(self, sender: Side, *, at_tick: bool = False) -> wire.Gossip | None:
+    def send(self, sender: Side, *, batch: bool = False) -> wire.Gossip | None:
         """Build on ``sender`` and deliver over the wire; the message as received."""
-        if at_tick:  # the tick's send: the gossip, and a ping if one is due (not delivered)
-            due = sender.view.due(self.now, *args(sender), at_tick=True)
+        if batch:  # the tick's send: the gossip, and a ping if one is due (not delivered)
+            due = sender.view.due(self.now, *args(sender), batch=True)
             message = next((m for m in due if isinstance(m, wire.Gossip)), None)
         else:
             message = sender.build(self.now)
@@ -104,8 +104,8 @@ def test_a_change_on_one_side_reaches_the_other(dialer_is_eu: bool, writer: str)
     sink = pair.other(source)
     source.state.put("lobby", "ann", "s1", {"x": 1})
     assert source.view.at_boundary(True)
-    message = pair.send(source, at_tick=True)
-    assert message is not None and message.tick
+    message = pair.send(source, batch=True)
+    assert message is not None and message.batch
     assert [d.replica for d in message.deltas] == [source.replica]
     assert visible_keys(sink) == {("lobby", "ann", "s1")}
     assert sink.view.sent is not None and sink.view.sent[source.replica] == message.deltas[0].clock
@@ -194,7 +194,7 @@ def test_heartbeats_digests_and_pings_come_due_with_time(dialer_is_eu: bool) -> 
     assert view.digest_due and view.ping_due
     assert view.next_digest_at == pair.now + 4.0
     # A ping goes only with the tick's message; its pong measures the round trip once.
-    due = view.due(pair.now + 2.0, *args(pair.dialer), at_tick=True)
+    due = view.due(pair.now + 2.0, *args(pair.dialer), batch=True)
     assert isinstance(due[-1], wire.PeerPing)
     assert view.on_pong(due[-1].id, pair.now + 2.25) == 0.25
     assert view.on_pong(due[-1].id, pair.now + 2.5) is None

@@ -336,7 +336,7 @@ async def test_peers_without_a_direct_link_are_relayed_then_down(
     for name in ("eu", "us", "ap"):
         cert, key = issue_node_cert(tmp_path, name, hosts=("127.0.0.1",))
         tls[name] = {"tls_cert": cert, "tls_key": key, "tls_ca": tmp_path / "ca.pem"}
-    liveness = {"down_after": 1.0, "purge_after": 30.0}
+    liveness = {"down_after_s": 1.0, "purge_after_s": 30.0}
     listen = HostPort("127.0.0.1", 0)
     us = await start_daemon(region="us", peer_listen=listen, **liveness, **tls["us"])
     peer = (f"wss://127.0.0.1:{us.daemon.peer_port}",)

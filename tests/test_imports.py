@@ -19,25 +19,38 @@ def _module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """presenced module -> the presenced modules it imports (anywhere in the file)."""
+    """presenced module -> the presenced modules it imports (anywhere in the file, relative
+    imports resolved; a package's own parents are not counted: importing
+    ``presenced.server.clients.paced`` runs ``presenced.server.clients`` first, whatever it
+    imports)."""
     modules = {_module_name(path): path for path in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                if node.module in modules:
-                    deps.add(node.module)
-                deps.update(
-                    f"{node.module}.{alias.name}"
-                    for alias in node.names
-                    if f"{node.module}.{alias.name}" in modules
-                )
-            elif isinstance(node, ast.Import):
-                deps.update(alias.name for alias in node.names if alias.name in modules)
-        deps.discard(name)
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
+            deps.update(
+                target
+                for target in targets
+                if target in modules and target != name and not name.startswith(target + ".")
+            )
         graph[name] = deps
     return graph
+
+
+def in_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every module that imports itself through others."""
+    return sorted(name for name in graph if reaches(graph, name, name))
 
 
 def reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
@@ -70,7 +83,28 @@ def test_module_is_in_no_import_cycle(module: str) -> None:
     assert not reaches(graph, module, module), f"{module} imports itself through others"
 
 
+def test_the_package_has_no_import_cycle() -> None:
+    """No module of presenced imports itself through others, TYPE_CHECKING imports and
+    package ``__init__`` re-exports included: the node imports nothing from the wings (the
+    daemon wires them), and the wings reach each other in one direction each."""
+    graph = import_graph()
+    assert "presenced.server.node" in graph and "presenced.server.clients" in graph
+    assert in_cycles(graph) == []
+
+
+def test_the_node_imports_no_wing() -> None:
+    graph = import_graph()
+    wings = ("presenced.server.clients", "presenced.server.peers", "presenced.server.messaging")
+    reached = {
+        name
+        for name in graph
+        if reaches(graph, "presenced.server.node", name) and name.startswith(wings)
+    }
+    assert reached == set()
+
+
 def test_the_checker_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert reaches(graph, "a", "a")
     assert not reaches(graph, "d", "d")
+    assert in_cycles(graph) == ["a", "b", "c"]

@@ -197,7 +197,7 @@ async def test_a_client_that_vanished_behind_a_blackhole_leaves(
     assert trio.current_time() - cut_at >= 1.0
     assert daemon.node.metrics.clients_timed_out == 1
     assert daemon.node.metrics.sessions_expired == 1
-    assert not daemon.node.sessions.live.get(welcome["session"])
+    assert not daemon.sessions.live.get(welcome["session"])
 
 
 async def test_an_idle_client_that_answers_pings_stays(
@@ -215,7 +215,7 @@ async def test_an_idle_client_that_answers_pings_stays(
     assert welcome["session"] not in bob.seen("leaves", "ann")
     assert daemon.node.metrics.clients_timed_out == 0
     # The pongs left the text fast path on (wsproto read them whole).
-    conn = daemon.node.sessions.live[welcome["session"]]
+    conn = daemon.sessions.live[welcome["session"]]
     assert conn._fast_frames
 
 
@@ -245,7 +245,7 @@ async def test_a_clean_close_leaves_at_once(nursery: trio.Nursery, make_config: 
     await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
     await ann.close(1000)
     await bob.until(lambda: welcome["session"] in bob.seen("leaves", "ann"), wait=3)
-    assert not daemon.node.sessions.detached
+    assert not daemon.sessions.detached
 
 
 async def test_a_close_with_another_code_keeps_the_session_for_the_grace(
@@ -257,7 +257,7 @@ async def test_a_close_with_another_code_keeps_the_session_for_the_grace(
     ann, welcome = await _member(nursery, port, "ann")
     await ann.close(4000)  # "I am reconnecting"
     await trio.sleep(0.3)
-    assert list(daemon.node.sessions.detached) == [welcome["session"]]
+    assert list(daemon.sessions.detached) == [welcome["session"]]
 
 
 # ------------------------------------------------------------------------------ resume
@@ -278,7 +278,7 @@ async def test_resume_after_a_drop_gets_the_session_back_without_a_flicker(
     await bob.until(lambda: session in bob.seen("joins", "ann"))
     await ann.drop()
     await trio.sleep(0.5)  # the daemon has seen the drop; the session is detached
-    assert list(daemon.node.sessions.detached) == [session]
+    assert list(daemon.sessions.detached) == [session]
 
     again = await Raw.open(nursery, port)
     back = await again.hello("ann", resume=welcome["resume"])
@@ -349,7 +349,7 @@ async def test_a_token_of_another_user_resumes_nothing(
     forged = await Raw.open(nursery, port)
     back = await forged.hello("ann", resume=welcome["session"] + ".AAAAAAAAAAAAAAAAAAAAAA")
     assert back["resumed"] is False
-    assert list(daemon.node.sessions.detached) == [welcome["session"]]  # left alone
+    assert list(daemon.sessions.detached) == [welcome["session"]]  # left alone
 
 
 async def test_reliable_messages_sent_while_detached_arrive_after_resume(
@@ -400,10 +400,10 @@ async def test_shutdown_ends_detached_sessions(nursery: trio.Nursery, make_confi
     ann, _ = await _member(nursery, port, "ann")
     await ann.drop()
     await trio.sleep(0.3)
-    assert daemon.node.sessions.detached
+    assert daemon.sessions.detached
     daemon.shutdown()
     with trio.fail_after(WAIT):
         while daemon.running:
             await trio.sleep(0.05)
-    assert not daemon.node.sessions.detached
+    assert not daemon.sessions.detached
     assert not list(daemon.node.state.own.live())

@@ -163,7 +163,7 @@ async def test_partitioned_recipient_is_unreachable_for_fast_messages(
 ) -> None:
     async with trio.open_nursery() as nursery:
         net = SimNetwork(seed=6, latency=0.02)
-        cluster = await line(nursery, net, down_after=30.0, purge_after=60.0)
+        cluster = await line(nursery, net, down_after_s=30.0, purge_after_s=60.0)
         ann = cluster.client("eu", "ann")
         bob = cluster.client("ap", "bob")
         bob.join("r")

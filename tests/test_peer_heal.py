@@ -20,7 +20,7 @@ from presenced.server.daemon import Daemon
 #: Three real daemons over TLS, one restarted, and real seconds for the heal.
 pytestmark = pytest.mark.slow
 
-LIVENESS = {"down_after": 1.0, "purge_after": 30.0}
+LIVENESS = {"down_after_s": 1.0, "purge_after_s": 30.0}
 
 
 class Client:

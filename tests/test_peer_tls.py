@@ -47,7 +47,7 @@ class Pki:
         trusted = self.root / trust / "ca.pem"
         kwargs.setdefault("listen_host", "127.0.0.1")
         kwargs.setdefault("listen_port", 0)
-        kwargs.setdefault("handshake_timeout", 5.0)
+        kwargs.setdefault("handshake_timeout_s", 5.0)
         return TlsWebSocketTransport(
             server_ctx=server_context(cert, key, trusted),
             client_ctx=client_context(cert, key, trusted),
@@ -186,7 +186,7 @@ async def test_client_without_certificate_is_refused(
     caplog.set_level(logging.WARNING, logger=LOGGER)
     _, _, ca = pki.node("us")
     anonymous_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    anonymous = TlsWebSocketTransport(client_ctx=anonymous_ctx, handshake_timeout=5.0)
+    anonymous = TlsWebSocketTransport(client_ctx=anonymous_ctx, handshake_timeout_s=5.0)
     with trio.fail_after(4):
         async with serving(pki.transport("us")) as server, anonymous.running():
             with pytest.raises(ChannelClosed):
@@ -227,7 +227,7 @@ async def test_silent_connection_times_out_without_blocking_others(
     pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    us = pki.transport("us", handshake_timeout=0.3)
+    us = pki.transport("us", handshake_timeout_s=0.3)
     eu = pki.transport("eu")
     with trio.fail_after(5):
         async with serving(us) as server, eu.running():
@@ -302,7 +302,7 @@ async def test_receive_nowait_reads_only_what_has_arrived(pki: Pki) -> None:
     """The gossip layer reads near peers once per tick without waiting: nothing arrived is
     None, a message split over many TLS records and reads comes out whole and in order, and
     the end of the channel raises ChannelClosed like ``receive``."""
-    us, eu = pki.transport("us"), pki.transport("eu", close_timeout=0.2)
+    us, eu = pki.transport("us"), pki.transport("eu", close_timeout_s=0.2)
     big = bytes(range(256)) * 2000  # 512 KB: dozens of TLS records, several socket reads
     with trio.fail_after(10):
         async with serving(us) as server, eu.running():
@@ -372,7 +372,7 @@ async def test_the_ticker_waits_on_the_sockets_of_missing_batches_only(pki: Pki)
             missing = PacedLink(view=SimpleNamespace(batch_tick=tick - 1), channel=accepted)
             arrived = PacedLink(view=SimpleNamespace(batch_tick=tick), channel=dialled)
             manager = SimpleNamespace(
-                node=SimpleNamespace(tick_number=lambda: tick),
+                node=SimpleNamespace(tick_index=lambda: tick),
                 paced={missing: None, arrived: None},
             )
             # (the two PeerManager methods at work, on a stand-in holding what they read)
@@ -433,7 +433,7 @@ async def test_send_nowait_never_waits_and_keeps_order(pki: Pki) -> None:
 async def test_close_without_a_reader_on_the_other_side_gives_up_after_close_timeout(
     pki: Pki,
 ) -> None:
-    us, eu = pki.transport("us"), pki.transport("eu", close_timeout=0.3)
+    us, eu = pki.transport("us"), pki.transport("eu", close_timeout_s=0.3)
     with trio.fail_after(5):
         async with serving(us) as server, eu.running():
             dialled = await eu.dial(server.url)
@@ -458,7 +458,7 @@ async def test_leaving_running_closes_dialled_channels(pki: Pki) -> None:
 
 async def test_closed_dialled_channels_are_forgotten(pki: Pki) -> None:
     """A daemon redials for days: the transport must not keep every closed channel."""
-    eu = pki.transport("eu", close_timeout=0.2)
+    eu = pki.transport("eu", close_timeout_s=0.2)
     with trio.fail_after(10):
         async with serving(pki.transport("us")) as server, eu.running():
             for _ in range(3):
@@ -487,10 +487,10 @@ async def test_messages_before_the_close_are_all_received(pki: Pki, plain: bool)
     read as its close frame: each is handed out before ChannelClosed."""
     if plain:
         server_side = TlsWebSocketTransport(listen_host="127.0.0.1", allow_plain=True)
-        client_side = TlsWebSocketTransport(allow_plain=True, close_timeout=0.2)
+        client_side = TlsWebSocketTransport(allow_plain=True, close_timeout_s=0.2)
     else:
         server_side = pki.transport("us")
-        client_side = pki.transport("eu", close_timeout=0.2)
+        client_side = pki.transport("eu", close_timeout_s=0.2)
     scheme = "ws" if plain else "wss"
     with trio.fail_after(5):
         async with serving(server_side) as server, client_side.running():
@@ -508,7 +508,7 @@ async def test_messages_before_the_close_are_all_received(pki: Pki, plain: bool)
 async def test_a_cancelled_close_still_closes_the_socket(pki: Pki) -> None:
     """The gossip layer gives a close one second; a peer that never answers must not leave
     the socket open (nor the channel in the transport's list) until shutdown."""
-    eu = pki.transport("eu", close_timeout=5)
+    eu = pki.transport("eu", close_timeout_s=5)
     with trio.fail_after(5):
         async with serving(pki.transport("us")) as server, eu.running():
             dialled = await eu.dial(server.url)
@@ -593,7 +593,7 @@ async def test_handler_letting_channel_closed_escape_is_fine(pki: Pki) -> None:
 
 
 async def test_dial_times_out_on_a_silent_server(pki: Pki) -> None:
-    eu = pki.transport("eu", handshake_timeout=0.3)
+    eu = pki.transport("eu", handshake_timeout_s=0.3)
     held: list[trio.SocketStream] = []
 
     async def hold(stream: trio.SocketStream) -> None:
@@ -612,7 +612,7 @@ async def test_dial_times_out_on_a_silent_server(pki: Pki) -> None:
 
 
 async def test_dial_times_out_when_the_upgrade_is_not_answered(pki: Pki) -> None:
-    eu = pki.transport("eu", handshake_timeout=0.3)
+    eu = pki.transport("eu", handshake_timeout_s=0.3)
     cert, key, ca = pki.node("us")
     ctx = server_context(cert, key, ca)
 

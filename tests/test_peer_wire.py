@@ -76,7 +76,7 @@ GOSSIP = Gossip(
     digest={EU: 19, US: 7},
     links=("us", "ap"),
     link_states=(LinkState("us", US.incarnation, 7, (("ap", 41250), ("eu", 40310))),),
-    tick=True,
+    batch=True,
 )
 BCAST = RoomBroadcast("9f1c", "lobby", "chat", {"text": "hi"}, "ann", "hHZKDMArXPmH", "eu")
 PING = PeerPing(7)

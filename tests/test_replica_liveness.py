@@ -15,7 +15,7 @@ AP = ReplicaId("ap", 5)
 
 
 def liveness(now: float = 0.0) -> Liveness:
-    return Liveness(HERE, down_after=3.0, purge_after=20.0, now=now)
+    return Liveness(HERE, down_after_s=3.0, purge_after_s=20.0, now=now)
 
 
 def test_own_row_carries_the_clock_it_is_given() -> None:

@@ -96,7 +96,7 @@ async def test_a_session_resumes_on_another_region_and_nobody_sees_it_leave(
 
         # eu's grace runs out: its copy goes, the session stays everywhere.
         await cluster.settle(GRACE_S + 2)
-        assert not cluster.node("eu").sessions.detached
+        assert not cluster.daemons["eu"].daemon.sessions.detached
         assert cluster.node("eu").metrics.sessions_expired == 1
         for name in ("eu", "us", "ap"):
             assert cluster.visible(name)[("lobby", "ann", session)] == {"name": "Ann", "x": 7}
@@ -130,7 +130,7 @@ async def test_a_leave_after_a_resume_elsewhere_does_not_wait_for_the_old_grace(
             assert ("lobby", "ann", session) not in cluster.visible(name)
             assert ("side", "ann", session) in cluster.visible(name)
         assert seen.count("joins") == 0 and seen.count("leaves") == 2
-        assert cluster.node("eu").sessions.detached[session].rooms == ["side"]
+        assert cluster.daemons["eu"].daemon.sessions.detached[session].rooms == ["side"]
         nursery.cancel_scope.cancel()
 
 
@@ -187,7 +187,7 @@ async def test_a_resume_elsewhere_takes_over_a_connection_the_old_daemon_thinks_
         assert again.hello(resume=welcome["resume"])["resumed"] is True
         await cluster.settle(1)
         assert ann.closed == (1001, "session resumed on another daemon")
-        assert welcome["session"] in cluster.node("eu").sessions.detached
+        assert welcome["session"] in cluster.daemons["eu"].daemon.sessions.detached
         await cluster.settle(GRACE_S + 2)
         assert watcher.sees("lobby")[("ann", welcome["session"])] == {"name": "Ann"}
         assert seen == []
@@ -288,7 +288,7 @@ async def test_over_real_sockets_a_session_resumes_on_the_other_daemon(
             tls_ca=tmp_path / "ca.pem",
             token_secret=b"k" * 32,
             resume_grace_s=1.5,
-            down_after=2.0,
+            down_after_s=2.0,
         )
         daemons[name] = Daemon(config)
         await nursery.start(daemons[name].serve)
@@ -330,7 +330,7 @@ async def test_over_real_sockets_a_session_resumes_on_the_other_daemon(
         while watcher.meta_of("lobby", session) != {"name": "Ann", "x": 1}:
             await trio.sleep(0.02)
     with trio.fail_after(5):  # eu's grace (1.5 s) runs out: its copy goes
-        while daemons["eu"].node.sessions.detached:
+        while daemons["eu"].sessions.detached:
             await trio.sleep(0.05)
     await trio.sleep(0.3)
     assert watcher.meta_of("lobby", session) == {"name": "Ann", "x": 1}

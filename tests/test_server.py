@@ -432,16 +432,15 @@ async def test_a_client_streaming_updates_is_read_once_per_tick(start_daemon) ->
     from presenced.server.clients import PACED_IDLE_TICKS
 
     server = await start_daemon(tick_ms=20)
-    node = server.daemon.node
     async with connect(server.url, user="ann") as ann, connect(server.url, user="bob") as bob:
         await ann.join("doc", {"x": -1})
         await bob.join("doc")
         await wait_until(ann, lambda: bool(sessions(ann, "doc", "bob")))
-        assert not node.paced
+        assert not server.daemon.paced
         for x in range(20):
             await ann.update("doc", {"x": x})
             await trio.sleep(0.005)
-        assert [conn.user for conn in node.paced] == ["ann"]
+        assert [conn.user for conn in server.daemon.paced] == ["ann"]
         await wait_until(
             bob, lambda: sessions(bob, "doc", "ann").get(ann.session, {}).get("meta") == {"x": 19}
         )
@@ -452,7 +451,7 @@ async def test_a_client_streaming_updates_is_read_once_per_tick(start_daemon) ->
         assert trio.current_time() - started < 1
         # Quiet for more than PACED_IDLE_TICKS ticks: back to reading as data arrives.
         await trio.sleep((PACED_IDLE_TICKS + 3) * 0.02)
-        assert not node.paced
+        assert not server.daemon.paced
         await ann.update("doc", {"x": 100})
         await wait_until(
             bob,
@@ -475,7 +474,7 @@ async def test_a_paced_client_that_disconnects_or_misbehaves_is_dropped_alone(
             await raw_recv(raw)
             await raw_send(raw, {"type": "update", "room": "doc", "meta": {"x": 1}})
             await trio.sleep(0.05)
-            assert [conn.user for conn in node.paced] == ["mal"]
+            assert [conn.user for conn in server.daemon.paced] == ["mal"]
             # Read by the ticker: a text frame that is not JSON is an error frame...
             await raw.send_message("{not json")
             error = await raw_recv(raw)
@@ -487,7 +486,7 @@ async def test_a_paced_client_that_disconnects_or_misbehaves_is_dropped_alone(
             assert (await raw_recv(raw))["code"] == "too_large"
             assert await raw_close_code(raw) == 1009
         await wait_until(bob, lambda: not sessions(bob, "doc", "mal"))
-        assert not node.paced
+        assert not server.daemon.paced
         pong = await bob.request({"type": "ping", "t": 1})
         assert pong["type"] == "pong"
 
@@ -513,9 +512,9 @@ def test_paced_clients_read_only_those_with_input() -> None:
     try:
         paced = PacedClients()
         busy, quiet = Conn(), Conn()
-        paced.add(busy, pairs[0][0].fileno())  # type: ignore[arg-type]
-        paced.add(quiet, pairs[1][0].fileno())  # type: ignore[arg-type]
-        paced.add(busy, pairs[0][0].fileno())  # type: ignore[arg-type]  # (already in)
+        paced.add(busy, pairs[0][0].fileno())
+        paced.add(quiet, pairs[1][0].fileno())
+        paced.add(busy, pairs[0][0].fileno())  # (already in)
         pairs[0][1].send(b"x")
         paced.read()
         assert (busy.calls, quiet.calls) == (["read"], ["quiet"])

@@ -344,14 +344,14 @@ async def test_over_the_rate_gets_rate_limited_but_stays_open(start_daemon) -> N
 @pytest.mark.slow
 async def test_no_hello_in_time_closes_1008(start_daemon) -> None:
     async with (
-        arena(start_daemon, hello_timeout=0.3) as state,
+        arena(start_daemon, hello_timeout_s=0.3) as state,
         attacker(state.url, hello=False) as ws,
     ):
         assert await closed_with(ws) == 1008
 
 
 async def test_no_handshake_in_time_is_dropped(start_daemon) -> None:
-    async with arena(start_daemon, hello_timeout=0.3) as state:
+    async with arena(start_daemon, hello_timeout_s=0.3) as state:
         port = state.daemon.client_port
         with trio.fail_after(WAIT):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -544,7 +544,7 @@ async def test_slow_reader_is_disconnected_and_others_are_unaffected(start_daemo
         max_messages_per_second=2000.0,
         message_burst=2000,
         outbox_max_bytes=65_536,
-        slow_client_timeout=0.2,
+        slow_client_timeout_s=0.2,
     ) as state:
         node = state.daemon.node
         # Joins a room and never reads another byte, with a small receive buffer.

@@ -289,7 +289,7 @@ async def test_a_header_announcing_2_to_the_62_bytes_is_closed_1009(
 
 
 async def test_frames_sent_behind_the_upgrade_request_are_read(start_daemon) -> None:
-    server = await start_daemon(limits={"hello_timeout": 1.0})
+    server = await start_daemon(limits={"hello_timeout_s": 1.0})
     hello = text({"type": "hello", "user": "eager", "ref": 1})
     raw = await Raw.open(server.daemon.client_port, first=hello + client_frame(PING, b"x"))
     welcome = await raw.next_message()
@@ -334,7 +334,7 @@ async def test_an_error_reading_one_connection_closes_it_alone(
             for x in range(3):
                 await bomb.send({"type": "update", "room": "r", "meta": {"x": x}})
             with trio.fail_after(WAIT):
-                while "bomb" not in {c.user for c in server.daemon.node.paced}:
+                while "bomb" not in {c.user for c in server.daemon.paced}:
                     await trio.sleep(0.001)
         monkeypatch.setattr(ClientConnection, "_handle_events", explode)
         await bomb.stream.send_all(client_frame(PING, b"boom"))  # wsproto's to read

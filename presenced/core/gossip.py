@@ -89,7 +89,7 @@ class PeerView:
         #: The ping in flight (id -> when it was sent): at most one.
         self.pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
-        #: The tick index of the peer's last tick batch (its gossip marked ``tick``), and that
+        #: The tick index of the peer's last tick batch (its gossip marked ``batch``), and that
         #: index again if the batch came within the hold of the boundary (see :meth:`awaited`).
         self.batch_tick = -1
         self.early_tick = -1
@@ -142,14 +142,14 @@ class PeerView:
         routes: RouteTable,
         links: Collection[str],
         *,
-        at_tick: bool,
+        batch: bool,
     ) -> list[wire.PeerMessage]:
         """What goes out now besides routed messages: the gossip message, then a due ping if
-        this is the tick's send (a ping sent mid-tick waits for the peer's next tick read,
-        and its pong for ours: its RTT would read a tick high)."""
-        message = self.build(now, state, liveness, routes, links, at_tick=at_tick)
+        this is the tick's send (``batch``: the tick's batch; a ping sent mid-tick waits for
+        the peer's next tick read, and its pong for ours: its RTT would read a tick high)."""
+        message = self.build(now, state, liveness, routes, links, batch=batch)
         due: list[wire.PeerMessage] = [] if message is None else [message]
-        if at_tick and self.ping_due:
+        if batch and self.ping_due:
             self.ping_due = False
             due.append(self.new_ping(now))
         return due
@@ -162,7 +162,7 @@ class PeerView:
         routes: RouteTable,
         links: Collection[str],
         *,
-        at_tick: bool = False,
+        batch: bool = False,
     ) -> wire.Gossip | None:
         """The gossip message the peer lacks now, or None if it lacks nothing.
 
@@ -204,7 +204,7 @@ class PeerView:
                     sent[replica] = part.clock
         if not (beats or deltas or states or digest is not None):
             return None
-        return wire.Gossip(tuple(beats), tuple(deltas), digest, link_names, tuple(states), at_tick)
+        return wire.Gossip(tuple(beats), tuple(deltas), digest, link_names, tuple(states), batch)
 
     def new_ping(self, now: float) -> wire.PeerPing:
         """An RTT ping to send now (it replaces one still unanswered)."""

@@ -37,11 +37,11 @@ class Limits:
     #: Concurrent client connections per daemon.
     max_connections: int = 20_000
     #: Seconds a new connection has to send `hello`.
-    hello_timeout: float = 5.0
+    hello_timeout_s: float = 5.0
     #: Bytes queued for one client before its queued room diffs are replaced by a resync.
     outbox_max_bytes: int = 1_048_576
     #: Seconds a client may stay unable to take its queue before it is closed with 1013.
-    slow_client_timeout: float = 10.0
+    slow_client_timeout_s: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(type(self)):

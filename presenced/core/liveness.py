@@ -7,15 +7,15 @@ advanced there. A receiver dates the heartbeat ``now - age``, so information tha
 detour through relays is not mistaken for fresh news, and a dead replica goes down on every
 daemon at about the same moment instead of a relay-hop later.
 
-* A replica whose heartbeat has not advanced for ``down_after`` is **down**: its entries stay
+* A replica whose heartbeat has not advanced for ``down_after_s`` is **down**: its entries stay
   stored but invisible, so its users leave every room at once (no ghosts).
-* Back before ``purge_after``: **up** again, and its users return with their state, as it is
+* Back before ``purge_after_s``: **up** again, and its users return with their state, as it is
   now: a row also carries the replica's CRDT clock when it beat (its single writer knows it
   exactly; relays pass the row on unchanged), and the ``up`` transition carries that clock, so
   the node shows the replica's entries only once its copy has caught up with it (see
   :meth:`presenced.core.crdt.PresenceState.show`). A stored copy is what was true when the
   replica went silent; shown as it is, it brings back sessions that left meanwhile.
-* Silent for ``purge_after``: **purged**: its partition is dropped. The heartbeat it had is
+* Silent for ``purge_after_s``: **purged**: its partition is dropped. The heartbeat it had is
   remembered, so a stale relay of the same counter does not bring it back, while a real
   comeback (a higher counter) does.
 * A newer incarnation of the same node, or a goodbye, **retires** the replica for good.
@@ -67,7 +67,7 @@ class Beat:
     replica: ReplicaId
     heartbeat: int
     #: Seconds since this heartbeat was issued, as far as the sender knows.
-    age: float
+    age_s: float
     #: The replica's CRDT clock when it issued this heartbeat (0: the row did not say).
     clock: int = 0
 
@@ -76,13 +76,13 @@ class Liveness:
     """Heartbeat table of every replica this daemon has heard of."""
 
     def __init__(
-        self, local: ReplicaId, *, down_after: float, purge_after: float, now: float
+        self, local: ReplicaId, *, down_after_s: float, purge_after_s: float, now: float
     ) -> None:
-        if not 0 < down_after < purge_after:
-            raise ValueError("need 0 < down_after < purge_after")
+        if not 0 < down_after_s < purge_after_s:
+            raise ValueError("need 0 < down_after_s < purge_after_s")
         self.local = local
-        self.down_after = down_after
-        self.purge_after = purge_after
+        self.down_after_s = down_after_s
+        self.purge_after_s = purge_after_s
         self.heartbeat = 0
         self.table: dict[ReplicaId, Health] = {}
         #: Replicas no longer tracked, with the heartbeat they had (retired: never back).
@@ -99,7 +99,7 @@ class Liveness:
         replica = beat.replica
         if replica == self.local or beat.heartbeat <= self.gone.get(replica, -1):
             return []
-        issued = now - max(0.0, beat.age)
+        issued = now - max(0.0, beat.age_s)
         clock = beat.clock
         health = self.table.get(replica)
         if health is not None:
@@ -108,11 +108,11 @@ class Liveness:
             health.heartbeat = beat.heartbeat
             health.seen_at = max(health.seen_at, issued)
             health.clock = max(health.clock, clock)  # (a single writer's clock only grows)
-            if health.status == DOWN and now - health.seen_at < self.down_after:
+            if health.status == DOWN and now - health.seen_at < self.down_after_s:
                 health.status = UP
                 return [Transition(replica, UP, health.clock)]
             return []
-        if now - issued >= self.down_after:
+        if now - issued >= self.down_after_s:
             return []  # news of a replica that is already silent: nothing to show
         transitions = self._supersede(replica)
         self.gone.pop(replica, None)
@@ -146,10 +146,10 @@ class Liveness:
         transitions = []
         for replica, health in list(self.table.items()):
             silent = now - health.seen_at
-            if health.status == UP and silent >= self.down_after:
+            if health.status == UP and silent >= self.down_after_s:
                 health.status = DOWN
                 transitions.append(Transition(replica, DOWN))
-            elif health.status == DOWN and silent >= self.purge_after:
+            elif health.status == DOWN and silent >= self.purge_after_s:
                 del self.table[replica]
                 self.gone[replica] = health.heartbeat
                 transitions.append(Transition(replica, PURGED))

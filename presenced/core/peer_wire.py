@@ -82,9 +82,10 @@ class Gossip:
     links: tuple[str, ...] | None = None
     #: Link-state advertisements (routing), only those the peer may not have yet.
     link_states: tuple[LinkState, ...] = ()
-    #: True on the message a tick boundary sends: the receiver waits for near peers' tick
-    #: batches to flush them together (repairs, relays and news go out whenever they come).
-    tick: bool = False
+    #: True on the sender's batch of its tick (the message its tick boundary sends, ``tk`` on
+    #: the wire): the receiver waits for near peers' batches to flush them together
+    #: (repairs, relays and news go out whenever they come).
+    batch: bool = False
 
 
 @attrs.frozen
@@ -210,7 +211,7 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
         wire: dict[str, Any] = {"t": "gossip"}
         if message.beats:
             wire["hb"] = [
-                [b.replica.node, b.replica.incarnation, b.heartbeat, round(b.age * 1000)]
+                [b.replica.node, b.replica.incarnation, b.heartbeat, round(b.age_s * 1000)]
                 for b in message.beats
             ]
             if any(b.clock for b in message.beats):
@@ -226,7 +227,7 @@ def _to_wire(message: PeerMessage) -> dict[str, Any]:
                 [ls.node, ls.incarnation, ls.seq, [list(link) for link in ls.links]]
                 for ls in message.link_states
             ]
-        if message.tick:
+        if message.batch:
             wire["tk"] = True
         return wire
     if isinstance(message, Direct):
@@ -391,10 +392,10 @@ def _gossip(wire: dict[str, Any]) -> Gossip:
             raise PeerProtocolError("'links' must be a list of node names")
         links = tuple(_name(name, "links") for name in raw)
     link_states = tuple(_link_state(row) for row in _rows(wire.get("ls", []), 4, "ls"))
-    tick = wire.get("tk", False)
-    if type(tick) is not bool:
+    batch = wire.get("tk", False)
+    if type(batch) is not bool:
         raise PeerProtocolError("'tk' must be a boolean")
-    return Gossip(beats, deltas, digest, links, link_states, tick)
+    return Gossip(beats, deltas, digest, links, link_states, batch)
 
 
 def _routing(wire: dict[str, Any]) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class Presence:
         self.metrics = metrics
         self.state = PresenceState(replica, region)
         self.liveness = Liveness(
-            replica, down_after=down_after_s, purge_after=purge_after_s, now=clock()
+            replica, down_after_s=down_after_s, purge_after_s=purge_after_s, now=clock()
         )
         self.feeds: dict[str, RoomFeed] = {}
         #: room -> members on this daemon (a dict used as an ordered set).
@@ -420,11 +420,11 @@ class Presence:
 
     # ------------------------------------------------------------------ ticks
 
-    def tick_number(self) -> int:
+    def tick_index(self) -> int:
         """The current tick's index (aligned phase time / tick)."""
         return self.plan.tick_index(self.phase_clock())
 
-    def tick_phase(self) -> float:
+    def tick_phase_s(self) -> float:
         """Seconds since the last aligned tick boundary (now)."""
         return self.plan.tick_phase_s(self.phase_clock())
 

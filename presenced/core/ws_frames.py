@@ -46,6 +46,8 @@ class CloseCode(enum.IntEnum):
     #: Going away: a shutdown, a silent connection, a session taken over by a resume.
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
+    #: A kind of message the endpoint does not take (text on a peer link: binary only).
+    UNSUPPORTED_DATA = 1003
     #: A close frame without a code (never sent; reported by the receiving side).
     NO_STATUS = 1005
     #: Text that is not UTF-8.

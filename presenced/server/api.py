@@ -123,8 +123,8 @@ class Api:
     async def send(self, body: dict[str, Any]) -> dict[str, Any]:
         node = self.daemon.node
         request = api_wire.parse_send(body, node.config.limits)
-        messenger = node.messenger
-        if messenger is None:
+        messenger = self.daemon.messenger
+        if node.messenger is None:
             raise ApiError(503, api_wire.UNAVAILABLE, "direct messages are not enabled")
         sender = ServerSender()
         message = request.message

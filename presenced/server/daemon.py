@@ -1,8 +1,10 @@
 """The daemon: listeners, the ticker, signals and graceful shutdown around one :class:`Node`.
 
-Wiring: the daemon builds the node, the messenger and (with peers) the peer manager, hands
-the last two to the node in one call (:meth:`Node.wire`), and runs the :class:`Ticker` over
-the node and its peer layer. No part sets itself on another.
+Wiring: the daemon builds the node, the client sessions and paced clients, the messenger
+and (with peers) the peer manager; hands the last two to the node in one call
+(:meth:`Node.wire`); gives each client connection the sessions and paced clients, and the
+peer manager the sessions; and runs the :class:`Ticker` over the node, its peer layer and
+its paced clients. No part sets itself on another.
 
 Shutdown order (SIGINT/SIGTERM, or :meth:`Daemon.shutdown`): stop accepting, close every
 client with 1001 ("going away") so they reconnect elsewhere, give their tasks a short grace
@@ -22,7 +24,7 @@ import trio
 from presenced.config import Config
 from presenced.core.crdt import ReplicaId
 from presenced.core.ws_frames import CloseCode
-from presenced.server.clients import ClientConnection
+from presenced.server.clients import ClientConnection, PacedClients, Sessions
 from presenced.server.messaging import MessageStore, Messenger
 from presenced.server.node import Node
 from presenced.server.peers import PeerManager, PeerTransport
@@ -32,7 +34,7 @@ from presenced.server.ticker import Ticker
 log = logging.getLogger(__name__)
 
 #: Seconds clients get to receive their close frames at shutdown.
-SHUTDOWN_GRACE = 2.0
+SHUTDOWN_GRACE_S = 2.0
 
 
 def new_incarnation() -> int:
@@ -54,6 +56,10 @@ class Daemon:
         self.config = config
         replica = ReplicaId(config.node, new_incarnation() if incarnation is None else incarnation)
         self.node = Node(config, replica)
+        #: Client liveness (pings, dead connections) and sessions waiting to be resumed.
+        self.sessions = Sessions(self.node)
+        #: Connections whose input the ticker reads at tick boundaries (they stream updates).
+        self.paced = PacedClients()
         # The TLS files are checked before anything else is opened: a bad one is a
         # StartupError (one line at the command line), and nothing is left to close.
         if transport is None and (config.peers or config.peer_listen is not None):
@@ -72,11 +78,12 @@ class Daemon:
                 self.node,
                 transport,
                 config,
+                self.sessions,
                 accept=config.peer_listen is not None or not config.peers,
                 rng=rng,
             )
-        self.node.wire(gossip=self.peers, messenger=self.messenger)
-        self.ticker = Ticker(self.node, self.peers)
+        self.node.wire(gossip=self.peers, messenger=self.messenger, sessions=self.sessions)
+        self.ticker = Ticker(self.node, self.peers, self.paced)
 
     def _transport_running(self) -> contextlib.AbstractAsyncContextManager[object]:
         """The TLS transport keeps dialled channels' tasks in a nursery of its own."""
@@ -120,7 +127,7 @@ class Daemon:
             async with self._transport_running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self.ticker.run)
                 nursery.start_soon(self.messenger.run)
-                nursery.start_soon(self.node.sessions.run)
+                nursery.start_soon(self.sessions.run)
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
                 if config.http is not None:
@@ -153,12 +160,13 @@ class Daemon:
                     task_status.started(self)
                     await self._stopping.wait()
                     accepting.cancel()
-                    self.node.remove_all_local()
+                    self.sessions.shutdown()  # no session waits to be resumed any more
+                    self.node.remove_all_local()  # (peers hear it before the links close)
                     if self.peers is not None:
                         await self.peers.say_goodbye()
                     log.info("shutting down: closing %d clients", len(self.node.connections))
                     self.node.close_all(CloseCode.GOING_AWAY, "server shutting down")
-                    with trio.move_on_after(SHUTDOWN_GRACE):
+                    with trio.move_on_after(SHUTDOWN_GRACE_S):
                         while self.node.connections:
                             await trio.sleep(0.01)
                     connections.cancel_scope.cancel()
@@ -199,7 +207,9 @@ class Daemon:
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        await ClientConnection(self.node, stream, peer).serve()
+        await ClientConnection(
+            self.node, stream, peer, sessions=self.sessions, paced=self.paced
+        ).serve()
 
     @property
     def stopping(self) -> bool:
@@ -225,12 +235,12 @@ def _open_store(config: Config) -> MessageStore:
         return MessageStore(
             ":memory:",
             max_pending_per_recipient=config.message_max_pending,
-            max_age_s=config.message_max_age,
+            max_age_s=config.message_max_age_s,
         )
     return MessageStore.in_dir(
         config.data_dir,
         max_pending_per_recipient=config.message_max_pending,
-        max_age_s=config.message_max_age,
+        max_age_s=config.message_max_age_s,
     )
 
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from presenced.config import Config
+    from presenced.server.clients import Sessions
+    from presenced.server.messaging import Messenger
     from presenced.server.node import Node
     from presenced.server.peers import PeerManager
 
@@ -54,6 +56,10 @@ class DaemonView(Protocol):
     def node(self) -> Node: ...
     @property
     def peers(self) -> PeerManager | None: ...
+    @property
+    def sessions(self) -> Sessions: ...
+    @property
+    def messenger(self) -> Messenger: ...
     @property
     def client_port(self) -> int | None: ...
     @property
@@ -102,7 +108,7 @@ def _region_of(daemon: DaemonView, replica: ReplicaId) -> str:
 
 #: Peer states in `/status` and `presenced_peer_link_up`: a direct link is up; no direct
 #: link, but the node's heartbeats arrive through another region; no heartbeat for
-#: ``down_after`` (its users have left every room).
+#: ``down_after_s`` (its users have left every room).
 LINK_UP, RELAYED, LINK_DOWN = "up", "relayed", "down"
 
 
@@ -241,7 +247,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "presenced_detached_sessions",
             "Sessions waiting to be resumed (their connection dropped).",
-            value=len(node.sessions.detached),
+            value=len(daemon.sessions.detached),
         )
 
         # -- presence

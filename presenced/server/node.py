@@ -6,8 +6,10 @@ client sessions and the two wings it talks to, and :class:`DaemonOutputs` carrie
 the presence node asks (:class:`~presenced.core.presence.Outputs`): encode frames, poke peer
 links, flood broadcasts, tell messaging a user appeared, wake the ticker.
 
-Wiring: the daemon (:mod:`presenced.server.daemon`) builds the node, then the peer manager
-and the messenger around it, and hands both to :meth:`Node.wire` in one place. The ticker
+Wiring: the daemon (:mod:`presenced.server.daemon`) builds the node, then the client
+sessions, the peer manager and the messenger around it, and hands the last two to
+:meth:`Node.wire` in one place. The node types them by what is called through it
+(:mod:`presenced.server.roles`) and imports nothing from the wings. The ticker
 (:mod:`presenced.server.ticker`) attaches its alarm to the outputs while it runs. Nothing
 sets itself on the node.
 """
@@ -28,13 +30,11 @@ from presenced.core.crdt import ReplicaId
 from presenced.core.kicks import CLOSE_DISCONNECTED, CLOSE_REFUSED, Kick, Refusals
 from presenced.core.liveness import DOWN
 from presenced.core.presence import Member, Presence
-from presenced.server.clients import PacedClients, Sessions
 from presenced.server.metrics import Metrics
+from presenced.server.roles import DetachedSessions, DirectMessaging, PeerLayer
 
 if TYPE_CHECKING:
     from presenced.config import Config
-    from presenced.server.messaging import Messenger
-    from presenced.server.peers import PeerManager
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class DaemonOutputs:
         self.paced_pending: Callable[[], bool] = _no
         self.request_digests: Callable[[], None] = _nothing
         self.wake_at: Callable[[float], None] = _not_now
-        self._gossip: PeerManager | None = None
-        self._messenger: Messenger | None = None
+        self._gossip: PeerLayer | None = None
+        self._messenger: DirectMessaging | None = None
 
-    def wire(self, gossip: PeerManager | None, messenger: Messenger | None) -> None:
+    def wire(self, gossip: PeerLayer | None, messenger: DirectMessaging | None) -> None:
         self._gossip = gossip
         self._messenger = messenger
         if gossip is not None:
@@ -101,7 +101,7 @@ class DaemonOutputs:
             message = peer_wire.RoomBroadcast(
                 secrets.token_hex(8), room, event, data, user, session, region
             )
-            self._gossip.on_broadcast(message, None)
+            self._gossip.flood(message)
 
     def replica_up(self, replica: ReplicaId) -> None:
         log.info("replica %s is up", replica)
@@ -133,8 +133,8 @@ def _close_reason(text: str) -> str:
 
 
 class Node(Presence):
-    """The presence node of one daemon incarnation, with its configuration, metrics, paced
-    clients, client sessions and wings (see the module docstring)."""
+    """The presence node of one daemon incarnation, with its configuration, metrics and the
+    wings it talks to (see the module docstring)."""
 
     outputs: DaemonOutputs
     metrics: Metrics
@@ -153,8 +153,8 @@ class Node(Presence):
             replica,
             config.region,
             tick_s=config.tick_ms / 1000.0,
-            down_after_s=config.down_after,
-            purge_after_s=config.purge_after,
+            down_after_s=config.down_after_s,
+            purge_after_s=config.purge_after_s,
             clock=clock,
             phase_clock=wall_clock,
             outputs=DaemonOutputs(),
@@ -162,19 +162,14 @@ class Node(Presence):
         )
         self.config = config
         self.wall_clock = wall_clock
-        plan = self.plan
-        #: The tick's length; the hold and poll point (the tick plan's, read by peer links).
-        self.tick_s = plan.tick_s
-        self.hold = plan.hold_s
-        self.flush_lag = plan.poll_point_s
-        #: Connections whose input the ticker reads at tick boundaries (they stream updates).
-        self.paced = PacedClients()
+        #: The tick's length (the tick plan's).
+        self.tick_s = self.plan.tick_s
         #: The peer layer (None: no peers) and direct messages (None: a bare node in unit
         #: tests); set by :meth:`wire`.
-        self.gossip: PeerManager | None = None
-        self.messenger: Messenger | None = None
-        #: Client liveness (pings, dead connections) and sessions waiting to be resumed.
-        self.sessions = Sessions(self)
+        self.gossip: PeerLayer | None = None
+        self.messenger: DirectMessaging | None = None
+        #: Sessions waiting to be resumed (set by :meth:`wire`): a disconnect ends them.
+        self.sessions: DetachedSessions | None = None
         #: Users and sessions the server API disconnected with a refusal (hellos refused).
         self.refusals = Refusals()
 
@@ -187,7 +182,7 @@ class Node(Presence):
         kick = Kick(secrets.token_hex(8), user, session, reason, round(refuse_s * 1000))
         closed = self.apply_kick(kick)
         if self.gossip is not None:
-            self.gossip.on_kick(kick, None)
+            self.gossip.flood_kick(kick)
         return closed
 
     def apply_kick(self, kick: Kick) -> int:
@@ -203,11 +198,8 @@ class Node(Presence):
                 conn.send(protocol.error(protocol.DISCONNECTED, message))
                 conn.close(CLOSE_DISCONNECTED, _close_reason(message))
                 closed += 1
-        detached = self.sessions.detached
-        for session, held in list(detached.items()):
-            if held.user == kick.user and (not kick.session or session == kick.session):
-                del detached[session]
-                self.end_session(held.user, session, held.rooms)
+        if self.sessions is not None:
+            self.sessions.end_detached(kick.user, kick.session)
         return closed
 
     def identified(self, conn: Member) -> None:
@@ -223,22 +215,15 @@ class Node(Presence):
             return
         super().identified(conn)
 
-    def wire(self, *, gossip: PeerManager | None, messenger: Messenger | None) -> None:
-        """Connect the wings the node talks to (the daemon does, once both exist)."""
+    def wire(
+        self,
+        *,
+        gossip: PeerLayer | None,
+        messenger: DirectMessaging | None,
+        sessions: DetachedSessions | None = None,
+    ) -> None:
+        """Connect the wings the node talks to (the daemon does, once they all exist)."""
         self.gossip = gossip
         self.messenger = messenger
+        self.sessions = sessions
         self.outputs.wire(gossip, messenger)
-
-    def disconnect(self, conn: Member) -> None:
-        self.paced.discard(conn)  # type: ignore[arg-type]  # (members are ClientConnections)
-        super().disconnect(conn)
-
-    def detach(self, conn: Member) -> list[str]:
-        self.paced.discard(conn)  # type: ignore[arg-type]
-        return super().detach(conn)
-
-    def remove_all_local(self) -> None:
-        """Shutdown: every local entry leaves (peers hear it before the links close), the
-        detached sessions' too, and no session waits to be resumed any more."""
-        self.sessions.shutdown()
-        super().remove_all_local()

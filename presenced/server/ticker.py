@@ -18,6 +18,7 @@ import time
 from typing import Protocol
 
 from presenced.server.alarm import Alarm, open_alarm
+from presenced.server.clients.paced import PacedClients
 from presenced.server.node import Node
 
 
@@ -29,7 +30,7 @@ class PacedLinks(Protocol):
         """The links the ticker reads (truthy when any)."""
         ...
 
-    def tick(self, local_changed: bool) -> None:
+    def at_boundary(self, local_changed: bool) -> None:
         """Links send the tick's gossip (``local_changed``: own entries changed)."""
         ...
 
@@ -41,17 +42,19 @@ class PacedLinks(Protocol):
         """Whether a paced link's batch of this tick has not been read yet."""
         ...
 
-    def wait_for_batches(self, timeout: float) -> bool:
-        """Block the thread until a missing batch has input, for at most ``timeout`` s."""
+    def wait_for_batches(self, timeout_s: float) -> bool:
+        """Block the thread until a missing batch has input, for at most ``timeout_s``."""
         ...
 
 
 class Ticker:
-    """Runs the tick plan of ``node``; ``links`` is its peer layer (None: no peers)."""
+    """Runs the tick plan of ``node``; ``links`` is its peer layer (None: no peers),
+    ``paced`` the client connections it reads at boundaries."""
 
-    def __init__(self, node: Node, links: PacedLinks | None) -> None:
+    def __init__(self, node: Node, links: PacedLinks | None, paced: PacedClients) -> None:
         self.node = node
         self.links = links
+        self.paced = paced
 
     async def run(self) -> None:
         """Until cancelled: boundaries, paced reads and flushes, each when the plan says."""
@@ -71,7 +74,7 @@ class Ticker:
         node = self.node
         return (
             node.plan.boundary_wanted
-            or bool(node.paced)
+            or bool(self.paced)
             or (links is not None and bool(links.paced))
         )
 
@@ -108,12 +111,12 @@ class Ticker:
         node.plan.start_boundary()
         node.reading_clients = True
         try:
-            node.paced.read()  # busy clients' updates make this tick's gossip
+            self.paced.read()  # busy clients' updates make this tick's gossip
         finally:
             node.reading_clients = False
         now = woke
         if links is not None:
-            links.tick(node.local_dirty)
+            links.at_boundary(node.local_dirty)
             if links.paced:
                 now = self._await_paced(links, woke + node.plan.poll_point_s)
         node.local_dirty = False

@@ -28,8 +28,8 @@ import attrs
 import trio
 
 from presenced.config import (
-    DEFAULT_DOWN_AFTER,
-    DEFAULT_PURGE_AFTER,
+    DEFAULT_DOWN_AFTER_S,
+    DEFAULT_PURGE_AFTER_S,
     DEFAULT_RESUME_GRACE_S,
     DEFAULT_TICK_MS,
     Config,
@@ -39,6 +39,7 @@ from presenced.core import protocol
 from presenced.core.crdt import Meta
 from presenced.core.limits import Limits
 from presenced.core.session import SessionRules
+from presenced.server.clients import Sessions
 from presenced.server.daemon import Daemon
 from presenced.server.node import Node
 from presenced.testing.simnet import SimNetwork
@@ -63,9 +64,12 @@ def decode_frame(frame: bytes) -> dict[str, Any]:
 class FakeClient:
     """A client session attached directly to a node (no socket), seeing what a socket would."""
 
-    def __init__(self, node: Node, user: str) -> None:
+    def __init__(self, node: Node, user: str, sessions: Sessions | None = None) -> None:
         self.node = node
+        #: The daemon's sessions, for :meth:`hello` and :meth:`drop` (a bare node has none).
+        self.sessions = sessions
         self.user = user
+        self.peer = f"fake:{user}"
         self.session = f"{node.replica.node}-s{next(_sessions)}"
         self.rooms: dict[str, None] = {}
         self.messages: list[dict[str, Any]] = []
@@ -97,18 +101,23 @@ class FakeClient:
         self.closed = (code, reason)
         self.disconnect()
 
+    def ping(self, now: float) -> None:
+        self.pinged_at = now
+
     # What a client does:
     def hello(self, resume: str | None = None) -> dict[str, Any]:
         """Say hello as a socket connection would (optionally resuming): the session is
         then the daemon's (see :class:`~presenced.server.clients.Sessions`); returns the
         ``welcome``."""
         hello = protocol.Hello("hello", user=self.user, resume=resume)
-        self.node.sessions.welcome(self, hello)  # type: ignore[arg-type]
+        assert self.sessions is not None, "a client of a bare node has no sessions"
+        self.sessions.welcome(self, hello)
         return self.received("welcome")[-1]
 
     def drop(self) -> None:
         """The connection ends without a clean close: the session waits for its grace."""
-        self.node.sessions.connection_ended(self)  # type: ignore[arg-type]
+        assert self.sessions is not None, "a client of a bare node has no sessions"
+        self.sessions.connection_ended(self)
         self.view.clear()
 
     def join(self, room: str, meta: Meta | None = None) -> None:
@@ -135,17 +144,17 @@ class FakeClient:
         recipients = tuple(to) if isinstance(to, list) else (to,)
         message = protocol.Send(ref, recipients, data, mode, group)
         assert self.node.messenger is not None
-        self.node.messenger.send(self, message)  # type: ignore[arg-type]
+        self.node.messenger.send(self, message)
         return ref
 
     def mark_read(self, message_id: str) -> None:
         assert self.node.messenger is not None
-        self.node.messenger.mark_read(self, protocol.MarkRead(None, message_id))  # type: ignore[arg-type]
+        self.node.messenger.mark_read(self, protocol.MarkRead(None, message_id))
 
     def fetch(self, limit: int = 100) -> int:
         ref = next(self._refs)
         assert self.node.messenger is not None
-        self.node.messenger.fetch(self, protocol.Fetch(ref, limit))  # type: ignore[arg-type]
+        self.node.messenger.fetch(self, protocol.Fetch(ref, limit))
         return ref
 
     def received(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
@@ -215,8 +224,8 @@ class Cluster:
         net: SimNetwork,
         *,
         tick_ms: int = DEFAULT_TICK_MS,
-        down_after: float = DEFAULT_DOWN_AFTER,
-        purge_after: float = DEFAULT_PURGE_AFTER,
+        down_after_s: float = DEFAULT_DOWN_AFTER_S,
+        purge_after_s: float = DEFAULT_PURGE_AFTER_S,
         timings: Mapping[str, float] | None = None,
         data_root: Path | None = None,
         token_secret: bytes | None = None,
@@ -228,8 +237,8 @@ class Cluster:
         self.resume_grace_s = resume_grace_s
         self.net = net
         self.tick_ms = tick_ms
-        self.down_after = down_after
-        self.purge_after = purge_after
+        self.down_after_s = down_after_s
+        self.purge_after_s = purge_after_s
         #: Config fields of the peer layer's timings (like ``heartbeat_interval_s``).
         self.timings: dict[str, Any] = dict(timings or {})
         #: If set, each daemon keeps its message store in data_root/<name> (survives crashes).
@@ -253,8 +262,8 @@ class Cluster:
             listen=HostPort("127.0.0.1", 0),
             allow_anonymous=True,
             tick_ms=self.tick_ms,
-            down_after=self.down_after,
-            purge_after=self.purge_after,
+            down_after_s=self.down_after_s,
+            purge_after_s=self.purge_after_s,
             peers=tuple(self.address(p) for p in peers),
             # The simulated transport ignores the address, but a daemon with peers and no
             # peer_listen only dials, and simulated links must be dialable both ways.
@@ -305,7 +314,8 @@ class Cluster:
         sim.scope.cancel()
 
     def client(self, name: str, user: str) -> FakeClient:
-        return FakeClient(self.daemons[name].node, user)
+        daemon = self.daemons[name].daemon
+        return FakeClient(daemon.node, user, daemon.sessions)
 
     def visible(self, name: str) -> dict[tuple[str, str, str], Any]:
         """(room, user, session) -> meta of everything daemon ``name`` shows."""

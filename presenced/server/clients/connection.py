@@ -17,7 +17,7 @@ Two tasks per connection:
 The outbox is bounded. Room diffs are state, so when a client cannot keep up its queued
 diffs are thrown away and replaced by one fresh ``state`` per room: it gets the newest state
 when it can take it. A client that stays unable to drain its queue for
-``slow_client_timeout`` is closed with 1013. Nothing one connection does can raise into
+``slow_client_timeout_s`` is closed with 1013. Nothing one connection does can raise into
 another: handlers only touch the node through synchronous calls, and any unexpected error
 closes this connection alone (1011) and is logged.
 
@@ -65,6 +65,8 @@ from presenced.server.clients.handshake import (
 from presenced.server.clients.sessions import configure_keepalive
 
 if TYPE_CHECKING:
+    from presenced.server.clients.paced import PacedClients
+    from presenced.server.clients.sessions import Sessions
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,19 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 class ClientConnection:
     """State and tasks of one connected client (one browser tab or app instance)."""
 
-    def __init__(self, node: Node, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self,
+        node: Node,
+        stream: trio.abc.Stream,
+        peer: str,
+        *,
+        sessions: Sessions,
+        paced: PacedClients,
+    ) -> None:
         self.node = node
+        #: The daemon's sessions (hello, resume, endings) and its paced clients.
+        self.sessions = sessions
+        self.paced = paced
         self.limits = node.config.limits
         self.stream = stream
         self.peer = peer
@@ -147,7 +160,7 @@ class ClientConnection:
         node = self.node
         try:
             with self._scope:
-                with trio.move_on_after(self.limits.hello_timeout):
+                with trio.move_on_after(self.limits.hello_timeout_s):
                     self.ws, _request, self._pipelined = await accept_websocket(
                         self.stream, admit=self._admit
                     )
@@ -172,8 +185,9 @@ class ClientConnection:
             log.exception("client %s: unexpected error; closing this connection", self.peer)
             self._close = self._close or (CloseCode.INTERNAL, "internal error")
         finally:
+            self._unpace()  # the ticker reads it no more, before its socket closes
             self._fd = None  # never write to a descriptor number the kernel may reuse
-            node.sessions.connection_ended(self)
+            self.sessions.connection_ended(self)
             await self._close_transport()
 
     def _admit(self) -> bool:
@@ -221,7 +235,7 @@ class ClientConnection:
     async def _reader(self) -> None:
         assert self.ws is not None
         ws = self.ws
-        self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout
+        self._hello_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
         with self._hello_scope:
             try:
                 await self._read_loop(ws)
@@ -254,14 +268,14 @@ class ClientConnection:
             self._paced = True
             self._idle_polls = 0
             self._resume = trio.Event()
-            self.node.paced.add(self, self._fd)
+            self.paced.add(self, self._fd)
             self.node.want_tick()  # (an idle ticker sleeps through boundaries)
 
     def _unpace(self) -> None:
         """Back to reading as data arrives (the reader task resumes)."""
         if self._paced:
             self._paced = False
-            self.node.paced.discard(self)
+            self.paced.discard(self)
             self._resume.set()
 
     def quiet_tick(self) -> None:
@@ -453,11 +467,11 @@ class ClientConnection:
         else:
             user = message.user
             if user is None and message.resume is not None:
-                user = self.node.sessions.user_of(message.resume)
+                user = self.sessions.user_of(message.resume)
             grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
         self.user = self.rules.greeted(grant)
         self._hello_scope.deadline = float("inf")
-        self.node.sessions.welcome(self, message)
+        self.sessions.welcome(self, message)
 
     def _on_join(self, message: wire.Join) -> None:
         self.rules.join(message)
@@ -558,7 +572,7 @@ class ClientConnection:
         now = self.node.clock()
         if self._stalled_since is None:
             self._stalled_since = now
-        elif now - self._stalled_since > self.limits.slow_client_timeout:
+        elif now - self._stalled_since > self.limits.slow_client_timeout_s:
             log.info("client %s closed: too slow to read its updates", self.peer)
             self.close(CloseCode.TRY_AGAIN_LATER, "too slow")
             return

@@ -10,10 +10,19 @@ from __future__ import annotations
 import contextlib
 import select
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from presenced.server.clients.connection import ClientConnection
+
+class PacedReader(Protocol):
+    """A connection as the ticker reads it (:class:`~presenced.server.clients.ClientConnection`)."""
+
+    def poll_input(self) -> None:
+        """Read and handle what the socket holds (it has input)."""
+        ...
+
+    def quiet_tick(self) -> None:
+        """A boundary found nothing from it."""
+        ...
 
 
 class PacedClients:
@@ -27,16 +36,16 @@ class PacedClients:
     """
 
     def __init__(self) -> None:
-        self._fds: dict[ClientConnection, int] = {}
+        self._fds: dict[PacedReader, int] = {}
         self._epoll: select.epoll | None = None
 
     def __bool__(self) -> bool:
         return bool(self._fds)
 
-    def __iter__(self) -> Iterator[ClientConnection]:
+    def __iter__(self) -> Iterator[PacedReader]:
         return iter(list(self._fds))
 
-    def add(self, conn: ClientConnection, fd: int) -> None:
+    def add(self, conn: PacedReader, fd: int) -> None:
         if conn not in self._fds:
             if self._epoll is None:
                 self._epoll = select.epoll()
@@ -46,7 +55,7 @@ class PacedClients:
                 self._epoll.modify(fd, select.EPOLLIN)
             self._fds[conn] = fd
 
-    def discard(self, conn: ClientConnection) -> None:
+    def discard(self, conn: PacedReader) -> None:
         fd = self._fds.pop(conn, None)
         if fd is not None and self._epoll is not None:
             if not self._fds:

@@ -39,21 +39,42 @@ import contextlib
 import logging
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
 from presenced.core.client_frames import welcome
 from presenced.core.client_wire import Hello
+from presenced.core.limits import Limits
+from presenced.core.presence import Member
 from presenced.core.resume import Timing, resume_token, token_session, token_valid, verdict
+from presenced.core.session import SessionRules
 from presenced.core.ws_frames import CloseCode
 
 if TYPE_CHECKING:
-    from presenced.server.clients.connection import ClientConnection
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
+
+
+class Attendee(Member, Protocol):
+    """A client connection as the sessions see it
+    (:class:`~presenced.server.clients.ClientConnection` is one; so are the test cluster's
+    fake clients): a member of the node with its rules, its limits and its liveness."""
+
+    peer: str
+    limits: Limits
+    rules: SessionRules
+    #: The session leaves with this connection (no resume).
+    session_ends: bool
+    #: Clock time of its last input, and of the last ping sent to it.
+    last_input: float
+    pinged_at: float
+
+    def ping(self, now: float) -> None:
+        """Send a WebSocket ping (the sweep found it quiet)."""
+        ...
 
 
 @attrs.define
@@ -77,7 +98,7 @@ class Sessions:
         #: one (any daemon can check them), else a key of this process.
         self.key = config.token_secret or secrets.token_bytes(32)
         #: session id -> its connection, for every connection that said hello.
-        self.live: dict[str, ClientConnection] = {}
+        self.live: dict[str, Attendee] = {}
         #: session id -> detached session, oldest (soonest to expire) first.
         self.detached: dict[str, Detached] = {}
         self.closing = False
@@ -91,14 +112,14 @@ class Sessions:
         session = token_session(token)
         if session is None:
             return None
-        held: Detached | ClientConnection | None = self.detached.get(session)
+        held: Detached | Attendee | None = self.detached.get(session)
         if held is None:
             held = self.live.get(session)
         if held is not None:
             return held.user
         return self.node.state.session_user(session)
 
-    def welcome(self, conn: ClientConnection, hello: Hello) -> None:
+    def welcome(self, conn: Attendee, hello: Hello) -> None:
         """``conn`` is authenticated: get its session back (``hello.resume``) or start one,
         and welcome it. A resumed session then gets a ``state`` of each of its rooms."""
         node = self.node
@@ -138,7 +159,7 @@ class Sessions:
             return token_valid(self.key, user, token)
         return True
 
-    def resume(self, conn: ClientConnection, token: str) -> bool:
+    def resume(self, conn: Attendee, token: str) -> bool:
         """Give ``conn`` (authenticated, no session yet) the session ``token`` names, if it
         is this user's and still here (detached, or on a connection we took for alive) or
         visible in the presence state (held by another daemon, resumed here).
@@ -178,14 +199,14 @@ class Sessions:
             node.metrics.sessions_resumed_elsewhere += 1
         return True
 
-    def started(self, conn: ClientConnection) -> str:
+    def started(self, conn: Attendee) -> str:
         """``conn``'s session is live on it; returns its resume token."""
         self.live[conn.session] = conn
         return resume_token(self.key, conn.user, conn.session)
 
     # ------------------------------------------------------------------ endings
 
-    def connection_ended(self, conn: ClientConnection) -> None:
+    def connection_ended(self, conn: Attendee) -> None:
         """A connection's task is ending: its session leaves now (clean close, a policy
         close, no resume, shutdown) or is detached for the grace."""
         node = self.node
@@ -232,6 +253,14 @@ class Sessions:
             if held is not None and held.user == user and room in held.rooms:
                 held.rooms.remove(room)
                 node.end_session(user, session, [room])
+
+    def end_detached(self, user: str, session: str) -> None:
+        """End ``user``'s detached sessions (``session`` "": all of them) at once, with no
+        grace: the server API disconnected them."""
+        for held_session, held in list(self.detached.items()):
+            if held.user == user and (not session or held_session == session):
+                del self.detached[held_session]
+                self.node.end_session(held.user, held_session, held.rooms)
 
     def shutdown(self) -> None:
         """Graceful shutdown: every session leaves now (the caller removes the entries)."""

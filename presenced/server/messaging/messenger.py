@@ -39,12 +39,12 @@ from presenced.core.direct_effects import (
     TellSender,
     Wake,
 )
+from presenced.core.presence import Member
 from presenced.server.messaging.fetches import cluster_view
 from presenced.server.messaging.server_sender import SERVER_USER, ServerSender
 from presenced.server.messaging.store import MessageStore
 
 if TYPE_CHECKING:
-    from presenced.server.clients import ClientConnection
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Messenger:
         self.wall_clock = node.wall_clock
         #: When the daemon started serving (the run loop): see ``cluster_settled``.
         self.started_at = node.clock()
-        self.machine: DirectMessages[ClientConnection | ServerSender] = DirectMessages(
+        self.machine: DirectMessages[Member | ServerSender] = DirectMessages(
             self.name,
             self.region,
             f"{self.name}.{_base36(node.replica.incarnation)}",
@@ -95,7 +95,7 @@ class Messenger:
 
     # ------------------------------------------------------------------ client requests
 
-    def send(self, conn: ClientConnection, message: protocol.Send) -> None:
+    def send(self, conn: Member, message: protocol.Send) -> None:
         """A client's ``send``: store it (reliable) and start delivering every copy."""
         now, wall_s = self._clocks()
         self._do(self.machine.send(conn, conn.user, conn.session, message, now, wall_s))
@@ -106,13 +106,13 @@ class Messenger:
         now, wall_s = self._clocks()
         self._do(self.machine.send(sender, SERVER_USER, SERVER_USER, message, now, wall_s))
 
-    def mark_read(self, conn: ClientConnection, message: protocol.MarkRead) -> None:
+    def mark_read(self, conn: Member, message: protocol.MarkRead) -> None:
         """The recipient read a message shown here: tell its sender (once per user).
         :class:`~presenced.core.protocol.ProtocolError` if it was not shown to them here."""
         now, wall_s = self._clocks()
         self._do(self.machine.mark_read(conn.user, message, now, wall_s))
 
-    def fetch(self, conn: ClientConnection, message: protocol.Fetch) -> None:
+    def fetch(self, conn: Member, message: protocol.Fetch) -> None:
         """Pull the user's pending messages from every daemon that may hold some."""
         now, wall_s = self._clocks()
         self._do(self.machine.fetch(conn, conn.user, message, now, wall_s))
@@ -137,13 +137,13 @@ class Messenger:
     def _clocks(self) -> tuple[float, float]:
         return self.node.clock(), self.wall_clock()
 
-    def _reachable(self, conn: ClientConnection | ServerSender) -> bool:
+    def _reachable(self, conn: Member | ServerSender) -> bool:
         """Whether the sender behind a handle still listens."""
         if isinstance(conn, ServerSender):
             return conn.open
         return conn in self.node.connections
 
-    def _do(self, effects: list[Effect[ClientConnection | ServerSender]]) -> None:
+    def _do(self, effects: list[Effect[Member | ServerSender]]) -> None:
         """Carry out the machine's effects, in order."""
         node = self.node
         for effect in effects:
@@ -175,7 +175,7 @@ class Messenger:
             else:
                 log.debug("%s", effect.text)
 
-    def _tell_sender(self, effect: TellSender[ClientConnection | ServerSender]) -> None:
+    def _tell_sender(self, effect: TellSender[Member | ServerSender]) -> None:
         """To the sending session if it is still here, else (without its ``ref``, which
         means nothing to the other sessions) to every session of its user here."""
         conn = effect.conn

@@ -17,29 +17,29 @@ Timing, chosen for latency and for few messages:
   link delays, not two ticks);
 * a daemon flushes rooms touched by a peer's gossip at once, unless other peers' batches of
   the same tick are still to come: a link whose previous batch arrived early in its tick
-  (within the node's ``hold``, a quarter tick) is waited for, up to the hold, so its batch,
+  (within the tick plan's ``hold_s``, a quarter tick) is waited for, up to the hold, so its batch,
   the local changes and the other near peers' batches reach members as one frame
   (:meth:`PeerManager.awaiting_batches`). A far peer's batches land at a steady phase of the
   tick, past the hold or within it: either way, waiting for them costs no latency.
 
-Paced reading: a near peer's tick batch arrives within the flush lag of the boundary it was sent
+Paced reading: a near peer's tick batch arrives within the poll point of the boundary it was sent
 at. Once a link's gossip has arrived in that window a few times running, its reader task parks
 and the node's ticker reads the link with ``receive_nowait`` (:meth:`PeerLink.poll`): right
-after the boundary's own work, at the poll point (the flush lag) if the batch was not in yet,
-and a last time at the node's hold if it still was not: no wake-up per peer message, and the
+after the boundary's own work, at the poll point if the batch was not in yet,
+and a last time at the tick plan's hold if it still was not: no wake-up per peer message, and the
 same flush the message would have joined anyway. Only that last read, finding no batch of
 the tick (the peer was quiet, or its batch is late), hands the link back to its reader task,
 which waits for data as usual, and the link's next batch on time paces it again. A tick's
-batch is the message the peer's tick sent, marked ``tick`` on the wire: repairs, relays and
-link-state news go out whenever they come in. A peer whose batches land later in the tick (a
-far one, unless its delay is within the flush lag of a whole number of ticks: then pacing
-changes nothing either) is not paced. While a link is paced, its other
-messages (routed messages, pings) wait for that read: at most a tick and a flush lag. RTT
+batch is the message the peer's tick sent, marked ``batch`` (``tk`` on the wire): repairs,
+relays and link-state news go out whenever they come in. A peer whose batches land later in
+the tick (a far one, unless its delay is within the poll point of a whole number of ticks:
+then pacing changes nothing either) is not paced. While a link is paced, its other
+messages (routed messages, pings) wait for that read: at most a tick and a poll point. RTT
 pings go out with the next gossip message (normally the tick's); once the ticker has read
 the peer's batch of that tick, the link goes back to its reader, which reads the pong as it
 arrives and paces the link again (one wake-up per ping). A paced peer answers at its flush
 point, and a pong that lands before the batch is read with it, so a near link's RTT reads up
-to two flush lags high.
+to two poll points high.
 
 Liveness: heartbeats ride on gossip messages every ``heartbeat_interval_s``; a link that hears
 nothing for ``link_timeout_s`` is closed and redialled (if this daemon dialled it).
@@ -50,21 +50,24 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from presenced.core import peer_wire as wire
 from presenced.core.crdt import ReplicaId
 from presenced.core.gossip import PeerView, dialer_of
+from presenced.core.routing import LinkState, RouteTable
 from presenced.server.peers.transport import ChannelClosed, PeerChannel
 
 if TYPE_CHECKING:
-    from presenced.server.peers.manager import PeerManager
+    from presenced.config import Config
+    from presenced.server.clients.sessions import Sessions
+    from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
 
-#: Gossip messages in a row that arrive within the flush lag of their tick before a link is
+#: Gossip messages in a row that arrive within the poll point of their tick before a link is
 #: read by the ticker instead of its reader task.
 PACE_AFTER = 3
 #: Messages one paced read handles at most; a peer sending more than that per tick is handed
@@ -72,11 +75,37 @@ PACE_AFTER = 3
 PACED_READ_LIMIT = 256
 
 
+class LinkOwner(Protocol):
+    """What a link uses of the layer that owns it (:class:`~presenced.server.peers.PeerManager`
+    is it: it creates the links, so this module names it by what a link calls)."""
+
+    @property
+    def node(self) -> Node: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def sessions(self) -> Sessions: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def links(self) -> dict[str, PeerLink]: ...
+    @property
+    def paced(self) -> dict[PeerLink, None]: ...
+
+    def encode(self, message: wire.PeerMessage) -> bytes: ...
+    def advertise(self) -> None: ...
+    def learn_link_states(self, states: tuple[LinkState, ...], source: PeerLink) -> None: ...
+    def relay(self, replicas: list[ReplicaId], exclude: PeerLink) -> None: ...
+    def on_broadcast(self, message: wire.RoomBroadcast, source: PeerLink | None) -> None: ...
+    def on_bye(self, replica: ReplicaId, source: PeerLink) -> None: ...
+    def on_kick(self, message: wire.Kick, source: PeerLink | None) -> None: ...
+
+
 class PeerLink:
     """One live link to one peer replica."""
 
     def __init__(
-        self, manager: PeerManager, channel: PeerChannel, hello: wire.Hello, dialed: bool
+        self, manager: LinkOwner, channel: PeerChannel, hello: wire.Hello, dialed: bool
     ) -> None:
         self.manager = manager
         self.node = node = manager.node
@@ -104,7 +133,7 @@ class PeerLink:
         #: waits on ``_resume`` meanwhile.
         self.paced = False
         self._resume = trio.Event()
-        #: Ticks in a row whose gossip batch arrived within the flush lag of the boundary.
+        #: Ticks in a row whose gossip batch arrived within the poll point of the boundary.
         self._in_window = 0
         #: Whether the next late batch leaves ``_in_window`` as it is: a paced link handed
         #: back for one late batch (or for a pong) is still a near peer's.
@@ -170,12 +199,12 @@ class PeerLink:
         self.view.want_digest()
         self._wakeup.set()
 
-    def build(self, *, at_tick: bool = False) -> wire.Gossip | None:
+    def build(self, *, batch: bool = False) -> wire.Gossip | None:
         """The gossip message the peer lacks now (see :meth:`PeerView.build`)."""
         node = self.node
         manager = self.manager
         return self.view.build(
-            node.clock(), node.state, node.liveness, manager.routes, manager.links, at_tick=at_tick
+            node.clock(), node.state, node.liveness, manager.routes, manager.links, batch=batch
         )
 
     def relay_now(self) -> None:
@@ -214,7 +243,7 @@ class PeerLink:
             self._wakeup.set()  # the writer sends it after what it has, in order
             return
         try:
-            for message in self._due(at_tick=True):
+            for message in self._due(batch=True):
                 self._send_now(message)
         except Exception as exc:  # recorded: the link ends, the ticker goes on
             self._give_up(exc)
@@ -235,22 +264,22 @@ class PeerLink:
                     sent += 1
                     if sent % 64 == 0:
                         await trio.lowlevel.checkpoint()  # (sends the socket takes never yield)
-                at_tick, self._tick_deferred = self._tick_deferred, False
-                for message in self._due(at_tick=at_tick):
+                batch, self._tick_deferred = self._tick_deferred, False
+                for message in self._due(batch=batch):
                     await self._send(message)
             finally:
                 self._writing = False
 
-    def _due(self, *, at_tick: bool) -> list[wire.PeerMessage]:
+    def _due(self, *, batch: bool) -> list[wire.PeerMessage]:
         node = self.node
         manager = self.manager
         return self.view.due(
-            node.clock(), node.state, node.liveness, manager.routes, manager.links, at_tick=at_tick
+            node.clock(), node.state, node.liveness, manager.routes, manager.links, batch=batch
         )
 
     def _encode(self, message: wire.PeerMessage) -> bytes:
         data = self.manager.encode(message)
-        self.view.sent_tick = self.node.tick_number()
+        self.view.sent_tick = self.node.tick_index()
         self.bytes_out += len(data)
         self.messages_out += 1
         return data
@@ -290,10 +319,10 @@ class PeerLink:
 
     def _count_batch(self, previous_batch: int) -> bool:
         """The reader read a tick's batch: count the ticks in a row whose batch came within
-        the flush lag of the boundary (a busy near peer, which pacing suits; a quiet one's
+        the poll point of the boundary (a busy near peer, which pacing suits; a quiet one's
         heartbeats are not in a row). Returns whether this one did."""
         node = self.node
-        if node.tick_phase() >= node.flush_lag:
+        if node.tick_phase_s() >= node.plan.poll_point_s:
             if self._forgive_late:
                 self._forgive_late = False
             else:
@@ -314,7 +343,7 @@ class PeerLink:
         Never raises: what breaks the link (the channel closing, a protocol breach, a bug) is
         recorded and ends this link alone.
         """
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         read = 0
         try:
             while read < PACED_READ_LIMIT:
@@ -413,8 +442,8 @@ class PeerLink:
     def _on_gossip(self, message: wire.Gossip, now: float) -> None:
         node = self.node
         view = self.view
-        if message.tick and view.batch_tick != (tick := node.tick_number()):
-            view.mark_batch(tick, node.tick_phase(), node.hold)
+        if message.batch and view.batch_tick != (tick := node.tick_index()):
+            view.mark_batch(tick, node.tick_phase_s(), node.plan.hold_s)
         # Liveness first: the node shows a replica that beat only once its copy holds the
         # clock it beat with, and the deltas below may be what brings it there.
         for beat in message.beats:
@@ -425,7 +454,7 @@ class PeerLink:
         if changes:
             node.apply(changes, from_peer=True)
         if node.state.index.taken_over or node.state.index.left_elsewhere:
-            node.sessions.contested()  # a session held here was resumed, or left, elsewhere
+            self.manager.sessions.contested()  # a session held here was resumed, or left, elsewhere
         if merged:
             self.manager.relay(merged, exclude=self)
         if wake:

@@ -38,6 +38,7 @@ from presenced.server.peers.links import PeerLink
 from presenced.server.peers.transport import ChannelClosed, PeerChannel, PeerTransport
 
 if TYPE_CHECKING:
+    from presenced.server.clients.sessions import Sessions
     from presenced.server.node import Node
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ class PeerManager:
         node: Node,
         transport: PeerTransport,
         config: Config,
+        sessions: Sessions,
         *,
         accept: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         self.node = node
+        #: The clients' sessions: told when a merge shows a session held here was resumed,
+        #: or left a room, on another daemon.
+        self.sessions = sessions
         #: Whether to accept inbound links (only dial when False: no --peer-listen).
         self.accept = accept
         self.transport = transport
@@ -264,11 +269,11 @@ class PeerManager:
     # ------------------------------------------------------------------ gossip
 
     def local_changed(self) -> None:
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         for link in self.links.values():
             link.poke(tick)
 
-    def tick(self, local_changed: bool) -> None:
+    def at_boundary(self, local_changed: bool) -> None:
         """Called at every tick boundary: links send local changes and what else is due."""
         self._in_tick = True
         try:
@@ -293,7 +298,7 @@ class PeerManager:
     def awaiting_batches(self) -> bool:
         """Whether a link whose batches come early in each tick has not sent this tick's yet
         (the node holds the tick's flush for it, see :meth:`Node.flush_time`)."""
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         return any(link.awaited(tick) for link in self.links.values())
 
     def poll_paced(self, final: bool = True) -> None:
@@ -301,9 +306,9 @@ class PeerManager:
         for link in list(self.paced):
             link.poll(final)
 
-    def wait_for_batches(self, timeout: float) -> bool:
+    def wait_for_batches(self, timeout_s: float) -> bool:
         """Block the thread (not just the ticker's task) until a paced link whose batch of
-        this tick is missing has input, for at most ``timeout`` seconds (a fraction of a
+        this tick is missing has input, for at most ``timeout_s`` (a fraction of a
         tick: the poll point). True if some input came; False on timeout, or at once when a
         link's transport has no descriptor to wait on (the simulation), which leaves the
         batch to the poll point.
@@ -319,7 +324,7 @@ class PeerManager:
             if fd is None:
                 return False
             waiting.register(fd, select.POLLIN)
-        return bool(waiting.poll(max(0, math.ceil(timeout * 1000))))
+        return bool(waiting.poll(max(0, math.ceil(timeout_s * 1000))))
 
     def paced_pending(self) -> bool:
         """Whether a paced link's batch of this tick has not been read yet."""
@@ -327,7 +332,7 @@ class PeerManager:
 
     def _missing_batches(self) -> list[PeerLink]:
         """The paced links whose batch of this tick has not been read yet."""
-        tick = self.node.tick_number()
+        tick = self.node.tick_index()
         return [link for link in self.paced if link.view.batch_tick != tick]
 
     def request_digests(self) -> None:
@@ -356,6 +361,10 @@ class PeerManager:
             if link is not source and self._nursery is not None:
                 self._nursery.start_soon(self._send_quietly, link, message)
 
+    def flood(self, message: wire.RoomBroadcast) -> None:
+        """A room broadcast made here: send it to every peer."""
+        self.on_broadcast(message, None)
+
     def on_kick(self, message: wire.Kick, source: PeerLink | None) -> None:
         """A disconnect by the server API: carry it out here once (the daemon asked has
         already), flood it to other peers, de-duplicated by id like a broadcast."""
@@ -368,6 +377,10 @@ class PeerManager:
             if link is not source and self._nursery is not None:
                 self._nursery.start_soon(self._send_quietly, link, message)
 
+    def flood_kick(self, message: wire.Kick) -> None:
+        """A disconnect by the server API made here: send it to every peer."""
+        self.on_kick(message, None)
+
     async def _send_quietly(self, link: PeerLink, message: wire.PeerMessage) -> None:
         with contextlib.suppress(ChannelClosed):
             await link._send(message)
@@ -379,7 +392,7 @@ class PeerManager:
         the one message that retires a replica at once and for ever, so one naming another
         node (a bug, or a peer speaking for others) is ignored, and byes are not relayed.
         Other daemons learn of the stop from the removals it sent before its bye (relayed
-        like any delta) and from liveness (down after ``down_after``).
+        like any delta) and from liveness (down after ``down_after_s``).
         """
         if not bye_accepted(replica, source.remote):
             log.warning(

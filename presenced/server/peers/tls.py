@@ -27,8 +27,8 @@ Structure (who owns which task):
   same OpenSSL through memory BIOs in Python: ~60 µs more CPU per message here, and no way to
   read without awaiting; see ``bench/peer_channel_cost.py``.)
 
-Handshakes (TCP connect, TLS, WebSocket upgrade) are bounded by ``handshake_timeout``;
-``aclose`` waits at most ``close_timeout`` for the peer to acknowledge the close. There is no
+Handshakes (TCP connect, TLS, WebSocket upgrade) are bounded by ``handshake_timeout_s``;
+``aclose`` waits at most ``close_timeout_s`` for the peer to acknowledge the close. There is no
 keepalive here: a peer that goes silent without closing is the gossip layer's to detect.
 """
 
@@ -84,12 +84,12 @@ class TlsWebSocketTransport:
         subprotocol: str = SUBPROTOCOL,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         allow_plain: bool = False,
-        handshake_timeout: float = 10.0,
-        close_timeout: float = 5.0,
+        handshake_timeout_s: float = 10.0,
+        close_timeout_s: float = 5.0,
     ) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
-        if not (handshake_timeout > 0 and close_timeout > 0):
+        if not (handshake_timeout_s > 0 and close_timeout_s > 0):
             raise ValueError("timeouts must be positive")
         if not allow_plain and server_ctx is None and client_ctx is None:
             raise ValueError("give server_ctx and/or client_ctx, or allow_plain=True")
@@ -100,8 +100,8 @@ class TlsWebSocketTransport:
         self.subprotocol = subprotocol
         self.max_message_bytes = max_message_bytes
         self.allow_plain = allow_plain
-        self.handshake_timeout = handshake_timeout
-        self.close_timeout = close_timeout
+        self.handshake_timeout_s = handshake_timeout_s
+        self.close_timeout_s = close_timeout_s
         #: The port ``serve`` is listening on, once it is.
         self.bound_port: int | None = None
         #: Bound by ``listen`` for the next ``serve``.
@@ -141,13 +141,13 @@ class TlsWebSocketTransport:
         """Open a channel to the peer at ``wss://host:port[/path]``.
 
         Raises OSError if the TCP connection fails, ChannelClosed (with the reason) if the
-        TLS or WebSocket handshake fails or takes longer than ``handshake_timeout``, and
+        TLS or WebSocket handshake fails or takes longer than ``handshake_timeout_s``, and
         ValueError for a URL it cannot dial. Needs ``async with transport.running():``.
         """
         host, port, netloc, resource, secure = self._parse_url(url)
         if self._dialled is None:
             raise RuntimeError("dial() needs `async with transport.running():` around it")
-        with trio.move_on_after(self.handshake_timeout) as connect_scope:
+        with trio.move_on_after(self.handshake_timeout_s) as connect_scope:
             tcp = await trio.open_tcp_stream(host, port)
         if connect_scope.cancelled_caught:
             raise TimeoutError(f"cannot connect to {url}: timed out")
@@ -155,7 +155,7 @@ class TlsWebSocketTransport:
         label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         names: frozenset[str] | None = None
         try:
-            with trio.fail_after(self.handshake_timeout):
+            with trio.fail_after(self.handshake_timeout_s):
                 if secure:
                     assert self.client_ctx is not None
                     names = await sock.start_tls(
@@ -276,7 +276,7 @@ class TlsWebSocketTransport:
         refused: str | None = None
         try:
             try:
-                with trio.fail_after(self.handshake_timeout):
+                with trio.fail_after(self.handshake_timeout_s):
                     if self.server_ctx is not None:
                         names = await sock.start_tls(self.server_ctx, server_side=True)
                     ws = await self._upgrade_server(sock)
@@ -334,7 +334,7 @@ class TlsWebSocketTransport:
             remote_names=names,
             remote_label=label,
             max_message_bytes=self.max_message_bytes,
-            close_timeout=self.close_timeout,
+            close_timeout_s=self.close_timeout_s,
             on_close=on_close,
         )
 

@@ -28,7 +28,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from presenced.certs import cert_names
-from presenced.core.ws_frames import binary_frame, binary_payload, frame_header
+from presenced.core.ws_frames import CloseCode, binary_frame, binary_payload, frame_header
 from presenced.server.peers.transport import ChannelClosed
 
 __all__ = ["TlsPeerChannel", "reason"]
@@ -174,7 +174,7 @@ class TlsPeerChannel:
         remote_names: frozenset[str] | None,
         remote_label: str,
         max_message_bytes: int,
-        close_timeout: float,
+        close_timeout_s: float,
         on_close: Callable[[TlsPeerChannel], object] | None = None,
     ) -> None:
         self._sock = sock
@@ -184,7 +184,7 @@ class TlsPeerChannel:
         self.remote_names = remote_names
         self.remote_label = remote_label
         self._max_message_bytes = max_message_bytes
-        self._close_timeout = close_timeout
+        self._close_timeout_s = close_timeout_s
         self._messages: deque[bytes] = deque()
         #: Bytes read that do not make a whole frame yet (wsproto only ever gets whole frames).
         self._inbox = bytearray()
@@ -281,10 +281,10 @@ class TlsPeerChannel:
         try:
             if self._gone is None:
                 self._gone = "closed by this side"
-                with trio.move_on_after(self._close_timeout):
+                with trio.move_on_after(self._close_timeout_s):
                     if self._ws.state is ConnectionState.OPEN:
                         with contextlib.suppress(ChannelClosed, LocalProtocolError):
-                            self._out += self._ws.send(CloseConnection(code=1000))
+                            self._out += self._ws.send(CloseConnection(code=CloseCode.NORMAL))
                             await self.flush()
                     if not self._receiving:
                         await self._await_close_reply()
@@ -401,7 +401,7 @@ class TlsPeerChannel:
             self._inbox = bytearray(buffer[at:])
 
     def _too_big(self) -> None:
-        self._fail(1009, "message too big")
+        self._fail(CloseCode.TOO_BIG, "message too big")
         raise self._lost(f"{self.remote_label} sent a message over {self._max_message_bytes} bytes")
 
     def _handle_events(self) -> None:
@@ -415,7 +415,7 @@ class TlsPeerChannel:
                     parts, self._parts, self._size = self._parts, [], 0
                     self._messages.append(parts[0] if len(parts) == 1 else b"".join(parts))
             elif isinstance(event, TextMessage):
-                self._fail(1003, "binary messages only")
+                self._fail(CloseCode.UNSUPPORTED_DATA, "binary messages only")
                 raise self._lost(f"{self.remote_label} sent a text message; link closed")
             elif isinstance(event, Ping):
                 if len(self._out) < _WRITE_BYTES:  # (a peer pinging faster than we write)
@@ -427,7 +427,7 @@ class TlsPeerChannel:
                 self._closing = f"closed with code {event.code}{detail}"
                 return
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: CloseCode, reason: str) -> None:
         """Protocol breach by the peer: send a close frame (best effort), then give up."""
         if self._ws.state is ConnectionState.OPEN:
             with contextlib.suppress(LocalProtocolError):
