@@ -9,18 +9,44 @@ merged values to `build_config`, which is a pure function and so easy to test.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
 import tomllib
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from presenced.config_values import (
+    DEFAULT_LISTEN,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MIN_SECRET_BYTES,
+    ConfigError,
+    HostPort,
+    as_bool,
+    as_float,
+    as_int,
+    check_client_timeout,
+    check_format_exact,
+    check_level_exact,
+    check_log_format,
+    check_log_level,
+    check_name,
+    check_peers_tuple,
+    check_resume_grace,
+    check_seconds,
+    check_secret,
+    check_tick_exact,
+    check_tick_ms,
+    optional_path,
+    parse_host_port,
+    parse_peers,
+    read_secret_file,
+    readable_file,
+    validate_field,
+    writable_dir,
+)
 from presenced.core.limits import Limits
 
 __all__ = [
@@ -39,20 +65,6 @@ __all__ = [
     "read_secret_file",
 ]
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; `str(error)` is a one-line reason fit for a user."""
-
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7400
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
-TICK_MS_RANGE = (2, 1000)
-#: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
-MIN_SECRET_BYTES = 32
-
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 #: Option keys a config file may use at its top level (CLI option names with underscores).
 FILE_KEYS = frozenset(
@@ -99,8 +111,6 @@ MIN_HEARTBEATS_DOWN = 2
 #: second of slack, a vanished client leaves every room within ~27 s (docs/operations.md).
 DEFAULT_CLIENT_TIMEOUT_S = 15.0
 DEFAULT_RESUME_GRACE_S = 10.0
-CLIENT_TIMEOUT_RANGE_S = (1.0, 3600.0)
-RESUME_GRACE_RANGE_S = (0.0, 3600.0)
 #: How long an undelivered reliable message is kept: a week.
 DEFAULT_MESSAGE_MAX_AGE_S = 7 * 86400.0
 
@@ -122,248 +132,6 @@ LIMIT_KEYS: Mapping[str, str] = {
 
 
 @attrs.frozen
-class HostPort:
-    """A TCP address to listen on. Port 0 asks the OS for a free port (tests use it)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        # Bracket IPv6 literals so the text parses back with `parse_host_port`.
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-DEFAULT_LISTEN = HostPort(DEFAULT_HOST, DEFAULT_PORT)
-
-
-def parse_host_port(text: str, what: str) -> HostPort:
-    """Parse `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (host 127.0.0.1); `what` names the option.
-
-    Listening on all interfaces must be asked for explicitly (`0.0.0.0:PORT`), which is why an
-    empty host means loopback rather than "everywhere".
-    """
-    expected = f"{what}: expected HOST:PORT, [IPV6]:PORT or :PORT, got {text!r}"
-    if not isinstance(text, str):
-        raise ConfigError(expected)
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep:
-        raise ConfigError(expected)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not host:
-            raise ConfigError(expected)
-    elif ":" in host:
-        raise ConfigError(f"{what}: put an IPv6 host in brackets, like [::1]:7400, got {text!r}")
-    if not host:
-        host = DEFAULT_HOST
-    if any(c.isspace() or c in "[]/" for c in host):
-        raise ConfigError(expected)
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ConfigError(expected)
-    port = int(port_text)
-    if port > 65535:
-        raise ConfigError(f"{what}: port must be 0..65535, got {port}")
-    return HostPort(host, port)
-
-
-def check_name(value: object, what: str) -> str:
-    """Region and node names travel in gossip and logs: keep them short and plain."""
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise ConfigError(f"{what}: must be 1..64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
-    return value
-
-
-def _check_peer(url: str, what: str) -> str:
-    problem = f"{what}: {url!r} is not a wss:// URL with host and port"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ConfigError(problem) from None
-    if parts.scheme == "ws":
-        raise ConfigError(f"{what}: {url!r}: peer links are always TLS; use wss://")
-    if parts.scheme != "wss" or not parts.hostname or port is None or port == 0:
-        raise ConfigError(f"{problem} (like wss://us.example:7443)")
-    if parts.username is not None or parts.query or parts.fragment:
-        raise ConfigError(f"{problem}: no user, query or fragment allowed")
-    return url
-
-
-def parse_peers(value: str | Sequence[str], what: str = "peers") -> tuple[str, ...]:
-    """Peer region URLs from a comma-separated string or a list; empty items are ignored.
-
-    Duplicates are dropped (keeping first-seen order) because dialling one peer twice only
-    doubles gossip traffic.
-    """
-    if isinstance(value, str):
-        items: Sequence[object] = value.split(",")
-    elif isinstance(value, Sequence):
-        items = value
-    else:
-        raise ConfigError(f"{what}: expected a list or comma-separated string of URLs")
-    peers: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"{what}: peer URLs must be strings, got {item!r}")
-        url = item.strip()
-        if url and url not in peers:
-            peers.append(_check_peer(url, what))
-    return tuple(peers)
-
-
-def read_secret_file(path: str | Path, what: str = "token_secret_file") -> bytes:
-    """The token signing secret: the file's bytes with surrounding whitespace stripped.
-
-    The secret lives in a file, never on the command line, so that it does not show up in
-    `ps` output or shell history. It must be at least 32 bytes (an HS256 key shorter than the
-    hash is weak); `secrets.token_hex(32)` gives 64.
-    """
-    try:
-        secret = Path(path).read_bytes().strip()
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from None
-    if not secret:
-        raise ConfigError(f"{what}: {str(path)!r} is empty")
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{what}: the secret in {str(path)!r} is {len(secret)} bytes, need at least"
-            f' {MIN_SECRET_BYTES} (make one: python -c "import secrets;'
-            f' print(secrets.token_hex(32))" > secret)'
-        )
-    return secret
-
-
-def _check_log_level(value: object, what: str) -> str:
-    """A log level name, any case; returned lower-case."""
-    if isinstance(value, str) and value.lower() in LOG_LEVELS:
-        return value.lower()
-    raise ConfigError(f"{what}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-
-
-def _as_int(value: object, what: str) -> int:
-    """An int from a TOML int or a decimal string (bools are not numbers here)."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"{what}: expected an integer, got {value!r}")
-
-
-def _as_float(value: object, what: str) -> float:
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise ConfigError(f"{what}: expected a number, got {value!r}")
-
-
-def _as_bool(value: object, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off", ""):
-            return False
-    raise ConfigError(f"{what}: expected true or false, got {value!r}")
-
-
-def _check_log_format(value: object, what: str) -> str:
-    """A log format name, any case; returned lower-case."""
-    if isinstance(value, str) and value.lower() in LOG_FORMATS:
-        return value.lower()
-    raise ConfigError(f"{what}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-
-
-def _check_tick_ms(value: object, what: str) -> int:
-    tick = _as_int(value, what)
-    lo, hi = TICK_MS_RANGE
-    if not lo <= tick <= hi:
-        raise ConfigError(f"{what}: must be {lo}..{hi} milliseconds, got {tick}")
-    return tick
-
-
-def _validate_field(
-    checker: Callable[[Any, str], object],
-) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    """An attrs validator that runs a `check_*(value, what)` function with the field name."""
-
-    def validate(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        checker(value, attribute.name)
-
-    return validate
-
-
-def _check_peers_tuple(value: object, what: str) -> None:
-    # Only the shape: `build_config` checks that user-given peers are ws(s) URLs, while
-    # in-process simulations pass their own address schemes with their own transport.
-    if (
-        not isinstance(value, tuple)
-        or not all(isinstance(p, str) and p for p in value)
-        or len(set(value)) != len(value)
-    ):
-        raise ConfigError(f"{what}: expected a tuple of distinct peer addresses")
-
-
-def _check_seconds(value: object, what: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{what}: expected a positive number of seconds, got {value!r}")
-
-
-def _check_range_s(value: object, what: str, bounds: tuple[float, float]) -> float:
-    lo, hi = bounds
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not lo <= value <= hi
-    ):
-        raise ConfigError(f"{what}: must be {lo:g}..{hi:g} seconds, got {value!r}")
-    return float(value)
-
-
-def _check_client_timeout(value: object, what: str) -> float:
-    return _check_range_s(value, what, CLIENT_TIMEOUT_RANGE_S)
-
-
-def _check_resume_grace(value: object, what: str) -> float:
-    return _check_range_s(value, what, RESUME_GRACE_RANGE_S)
-
-
-def _optional_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
-def _check_secret(value: object, what: str) -> None:
-    if value is not None and (not isinstance(value, bytes) or not value):
-        raise ConfigError(f"{what}: must be non-empty bytes or None")
-
-
-def _check_level_exact(value: object, what: str) -> None:
-    if value not in LOG_LEVELS:
-        raise ConfigError(f"{what}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-
-
-def _check_format_exact(value: object, what: str) -> None:
-    if value not in LOG_FORMATS:
-        raise ConfigError(f"{what}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-
-
-def _check_tick_exact(value: object, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{what}: expected an integer, got {value!r}")
-    _check_tick_ms(value, what)
-
-
-@attrs.frozen
 class Config:
     """Everything the daemon needs to start; immutable and valid once constructed.
 
@@ -373,53 +141,51 @@ class Config:
     That lets in-process simulations use their own peer addresses and transport.
     """
 
-    region: str = attrs.field(default="local", validator=_validate_field(check_name))
+    region: str = attrs.field(default="local", validator=validate_field(check_name))
     node: str = attrs.field(
         default=attrs.Factory(lambda self: self.region, takes_self=True),
-        validator=_validate_field(check_name),
+        validator=validate_field(check_name),
     )
     listen: HostPort = attrs.field(
         default=DEFAULT_LISTEN, validator=attrs.validators.instance_of(HostPort)
     )
-    peers: tuple[str, ...] = attrs.field(default=(), validator=_validate_field(_check_peers_tuple))
+    peers: tuple[str, ...] = attrs.field(default=(), validator=validate_field(check_peers_tuple))
     peer_listen: HostPort | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
     )
     #: HS256 key for client tokens; kept out of repr so it never lands in a log line.
     token_secret: bytes | None = attrs.field(
-        default=None, repr=False, validator=_validate_field(_check_secret)
+        default=None, repr=False, validator=validate_field(check_secret)
     )
     allow_anonymous: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     #: The server API's key (``--api-key-file``; the API is off without one); kept out of repr.
     api_key: bytes | None = attrs.field(
-        default=None, repr=False, validator=_validate_field(_check_secret)
+        default=None, repr=False, validator=validate_field(check_secret)
     )
-    log_level: str = attrs.field(default="info", validator=_validate_field(_check_level_exact))
+    log_level: str = attrs.field(default="info", validator=validate_field(check_level_exact))
     #: "text" (one readable line per record) or "json" (one JSON object per line).
-    log_format: str = attrs.field(default="text", validator=_validate_field(_check_format_exact))
+    log_format: str = attrs.field(default="text", validator=validate_field(check_format_exact))
     #: The HTTP side port (health, readiness, metrics, status, the web page); None: no port.
     http: HostPort | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(HostPort))
     )
-    tick_ms: int = attrs.field(
-        default=DEFAULT_TICK_MS, validator=_validate_field(_check_tick_exact)
-    )
+    tick_ms: int = attrs.field(default=DEFAULT_TICK_MS, validator=validate_field(check_tick_exact))
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
     #: Peer links are mutually authenticated TLS: this node's PEM certificate and key, and
     #: the CA certificate that signed every region's certificate (`presenced certs`).
-    tls_cert: Path | None = attrs.field(default=None, converter=_optional_path)
-    tls_key: Path | None = attrs.field(default=None, converter=_optional_path)
-    tls_ca: Path | None = attrs.field(default=None, converter=_optional_path)
+    tls_cert: Path | None = attrs.field(default=None, converter=optional_path)
+    tls_key: Path | None = attrs.field(default=None, converter=optional_path)
+    tls_ca: Path | None = attrs.field(default=None, converter=optional_path)
     #: Seconds without a heartbeat before a peer replica is down (its users kept, marked
     #: away) and then purged (its users dropped).
     down_after_s: float = attrs.field(
-        default=DEFAULT_DOWN_AFTER_S, validator=_validate_field(_check_seconds)
+        default=DEFAULT_DOWN_AFTER_S, validator=validate_field(check_seconds)
     )
     purge_after_s: float = attrs.field(
-        default=DEFAULT_PURGE_AFTER_S, validator=_validate_field(_check_seconds)
+        default=DEFAULT_PURGE_AFTER_S, validator=validate_field(check_seconds)
     )
     #: Where the durable message store lives; None keeps reliable messages in memory only.
-    data_dir: Path | None = attrs.field(default=None, converter=_optional_path)
+    data_dir: Path | None = attrs.field(default=None, converter=optional_path)
     #: Pending reliable messages kept per recipient, and for how long (seconds).
     message_max_pending: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     message_max_age_s: float = attrs.field(
@@ -429,10 +195,10 @@ class Config:
     #: (it is pinged after two thirds of that), and seconds a session whose connection
     #: dropped without a clean close waits to be resumed before it leaves (0: no resume).
     client_timeout_s: float = attrs.field(
-        default=DEFAULT_CLIENT_TIMEOUT_S, validator=_validate_field(_check_client_timeout)
+        default=DEFAULT_CLIENT_TIMEOUT_S, validator=validate_field(check_client_timeout)
     )
     resume_grace_s: float = attrs.field(
-        default=DEFAULT_RESUME_GRACE_S, validator=_validate_field(_check_resume_grace)
+        default=DEFAULT_RESUME_GRACE_S, validator=validate_field(check_resume_grace)
     )
     #: The peer layer's timings (seconds): heartbeats ride on gossip every
     #: ``heartbeat_interval_s``, digests (repair) every ``digest_interval_s``, RTT pings every
@@ -441,14 +207,14 @@ class Config:
     #: ``handshake_timeout_s``; redials back off from ``redial_initial_s`` to ``redial_max_s``
     #: (a restarted listener is redialled within a second; one connect a second is no storm).
     heartbeat_interval_s: float = attrs.field(
-        default=DEFAULT_HEARTBEAT_INTERVAL_S, validator=_validate_field(_check_seconds)
+        default=DEFAULT_HEARTBEAT_INTERVAL_S, validator=validate_field(check_seconds)
     )
-    digest_interval_s: float = attrs.field(default=2.0, validator=_validate_field(_check_seconds))
-    ping_interval_s: float = attrs.field(default=2.0, validator=_validate_field(_check_seconds))
-    link_timeout_s: float = attrs.field(default=2.5, validator=_validate_field(_check_seconds))
-    handshake_timeout_s: float = attrs.field(default=5.0, validator=_validate_field(_check_seconds))
-    redial_initial_s: float = attrs.field(default=0.2, validator=_validate_field(_check_seconds))
-    redial_max_s: float = attrs.field(default=1.0, validator=_validate_field(_check_seconds))
+    digest_interval_s: float = attrs.field(default=2.0, validator=validate_field(check_seconds))
+    ping_interval_s: float = attrs.field(default=2.0, validator=validate_field(check_seconds))
+    link_timeout_s: float = attrs.field(default=2.5, validator=validate_field(check_seconds))
+    handshake_timeout_s: float = attrs.field(default=5.0, validator=validate_field(check_seconds))
+    redial_initial_s: float = attrs.field(default=0.2, validator=validate_field(check_seconds))
+    redial_max_s: float = attrs.field(default=1.0, validator=validate_field(check_seconds))
     #: Routed messages queued on one peer link before more are dropped (retransmission repairs).
     max_queued_routed: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
@@ -549,9 +315,9 @@ def _build_limits(options: Mapping[str, Any], where: Mapping[str, str]) -> Limit
         if not hasattr(defaults, field_name):
             raise ConfigError(f"{what}: unknown limit")
         if isinstance(getattr(defaults, field_name), float):
-            number: float = _as_float(value, what)
+            number: float = as_float(value, what)
         else:
-            number = _as_int(value, what)
+            number = as_int(value, what)
         if not number > 0:
             raise ConfigError(f"{what}: must be positive, got {value!r}")
         converted[field_name] = number
@@ -610,21 +376,21 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
             f"{what('api_key_file')}: the server API is served on the HTTP side port: give --http"
         )
     if given("allow_anonymous"):
-        kwargs["allow_anonymous"] = _as_bool(options["allow_anonymous"], what("allow_anonymous"))
+        kwargs["allow_anonymous"] = as_bool(options["allow_anonymous"], what("allow_anonymous"))
     if given("log_level"):
-        kwargs["log_level"] = _check_log_level(options["log_level"], what("log_level"))
+        kwargs["log_level"] = check_log_level(options["log_level"], what("log_level"))
     if given("log_format"):
-        kwargs["log_format"] = _check_log_format(options["log_format"], what("log_format"))
+        kwargs["log_format"] = check_log_format(options["log_format"], what("log_format"))
     if given("http") and options["http"] != "":
         kwargs["http"] = parse_host_port(options["http"], what("http"))
     if given("tick_ms"):
-        kwargs["tick_ms"] = _check_tick_ms(options["tick_ms"], what("tick_ms"))
+        kwargs["tick_ms"] = check_tick_ms(options["tick_ms"], what("tick_ms"))
     if given("limits") and not isinstance(options["limits"], Mapping):
         raise ConfigError(f"{what('limits')}: must be a table")
     kwargs["limits"] = _build_limits(options, where)
     for key in TLS_KEYS:
         if given(key) and options[key] != "":
-            kwargs[key] = _readable_file(options[key], what(key))
+            kwargs[key] = readable_file(options[key], what(key))
     tls_given = [key for key in TLS_KEYS if key in kwargs]
     if tls_given and len(tls_given) < len(TLS_KEYS):
         missing = [what(key) for key in TLS_KEYS if key not in kwargs]
@@ -636,29 +402,29 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         )
     for key in ("down_after", "purge_after"):
         if given(key):
-            seconds = _as_float(options[key], what(key))
+            seconds = as_float(options[key], what(key))
             if seconds <= 0:
                 raise ConfigError(f"{what(key)}: must be positive, got {options[key]!r}")
             kwargs[f"{key}_s"] = seconds
     if given("data_dir") and options["data_dir"] != "":
-        kwargs["data_dir"] = _writable_dir(options["data_dir"], what("data_dir"))
+        kwargs["data_dir"] = writable_dir(options["data_dir"], what("data_dir"))
     if given("message_max_pending"):
-        count = _as_int(options["message_max_pending"], what("message_max_pending"))
+        count = as_int(options["message_max_pending"], what("message_max_pending"))
         if count < 1:
             raise ConfigError(f"{what('message_max_pending')}: must be at least 1, got {count}")
         kwargs["message_max_pending"] = count
     if given("message_max_age"):
-        age = _as_float(options["message_max_age"], what("message_max_age"))
+        age = as_float(options["message_max_age"], what("message_max_age"))
         if not 0 < age < math.inf:
             raise ConfigError(f"{what('message_max_age')}: must be a positive number of seconds")
         kwargs["message_max_age_s"] = age
     if given("client_timeout"):
-        kwargs["client_timeout_s"] = _check_client_timeout(
-            _as_float(options["client_timeout"], what("client_timeout")), what("client_timeout")
+        kwargs["client_timeout_s"] = check_client_timeout(
+            as_float(options["client_timeout"], what("client_timeout")), what("client_timeout")
         )
     if given("resume_grace"):
-        kwargs["resume_grace_s"] = _check_resume_grace(
-            _as_float(options["resume_grace"], what("resume_grace")), what("resume_grace")
+        kwargs["resume_grace_s"] = check_resume_grace(
+            as_float(options["resume_grace"], what("resume_grace")), what("resume_grace")
         )
     _check_ports_distinct(kwargs, what)
     down = kwargs.get("down_after_s", DEFAULT_DOWN_AFTER_S)
@@ -686,31 +452,3 @@ def _check_ports_distinct(kwargs: Mapping[str, Any], what: Callable[[str], str])
                 raise ConfigError(
                     f"{what(other_key)} ({other}) and {what(key)} ({addr}) use the same port"
                 )
-
-
-def _writable_dir(value: object, what: str) -> Path:
-    """A directory the daemon can write (created if missing), checked before it starts."""
-    if not isinstance(value, str | Path):
-        raise ConfigError(f"{what}: expected a directory path, got {value!r}")
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}: {str(path)!r} is not a directory")
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot create {str(path)!r}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what}: {str(path)!r} is not writable")
-    return path
-
-
-def _readable_file(value: object, what: str) -> Path:
-    """A path that names a readable file now, so a typo fails at start, not at first use."""
-    if not isinstance(value, str | Path):
-        raise ConfigError(f"{what}: expected a file path, got {value!r}")
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"{what}: {str(path)!r} is not a file")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{what}: {str(path)!r} is not readable")
-    return path
