@@ -8,7 +8,8 @@ listens (b and c dial it: the slow case, since a restarted listener can call nob
 per daemon in one room. ``a`` crashes, stays down ``--down-s`` (long enough for every redial
 backoff to reach its cap), restarts, and its user reconnects at once. Reported per seed and as
 best / median / worst: the virtual seconds from ``a`` being ready (listening) until every
-client sees exactly the three sessions, and the most dials b and c made together per second during the outage.
+client sees exactly the three sessions, and the most dials b and c made together per second
+during the outage.
 """
 
 from __future__ import annotations
