@@ -186,7 +186,38 @@ def _env(name: str) -> str:
     envvar=_env("token_secret_file"),
     show_envvar=True,
     help="File holding the HS256 secret (at least 32 bytes) that client tokens are signed"
-    " with. Default: none; then --allow-anonymous is required.",
+    " with. Default: none; then a public key, a JWKS or --allow-anonymous is required.",
+)
+@click.option(
+    "--token-public-key-file",
+    type=click.Path(dir_okay=False),
+    envvar=_env("token_public_key_file"),
+    show_envvar=True,
+    help="PEM public key client tokens are signed for: RSA (RS256), EC P-256 (ES256) or"
+    " Ed25519 (EdDSA); each key accepts only its own algorithms. Default: none.",
+)
+@click.option(
+    "--token-jwks",
+    metavar="URL-OR-FILE",
+    envvar=_env("token_jwks"),
+    show_envvar=True,
+    help="An identity provider's JWKS (an http(s) URL or a file): tokens name their key"
+    " by 'kid'. Loaded at start, every 5 minutes and on an unknown kid (at most every"
+    " 30 s); a failed load keeps the keys held. Default: none.",
+)
+@click.option(
+    "--token-issuer",
+    metavar="ISS",
+    envvar=_env("token_issuer"),
+    show_envvar=True,
+    help="Tokens must carry this 'iss' claim. Default: not checked.",
+)
+@click.option(
+    "--token-audience",
+    metavar="AUD",
+    envvar=_env("token_audience"),
+    show_envvar=True,
+    help="Tokens must carry this audience in their 'aud' claim. Default: not checked.",
 )
 @click.option(
     "--api-key-file",

@@ -31,6 +31,8 @@ dropped raises :class:`ConnectionClosed` (whether the daemon did it is unknown).
 by default: tests, benchmarks and scripts want to see a drop and its close code rather than
 have it hidden. Policy closes (1008, ``unauthorized``) and :meth:`PresenceClient.aclose`
 (a clean close: the daemon removes the session at once) end it for good.
+
+Expiring tokens: ``connect(..., token_provider=f)``, see :mod:`presenced.client_tokens`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from trio_websocket import (
 
 from presenced.client_resume import FATAL_CLOSE_CODES, ResumeBook, backoff_s
 from presenced.client_sent import RequestError, Sent
+from presenced.client_tokens import Refresher, TokenProvider, provided_token
 from presenced.core.client_wire import SUBPROTOCOL, apply_meta_patch
 
 Presences = dict[str, dict[str, dict[str, Any]]]
@@ -73,9 +76,13 @@ class PresenceClient:
         reconnect: bool = False,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 10.0,
+        token_provider: TokenProvider | None = None,
     ) -> None:
         #: The current connection (None until the first one, with ``reconnect``).
         self.ws = ws
+        self._token_provider = token_provider
+        #: Refreshes the session's token before it expires (with a ``token_provider``).
+        self.tokens = Refresher(token_provider, nursery, self.request)
         self._refs = itertools.count(1)
         #: ref -> (event, reply slot, generation of the connection the request went on)
         self._waiting: dict[int, tuple[trio.Event, list[dict[str, Any]], int]] = {}
@@ -181,6 +188,7 @@ class PresenceClient:
         """Say hello (done by :func:`connect`); returns the ``welcome`` frame (session, user,
         region, tick_ms, limits). Raises :class:`RequestError` (``unauthorized``) if refused."""
         self.welcome = await self.request(_hello(token, user, client))
+        self.tokens.schedule(self.welcome.get("expires_in_ms"))
         return self.welcome
 
     async def join(self, room: str, meta: Mapping[str, Any] | None = None) -> Presences:
@@ -478,6 +486,8 @@ class PresenceClient:
         """Say hello on a new connection and put the session back where the application
         wants it, before anything the application sends goes out on it."""
         ref = next(self._refs)
+        if self._token_provider is not None:
+            hello = {**hello, "token": await provided_token(self._token_provider)}
         message = {**self._book.hello(hello), "ref": ref}
         self._greeting = (ref, message)
         welcome = await self._request_on(ws, generation, message)
@@ -511,6 +521,7 @@ class PresenceClient:
             self.reconnects += 1
             self.resumes += resumed
         self.welcome = welcome
+        self.tokens.schedule(welcome.get("expires_in_ms"))
         self._restoring = self._book.restore(resumed, self.rooms, self._metas, self._refs)
 
     def _lost(self, generation: int) -> None:
@@ -530,6 +541,7 @@ class PresenceClient:
         if self._reconnect and self.closed is None:
             self.closed = self._last_close or ConnectionClosed(None)
         self._stopping = True
+        self.tokens.stop()
         self._send_inbox.close()
         for event, _, _ in self._waiting.values():
             event.set()
@@ -566,12 +578,14 @@ async def connect(
     reconnect: bool = False,
     backoff_base_s: float = 0.25,
     backoff_max_s: float = 10.0,
+    token_provider: TokenProvider | None = None,
 ) -> AsyncIterator[PresenceClient]:
     """Connect, say hello (token, or anonymous with an optional user id) and yield the client.
 
     ``reconnect``: reconnect after a drop, resuming the session when the daemon still holds
     it (see the module docstring); ``backoff_base_s``/``backoff_max_s`` shape the delays.
-    The first connection's failure is raised either way.
+    The first connection's failure is raised either way. ``token_provider`` gives the
+    token of every hello and refreshes it (:mod:`presenced.client_tokens`).
     """
     async with trio.open_nursery() as nursery:
         if reconnect:
@@ -581,6 +595,7 @@ async def connect(
                 reconnect=True,
                 backoff_base_s=backoff_base_s,
                 backoff_max_s=backoff_max_s,
+                token_provider=token_provider,
             )
             await nursery.start(presence._run, url, _hello(token, user, client))
             try:
@@ -590,7 +605,9 @@ async def connect(
                 nursery.cancel_scope.cancel()
             return
         async with open_websocket_url(url, subprotocols=[SUBPROTOCOL]) as ws:
-            presence = PresenceClient(ws, nursery)
+            presence = PresenceClient(ws, nursery, token_provider=token_provider)
+            if token_provider is not None:
+                token = await provided_token(token_provider)
             await presence.hello(token=token, user=user, client=client)
             yield presence
         nursery.cancel_scope.cancel()

@@ -39,9 +39,12 @@ from presenced.config_values import (
     check_secret,
     check_tick_exact,
     check_tick_ms,
+    check_token_claim,
+    check_token_jwks,
     optional_path,
     parse_host_port,
     parse_peers,
+    read_public_key_file,
     read_secret_file,
     readable_file,
     validate_field,
@@ -75,6 +78,10 @@ FILE_KEYS = frozenset(
         "peers",
         "peer_listen",
         "token_secret_file",
+        "token_public_key_file",
+        "token_jwks",
+        "token_issuer",
+        "token_audience",
         "api_key_file",
         "allow_anonymous",
         "log_level",
@@ -95,7 +102,15 @@ FILE_KEYS = frozenset(
     }
 )
 #: File keys holding paths, resolved against the config file's directory when relative.
-PATH_KEYS = ("token_secret_file", "api_key_file", "tls_cert", "tls_key", "tls_ca", "data_dir")
+PATH_KEYS = (
+    "token_secret_file",
+    "token_public_key_file",
+    "api_key_file",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "data_dir",
+)
 TLS_KEYS = ("tls_cert", "tls_key", "tls_ca")
 #: Milliseconds between ticks (see docs/operations.md: latency against CPU).
 DEFAULT_TICK_MS = 30
@@ -113,6 +128,9 @@ DEFAULT_CLIENT_TIMEOUT_S = 15.0
 DEFAULT_RESUME_GRACE_S = 10.0
 #: How long an undelivered reliable message is kept: a week.
 DEFAULT_MESSAGE_MAX_AGE_S = 7 * 86400.0
+#: Seconds a session may run past its token's ``exp`` before it is closed (4003): room for
+#: a ``refresh`` sent just before expiry to arrive, and for clock skew with the issuer.
+DEFAULT_TOKEN_EXPIRY_GRACE_S = 30.0
 
 #: Limit flags of `presenced run` (option key -> `Limits` field). They are flags only; a file
 #: sets limits in its `[limits]` table (`LIMIT_KEYS`).
@@ -156,6 +174,19 @@ class Config:
     #: HS256 key for client tokens; kept out of repr so it never lands in a log line.
     token_secret: bytes | None = attrs.field(
         default=None, repr=False, validator=validate_field(check_secret)
+    )
+    #: A PEM public key for client tokens (RS256, ES256, EdDSA... by its type), and a JWKS
+    #: (an http(s) URL or a file) whose keys are looked up by ``kid``; see token_keys.py.
+    token_public_key: bytes | None = attrs.field(
+        default=None, validator=validate_field(check_secret)
+    )
+    token_jwks: str | None = attrs.field(default=None)
+    #: When set, a token's ``iss`` and ``aud`` must be these.
+    token_issuer: str | None = attrs.field(default=None)
+    token_audience: str | None = attrs.field(default=None)
+    #: Seconds a session runs past its token's expiry before it is closed (4003).
+    token_expiry_grace_s: float = attrs.field(
+        default=DEFAULT_TOKEN_EXPIRY_GRACE_S, validator=attrs.validators.ge(0)
     )
     allow_anonymous: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     #: The server API's key (``--api-key-file``; the API is off without one); kept out of repr.
@@ -218,12 +249,28 @@ class Config:
     #: Routed messages queued on one peer link before more are dropped (retransmission repairs).
     max_queued_routed: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
+    @property
+    def token_keyed(self) -> bool:
+        """Whether clients may bring tokens (any token key is configured)."""
+        return (
+            self.token_secret is not None
+            or self.token_public_key is not None
+            or self.token_jwks is not None
+        )
+
     def __attrs_post_init__(self) -> None:
         if self.api_key is not None and self.http is None:
             raise ConfigError("the server API (--api-key-file) is served on --http: give --http")
-        if self.token_secret is None and not self.allow_anonymous:
+        keyed = self.token_keyed
+        if not keyed and not self.allow_anonymous:
             raise ConfigError(
-                "no way for clients to authenticate: give --token-secret-file or --allow-anonymous"
+                "no way for clients to authenticate: give --token-secret-file,"
+                " --token-public-key-file, --token-jwks or --allow-anonymous"
+            )
+        if not keyed and (self.token_issuer is not None or self.token_audience is not None):
+            raise ConfigError(
+                "--token-issuer and --token-audience check tokens: give a token key"
+                " (--token-secret-file, --token-public-key-file or --token-jwks)"
             )
         if not self.down_after_s < self.purge_after_s:
             raise ConfigError(
@@ -287,6 +334,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str) and value:
             data[key] = str(path.parent / Path(value).expanduser())
+    jwks = data.get("token_jwks")
+    if isinstance(jwks, str) and jwks and "://" not in jwks:  # a file, not a URL
+        data["token_jwks"] = str(path.parent / Path(jwks).expanduser())
     return data
 
 
@@ -366,6 +416,15 @@ def build_config(options: Mapping[str, Any], where: Mapping[str, str] | None = N
         if not isinstance(secret_file, str | Path):
             raise ConfigError(f"{what('token_secret_file')}: expected a file path")
         kwargs["token_secret"] = read_secret_file(secret_file, what("token_secret_file"))
+    if given("token_public_key_file") and options["token_public_key_file"] != "":
+        kwargs["token_public_key"] = read_public_key_file(
+            options["token_public_key_file"], what("token_public_key_file")
+        )
+    if given("token_jwks") and options["token_jwks"] != "":
+        kwargs["token_jwks"] = check_token_jwks(options["token_jwks"], what("token_jwks"))
+    for key in ("token_issuer", "token_audience"):
+        if given(key) and options[key] != "":
+            kwargs[key] = check_token_claim(options[key], what(key))
     if given("api_key_file") and options["api_key_file"] != "":
         key_file = options["api_key_file"]
         if not isinstance(key_file, str | Path):

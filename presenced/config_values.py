@@ -248,6 +248,51 @@ def check_client_timeout(value: object, what: str) -> float:
     return check_range_s(value, what, CLIENT_TIMEOUT_RANGE_S)
 
 
+def read_public_key_file(path: object, what: str) -> bytes:
+    """A PEM public key file for client tokens, checked now (RSA, EC, Ed25519, Ed448)."""
+    from presenced.token_keys import KeyProblem, load_public_key
+
+    if not isinstance(path, str | Path):
+        raise ConfigError(f"{what}: expected a file path")
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {str(path)!r}: {e.strerror}") from None
+    try:
+        load_public_key(pem)
+    except KeyProblem as e:
+        raise ConfigError(f"{what}: {str(path)!r}: {e}") from None
+    return pem
+
+
+def check_token_jwks(value: object, what: str) -> str:
+    """A JWKS source: an http(s) URL (fetched by the daemon), or a file, read and checked
+    now (a JWKS with at least one usable signing key)."""
+    from presenced.token_keys import KeyProblem, is_url, load_jwks_file
+
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{what}: expected a URL or a file path")
+    source = str(value)
+    if is_url(source):
+        if not urllib.parse.urlsplit(source).hostname:
+            raise ConfigError(f"{what}: {source!r} names no host")
+        return source
+    if "://" in source:
+        raise ConfigError(f"{what}: only http(s) URLs or file paths, got {source!r}")
+    try:
+        load_jwks_file(source)
+    except KeyProblem as e:
+        raise ConfigError(f"{what}: {e}") from None
+    return source
+
+
+def check_token_claim(value: object, what: str) -> str:
+    """An expected ``iss`` or ``aud``: a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what}: expected a non-empty string")
+    return value
+
+
 def check_resume_grace(value: object, what: str) -> float:
     return check_range_s(value, what, RESUME_GRACE_RANGE_S)
 

@@ -87,9 +87,23 @@ def test_hello_version() -> None:
         assert_err({"type": "hello", "ref": 1, "v": bad}, w.BAD_REQUEST, 1)
 
 
-@pytest.mark.parametrize("token", ["", 5, ["a"], "tökén", True])
+@pytest.mark.parametrize("token", [5, ["a"], "tökén", True])
 def test_hello_bad_token(token: Any) -> None:
     assert_err({"type": "hello", "ref": "r", "token": token}, w.BAD_REQUEST, "r")
+
+
+def test_hello_empty_token_is_a_token_the_rules_refuse() -> None:
+    # Not a bad request: an empty token is a bad token (unauthorized, close 1008).
+    hello = decode_client_frame('{"type": "hello", "ref": "r", "token": ""}', LIMITS)
+    assert hello == w.Hello("r", token="")
+
+
+def test_refresh() -> None:
+    frame = '{"type": "refresh", "ref": 4, "token": "a.b.c"}'
+    assert decode_client_frame(frame, LIMITS) == w.Refresh(4, "a.b.c")
+    assert w.to_wire(w.Refresh(4, "a.b.c")) == {"type": "refresh", "ref": 4, "token": "a.b.c"}
+    for bad in (None, 5, "tökén"):
+        assert_err({"type": "refresh", "ref": 4, "token": bad}, w.BAD_REQUEST, 4)
 
 
 @pytest.mark.parametrize("user", ["", "x" * 129, "a\nb", "a\x00", "a\x7f", "a\x85", 3, {}])

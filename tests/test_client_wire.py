@@ -47,6 +47,7 @@ def test_error_codes_are_stable() -> None:
         "unavailable",
         "disconnected",
         "refused",
+        "token_expired",
     }
     assert expected == w.ERROR_CODES
     assert w.BAD_REQUEST == "bad_request"

@@ -107,9 +107,9 @@ def test_good_names() -> None:
 
 
 def test_no_secret_and_not_anonymous_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="give --token-secret-file or --allow-anonymous"):
+    with pytest.raises(ConfigError, match="--token-jwks or --allow-anonymous"):
         build_config({})
-    with pytest.raises(ConfigError, match="give --token-secret-file or --allow-anonymous"):
+    with pytest.raises(ConfigError, match="--token-jwks or --allow-anonymous"):
         Config()
 
 
@@ -329,7 +329,7 @@ def test_cli_missing_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     result, started = _run_cli(monkeypatch, ["run"])
     assert result.exit_code == 2
     assert not started
-    assert "give --token-secret-file or --allow-anonymous" in result.output
+    assert "--token-jwks or --allow-anonymous" in result.output
 
 
 def test_peer_links_need_all_of_tls(tls: dict[str, str]) -> None:

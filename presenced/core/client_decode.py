@@ -54,6 +54,7 @@ from presenced.core.client_wire import (
     Ping,
     ProtocolError,
     Ref,
+    Refresh,
     Send,
     Update,
     encode,
@@ -165,9 +166,10 @@ def _check_relayable(value: Any, field: str, ref: Ref) -> None:
 
 def _parse_hello(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Hello:
     token = obj.get("token")
-    if token is not None and (type(token) is not str or not token or not token.isascii()):
-        # A JWT's compact form is always ASCII; anything else cannot be a token.
-        raise _bad("'token' must be a non-empty ASCII string", ref)
+    if token is not None and (type(token) is not str or not token.isascii()):
+        # A JWT's compact form is always ASCII; anything else cannot be a token. An empty
+        # string is a token too, a bad one: the session rules refuse it (unauthorized).
+        raise _bad("'token' must be an ASCII string", ref)
     user = obj.get("user")
     if user is not None:
         _name(user, "user", limits.max_user_id, ref)
@@ -203,6 +205,13 @@ def _parse_hello(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -
             ref,
         )
     return Hello(ref, token, user, client, version, resume)
+
+
+def _parse_refresh(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Refresh:
+    token = obj.get("token")
+    if type(token) is not str or not token.isascii():
+        raise _bad("'token' must be an ASCII string", ref)
+    return Refresh(ref, token)
 
 
 def _parse_join(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Join:
@@ -296,6 +305,7 @@ _PARSERS: Final[dict[str, _Parser]] = {
     Send.TYPE: _parse_send,
     MarkRead.TYPE: _parse_read,
     Fetch.TYPE: _parse_fetch,
+    Refresh.TYPE: _parse_refresh,
 }
 
 

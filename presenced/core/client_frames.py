@@ -49,12 +49,15 @@ def welcome(
     resume: str | None = None,
     resumed: bool = False,
     resume_grace_ms: int = 0,
+    expires_in_ms: int | None = None,
 ) -> dict[str, Any]:
     """Reply to ``hello``: who the client is and the limits it should respect.
 
     ``resume`` is the token that gets this session back after a drop (sent again in a later
     ``hello``), ``resumed`` whether this hello got an earlier session back, and
     ``resume_grace_ms`` how long a dropped session waits for its client to come back.
+    ``expires_in_ms``: how long the session's token is still valid (None: no expiry), so
+    a client knows when to ``refresh`` without trusting its own clock.
     """
     out = _with_ref("welcome", ref)
     out["session"] = session
@@ -68,6 +71,17 @@ def welcome(
         out["resume"] = resume
         out["resumed"] = resumed
         out["resume_grace_ms"] = resume_grace_ms
+    if expires_in_ms is not None:
+        out["expires_in_ms"] = expires_in_ms
+    return out
+
+
+def refreshed(ref: Ref, expires_in_ms: int | None) -> dict[str, Any]:
+    """Reply to ``refresh``: the session runs on the new token from now on, valid for
+    ``expires_in_ms`` more (absent: it does not expire)."""
+    out = _with_ref("refreshed", ref)
+    if expires_in_ms is not None:
+        out["expires_in_ms"] = expires_in_ms
     return out
 
 

@@ -44,6 +44,7 @@ TIMEOUT: Final = "timeout"
 UNAVAILABLE: Final = "unavailable"
 DISCONNECTED: Final = "disconnected"
 REFUSED: Final = "refused"
+TOKEN_EXPIRED: Final = "token_expired"
 
 ERROR_CODES: Final = frozenset(
     {
@@ -67,6 +68,7 @@ ERROR_CODES: Final = frozenset(
         UNAVAILABLE,
         DISCONNECTED,
         REFUSED,
+        TOKEN_EXPIRED,
     }
 )
 
@@ -148,6 +150,16 @@ class Hello:
     version: int = PROTOCOL_VERSION
     #: A resume token from an earlier ``welcome``: get that session back (see docs/protocol.md).
     resume: str | None = None
+
+
+@attrs.frozen
+class Refresh:
+    """A fresh token for the session, sent before the current one expires (same user)."""
+
+    TYPE: ClassVar[str] = "refresh"
+
+    ref: Ref
+    token: str
 
 
 @attrs.frozen
@@ -239,7 +251,7 @@ class Fetch:
 
 
 ClientMessage: TypeAlias = (
-    Hello | Join | Update | Leave | Broadcast | Ping | Send | MarkRead | Fetch
+    Hello | Join | Update | Leave | Broadcast | Ping | Send | MarkRead | Fetch | Refresh
 )
 
 
@@ -313,6 +325,8 @@ def to_wire(msg: ClientMessage) -> dict[str, Any]:
         if msg.client is not None:
             out["client"] = msg.client
         out["v"] = msg.version
+    elif isinstance(msg, Refresh):
+        out["token"] = msg.token
     elif isinstance(msg, Join | Update):
         out["room"] = msg.room
         out["meta"] = msg.meta

@@ -22,7 +22,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from presenced.core.client_frames import fetched, left
+from presenced.core.client_frames import fetched, left, refreshed
 from presenced.core.client_wire import (
     BAD_REQUEST,
     FORBIDDEN,
@@ -30,6 +30,7 @@ from presenced.core.client_wire import (
     INTERNAL,
     NOT_JOINED,
     RATE_LIMITED,
+    TOKEN_EXPIRED,
     TOO_LARGE,
     TOO_MANY_ROOMS,
     UNAUTHORIZED,
@@ -41,6 +42,7 @@ from presenced.core.client_wire import (
     MarkRead,
     ProtocolError,
     Ref,
+    Refresh,
     Send,
     Update,
     apply_meta_patch,
@@ -65,7 +67,17 @@ class Grant(Protocol):
     @property
     def user(self) -> str: ...
 
+    #: Unix time the grant's token stops being valid (None: never).
+    @property
+    def expires_at(self) -> float | None: ...
+
+    #: Whether it may send direct messages.
+    @property
+    def may_send(self) -> bool: ...
+
     def may_join(self, room: str) -> bool: ...
+
+    def may_broadcast(self, room: str) -> bool: ...
 
 
 class HelloRoute(enum.Enum):
@@ -123,12 +135,25 @@ class SessionRules:
     connection that ends change it.
     """
 
-    __slots__ = ("_flood", "_rate_error_at", "grant", "limits", "rooms", "user")
+    __slots__ = (
+        "_flood",
+        "_rate_error_at",
+        "by_token",
+        "expires_at",
+        "grant",
+        "limits",
+        "rooms",
+        "user",
+    )
 
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         self.grant: Grant | None = None
         self.user = ""
+        #: Whether the session's grant came from a token (it may then ``refresh`` it), and
+        #: the Unix time that token expires (None: never). Read by the liveness sweep.
+        self.by_token = False
+        self.expires_at: float | None = None
         self.rooms: dict[str, None] = {}
         self._flood = FloodLimit(limits.max_messages_per_second, limits.message_burst, now)
         self._rate_error_at = float("-inf")
@@ -172,11 +197,67 @@ class SessionRules:
             return HelloRoute.ANONYMOUS
         raise unauthorized(hello.ref, "a token is required")
 
-    def greeted(self, grant: Grant) -> str:
+    def greeted(self, grant: Grant, *, by_token: bool = False) -> str:
         """The hello's grant is verified: the session is ``grant.user``'s from now on."""
         self.grant = grant
         self.user = grant.user
+        self.by_token = by_token
+        self.expires_at = grant.expires_at
         return self.user
+
+    # ------------------------------------------------------------------ token expiry
+
+    def expires_in_ms(self, now: float) -> int | None:
+        """How long the session's token is still valid at Unix time ``now`` (None: no
+        expiry; 0 once expired): sent in ``welcome`` and ``refreshed``."""
+        if self.expires_at is None:
+            return None
+        return max(0, round((self.expires_at - now) * 1000))
+
+    def check_refresh(self, message: Refresh) -> None:
+        """Whether this session may ``refresh``: only one greeted with a token (an anonymous
+        session has no token to renew)."""
+        if not self.by_token:
+            raise ProtocolError(
+                BAD_REQUEST, "this session was not opened with a token", message.ref
+            )
+
+    def refreshed(
+        self, grant: Grant, message: Refresh, now: float
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The ``refresh`` token is verified: the session runs on ``grant`` from now on.
+        Returns the ``refreshed`` frame and the rooms the new grant no longer allows (the
+        session leaves them). A token for another user is refused like a bad one."""
+        if grant.user != self.user:
+            raise self.refresh_refused(message, "the token is for another user", now)
+        self.grant = grant
+        self.expires_at = grant.expires_at
+        dropped = [room for room in self.rooms if not grant.may_join(room)]
+        for room in dropped:
+            del self.rooms[room]
+        return refreshed(message.ref, self.expires_in_ms(now)), dropped
+
+    def refresh_refused(self, message: Refresh, why: str, now: float) -> Refusal:
+        """A ``refresh`` whose token is refused: ``unauthorized``; the session keeps its
+        current token while that one is valid, and is closed (4003) once it has expired."""
+        if self.expires_at is not None and self.expires_at <= now:
+            return Refusal(UNAUTHORIZED, why, message.ref, CloseCode.TOKEN_EXPIRED, "token expired")
+        return Refusal(UNAUTHORIZED, why, message.ref, None)
+
+    def expired(self, now: float, grace_s: float) -> Refusal | None:
+        """At Unix time ``now``: whether the session's token expired more than ``grace_s``
+        ago without a refresh (then ``token_expired`` and close 4003). The grace lets a
+        refresh sent just before ``exp`` arrive late without the session being cut."""
+        expires_at = self.expires_at
+        if expires_at is None or now < expires_at + grace_s:
+            return None
+        return Refusal(
+            TOKEN_EXPIRED,
+            "the session's token expired; reconnect with a fresh one",
+            None,
+            CloseCode.TOKEN_EXPIRED,
+            "token expired",
+        )
 
     def resumed(self, rooms: list[str]) -> list[str]:
         """A resumed session was in ``rooms``: it keeps those its grant allows, up to the
@@ -221,16 +302,24 @@ class SessionRules:
         return left(message.ref, message.room)
 
     def broadcast(self, message: Broadcast) -> None:
-        """A broadcast goes only to a room the session is in."""
+        """A broadcast goes only to a room the session is in, and whose capabilities in the
+        grant include ``broadcast``."""
         if message.room not in self.rooms:
             raise ProtocolError(NOT_JOINED, f"not in room {message.room!r}", message.ref)
+        assert self.grant is not None
+        if not self.grant.may_broadcast(message.room):
+            raise ProtocolError(
+                FORBIDDEN, f"not allowed to broadcast in {message.room!r}", message.ref
+            )
 
     # ------------------------------------------------------------------ direct messages
 
     def direct(self, message: Send | MarkRead | Fetch, enabled: bool) -> dict[str, Any] | None:
         """A direct-message request: None hands it to the messenger (when ``enabled``), a
         frame is the whole answer. Without messaging a ``send`` is an error, a ``read`` is
-        ignored and a ``fetch`` finds nothing."""
+        ignored and a ``fetch`` finds nothing. A ``send`` needs a grant that may send."""
+        if isinstance(message, Send) and self.grant is not None and not self.grant.may_send:
+            raise ProtocolError(FORBIDDEN, "not allowed to send direct messages", message.ref)
         if enabled:
             return None
         if isinstance(message, Send):

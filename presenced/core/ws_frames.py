@@ -60,6 +60,9 @@ class CloseCode(enum.IntEnum):
     INTERNAL = 1011
     #: Try again later: a client too slow to read what it is sent.
     TRY_AGAIN_LATER = 1013
+    #: The session's token expired (past the grace) and no ``refresh`` came: reconnect
+    #: with a fresh token (the private range, like the server API's 4001 and 4002).
+    TOKEN_EXPIRED = 4003
 
 
 def text_frame(payload: bytes) -> bytes:

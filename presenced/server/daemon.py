@@ -128,6 +128,7 @@ class Daemon:
                 nursery.start_soon(self.ticker.run)
                 nursery.start_soon(self.messenger.run)
                 nursery.start_soon(self.sessions.run)
+                await nursery.start(self.node.tokens.run)  # a JWKS's first load
                 if self.peers is not None:
                     self.peer_port = await nursery.start(self.peers.run)
                 if config.http is not None:

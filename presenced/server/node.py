@@ -32,6 +32,7 @@ from presenced.core.liveness import DOWN
 from presenced.core.presence import Member, Presence
 from presenced.server.metrics import Metrics
 from presenced.server.roles import DetachedSessions, DirectMessaging, PeerLayer
+from presenced.token_keys import TokenVerifier, load_public_key
 
 if TYPE_CHECKING:
     from presenced.config import Config
@@ -172,6 +173,17 @@ class Node(Presence):
         self.sessions: DetachedSessions | None = None
         #: Users and sessions the server API disconnected with a refusal (hellos refused).
         self.refusals = Refusals()
+        #: The keys and checks client tokens pass (the daemon runs its JWKS loader).
+        pem = config.token_public_key
+        self.tokens = TokenVerifier(
+            secret=config.token_secret,
+            public_key=None if pem is None else load_public_key(pem),
+            jwks=config.token_jwks,
+            issuer=config.token_issuer,
+            audience=config.token_audience,
+            max_user_id=config.limits.max_user_id,
+            clock=clock,
+        )
 
     # ------------------------------------------------------------------ the server API
 

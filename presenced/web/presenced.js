@@ -398,6 +398,9 @@ export class SentMessage {
  * @param {string} [options.user] user id for an anonymous connection (daemons with
  *   `--allow-anonymous` only)
  * @param {string} [options.token] a JWT (see docs/protocol.md, *Tokens*)
+ * @param {() => (string | Promise<string>)} [options.getToken] gives a fresh JWT: called for
+ *   every hello (taking the place of `token`) and, while the session's token expires, before
+ *   it does (sent in a `refresh`); a session closed for an expired token (4003) reconnects
  * @param {string} [options.client] free text for the daemon's logs
  * @param {number} [options.backoffBase] first reconnect delay ceiling, ms (250)
  * @param {number} [options.backoffMax] largest reconnect delay, ms (10000)
@@ -432,6 +435,9 @@ export class PresenceClient {
     this._closed = false;
     /** Why the daemon refused us for good (unauthorized), if it did. */
     this._fatal = null;
+    /** The pending token refresh (with `getToken`), and how many were answered. */
+    this._refreshTimer = null;
+    this.refreshes = 0;
     /** ref -> {resolve, reject} of requests waiting for a reply */
     this._requests = new Map();
     /**
@@ -745,6 +751,7 @@ export class PresenceClient {
     if (this._closed) return;
     this._closed = true;
     clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
     for (const entry of this._rooms.values()) {
       if (entry.timer !== null) clearTimeout(entry.timer);
       entry.timer = null;
@@ -783,18 +790,7 @@ export class PresenceClient {
       return;
     }
     this._ws = ws;
-    ws.onopen = () => {
-      const hello = { type: "hello", v: 1, client: this.options.client || "presenced.js" };
-      if (this.options.token) hello.token = this.options.token;
-      if (this.options.user) hello.user = this.options.user;
-      if (this._resume) hello.resume = this._resume;
-      this._request(hello, ws).then(
-        (welcome) => this._onWelcome(ws, welcome),
-        (error) => {
-          if (error.code === "unauthorized") this._fatal = error;
-        }
-      );
-    };
+    ws.onopen = () => this._greet(ws);
     ws.onmessage = (event) => {
       if (ws !== this._ws) return;
       let frame;
@@ -811,6 +807,59 @@ export class PresenceClient {
       this._onClose(event);
     };
     ws.onerror = () => {}; // a close event follows
+  }
+
+  /** Say hello on a new socket, with a token from `getToken` when there is one. */
+  async _greet(ws) {
+    let token = this.options.token;
+    if (this.options.getToken) {
+      try {
+        token = await this.options.getToken();
+      } catch (exc) {
+        // No token now: drop this socket, the reconnect asks again after its backoff.
+        if (ws === this._ws) ws.close(1000, "no token");
+        this._emit("error", new PresencedError("token", `getToken failed: ${exc}`));
+        return;
+      }
+      if (ws !== this._ws) return;
+    }
+    const hello = { type: "hello", v: 1, client: this.options.client || "presenced.js" };
+    if (token) hello.token = token;
+    if (this.options.user) hello.user = this.options.user;
+    if (this._resume) hello.resume = this._resume;
+    this._request(hello, ws).then(
+      (welcome) => this._onWelcome(ws, welcome),
+      (error) => {
+        if (error.code === "unauthorized") this._fatal = error;
+      }
+    );
+  }
+
+  /**
+   * Refresh the session's token before it expires (`expiresInMs` left, as the daemon reckons
+   * it: the device's clock does not matter), at 80 % of that, with a token from `getToken`.
+   * A refused refresh stops here: the daemon closes the session once the token expires
+   * (4003), and the reconnect says hello with a fresh token.
+   */
+  _scheduleRefresh(expiresInMs) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this.options.getToken || typeof expiresInMs !== "number" || this._closed) return;
+    this._refreshTimer = setTimeout(async () => {
+      this._refreshTimer = null;
+      const ws = this._ws;
+      try {
+        const token = await this.options.getToken();
+        if (ws !== this._ws) return;
+        const reply = await this._request({ type: "refresh", token }, ws);
+        this.refreshes += 1;
+        this._scheduleRefresh(reply.expires_in_ms);
+      } catch (error) {
+        const failed =
+          error instanceof PresencedError ? error : new PresencedError("token", String(error));
+        if (ws === this._ws) this._emit("error", failed);
+      }
+    }, expiresInMs * 0.8);
   }
 
   /**
@@ -833,6 +882,7 @@ export class PresenceClient {
     this._resume =
       typeof token === "string" && token && token.length <= MAX_RESUME_TOKEN ? token : null;
     this._attempt = 0;
+    this._scheduleRefresh(welcome.expires_in_ms);
     this._setStatus("connected", { welcome, resumed });
     this._welcomed.resolve(welcome);
     if (resumed) this._resumeRooms(ws);
@@ -903,6 +953,8 @@ export class PresenceClient {
 
   /** The connection is gone: fail what waits for replies, keep what can be redone. */
   _lose(error) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     if (this.status === "connected") this._welcomed = deferred();
     for (const { reject } of this._requests.values()) reject(error);
     this._requests.clear();

@@ -606,3 +606,51 @@ test("client: a resumed room's state read right after the welcome (same tick) is
   assert.deepEqual(second.last("update").meta, { x: 3 }, "the room is live");
   client.close();
 });
+
+test("client: getToken gives each hello's token and refreshes it before it expires", async () => {
+  FakeSocket.all = [];
+  let issued = 0;
+  const getToken = async () => `token-${++issued}`;
+  const client = connect("ws://daemon/", { getToken, WebSocket: FakeSocket, backoffBase: 5 });
+  const errors = [];
+  client.onError((error) => errors.push(error.code));
+  const first = await greeted(client, "S1", 20, { expires_in_ms: 50 });
+  assert.equal(first.last("hello").token, "token-1");
+  await until(() => first.sent("refresh").length === 1, "a refresh at 80 % of 50 ms");
+  const refresh = first.last("refresh");
+  assert.equal(refresh.token, "token-2");
+  first.receive({ type: "refreshed", ref: refresh.ref, expires_in_ms: 30 });
+  await until(() => first.sent("refresh").length === 2, "the next refresh");
+  assert.equal(client.refreshes, 1);
+  // A refused refresh: reported, and no more refreshes on this session.
+  first.receive({ type: "error", ref: first.last("refresh").ref, code: "unauthorized", message: "no" });
+  await sleep(60);
+  assert.equal(first.sent("refresh").length, 2);
+  assert.deepEqual(errors, ["unauthorized"]);
+  // The daemon closes the session for its expired token (4003): not final, a reconnect
+  // says hello with a fresh token.
+  first.receive({ type: "error", code: "token_expired", message: "expired" });
+  first.drop(4003);
+  const second = await greeted(client, "S2");
+  assert.equal(second.last("hello").token, "token-4");
+  assert.equal(client.status, "connected");
+  await sleep(30);
+  assert.equal(second.sent("refresh").length, 0, "no expiry in this welcome: no refresh");
+  client.close();
+});
+
+test("client: a getToken that fails drops the socket and tries again", async () => {
+  FakeSocket.all = [];
+  let calls = 0;
+  const getToken = () => {
+    calls += 1;
+    if (calls === 1) throw new Error("identity provider down");
+    return "fresh";
+  };
+  const client = connect("ws://daemon/", { getToken, WebSocket: FakeSocket, backoffBase: 5 });
+  const socket = await greeted(client);
+  assert.equal(socket.last("hello").token, "fresh");
+  assert.equal(FakeSocket.all.length, 2);
+  assert.equal(FakeSocket.all[0].sent("hello").length, 0);
+  client.close();
+});

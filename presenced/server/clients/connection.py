@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -40,13 +39,12 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from presenced.auth import AuthError, anonymous_grant, verify_token
 from presenced.core import client_wire as wire
 from presenced.core.client_decode import decode_client_frame
 from presenced.core.client_frames import error, error_from, message_frame, pong
 from presenced.core.frame_guard import FrameGuard
 from presenced.core.resume import CLEAN_CLOSE_CODES
-from presenced.core.session import HelloRoute, Refusal, SessionRules, unauthorized
+from presenced.core.session import Refusal, SessionRules
 from presenced.core.ws_frames import (
     PING_FRAME,
     CloseCode,
@@ -56,6 +54,7 @@ from presenced.core.ws_frames import (
     pong_frame,
     whole_control_frames,
 )
+from presenced.server.clients.greeting import hello_grant, refresh
 from presenced.server.clients.handshake import (
     RECEIVE_BYTES,
     HandshakeFailed,
@@ -455,23 +454,13 @@ class ClientConnection:
             self.close(refusal.close, refusal.reason)
 
     def _on_hello(self, message: wire.Hello) -> None:
-        config = self.node.config
-        secret = config.token_secret
-        route = self.rules.hello_route(message, secret is not None, config.allow_anonymous)
-        if route is HelloRoute.TOKEN:
-            assert secret is not None and message.token is not None
-            try:
-                grant = verify_token(secret, message.token)
-            except AuthError as exc:
-                raise unauthorized(message.ref, exc.message) from None
-        else:
-            user = message.user
-            if user is None and message.resume is not None:
-                user = self.sessions.user_of(message.resume)
-            grant = anonymous_grant(user or f"anon-{secrets.token_hex(4)}")
-        self.user = self.rules.greeted(grant)
+        grant = hello_grant(self, message)
+        self.user = self.rules.greeted(grant, by_token=message.token is not None)
         self._hello_scope.deadline = float("inf")
         self.sessions.welcome(self, message)
+
+    def _on_refresh(self, message: wire.Refresh) -> None:
+        refresh(self, message)
 
     def _on_join(self, message: wire.Join) -> None:
         self.rules.join(message)
@@ -525,6 +514,7 @@ class ClientConnection:
         wire.Send: _on_send,
         wire.MarkRead: _on_read,
         wire.Fetch: _on_fetch,
+        wire.Refresh: _on_refresh,
     }
 
     # ------------------------------------------------------------------ writing

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from presenced.core.client_frames import welcome
+from presenced.core.client_frames import error_from, welcome
 from presenced.core.client_wire import Hello
 from presenced.core.limits import Limits
 from presenced.core.presence import Member
@@ -139,6 +139,7 @@ class Sessions:
                 resume=self.started(conn),
                 resumed=resumed,
                 resume_grace_ms=round(self.timing.resume_grace_s * 1000),
+                expires_in_ms=conn.rules.expires_in_ms(node.wall_clock()),
             )
         )
         if resumed:
@@ -276,11 +277,16 @@ class Sessions:
             self.sweep(self.node.clock())
 
     def sweep(self, now: float) -> None:
-        """Ping quiet connections, close dead ones, end sessions whose grace ran out."""
+        """Ping quiet connections, close dead ones and those whose token expired past the
+        grace (4003), end sessions whose grace ran out."""
         timing = self.timing
         metrics = self.node.metrics
         quiet_since = now - timing.ping_after_s
+        wall = self.node.wall_clock()
+        token_grace_s = self.node.config.token_expiry_grace_s
         for conn in self.live.values():  # (nothing here changes ``live`` synchronously)
+            if conn.rules.expires_at is not None and self._expired(conn, wall, token_grace_s):
+                continue
             if conn.last_input > quiet_since:
                 continue
             what = verdict(conn.last_input, conn.pinged_at, now, timing)
@@ -300,6 +306,18 @@ class Sessions:
             del self.detached[held.session]
             metrics.sessions_expired += 1
             self.node.end_session(held.user, held.session, held.rooms)
+
+    def _expired(self, conn: Attendee, wall: float, grace_s: float) -> bool:
+        """Close ``conn`` (``token_expired``, 4003) if its token expired over ``grace_s``
+        ago at Unix time ``wall`` without a refresh; whether it did."""
+        refusal = conn.rules.expired(wall, grace_s)
+        if refusal is None or refusal.close is None:
+            return False
+        log.info("client %s: token expired %gs ago", conn.peer, wall - (conn.rules.expires_at or 0))
+        self.node.metrics.count_error(refusal.code)
+        conn.send(error_from(refusal))
+        conn.close(refusal.close, refusal.reason)
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"live": len(self.live), "detached": len(self.detached)}
