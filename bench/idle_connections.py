@@ -10,7 +10,9 @@ one of R rooms; the first B of them also join one big room. Then it reports:
 * the daemon's CPU use while everyone is connected and idle (``--idle-s``, 45 s by
   default: long enough for every connection to be pinged about four times, since an idle
   connection is pinged after two thirds of ``--client-timeout`` quiet and each pong wakes
-  its reader; the clients answer pings as browsers do), and how many pings they answered;
+  its reader; the clients answer pings as browsers do), user and system time apart, and
+  how many pings they answered; the window opens ``--settle-s`` after the last connect
+  (5 s; 15 s or more: every connection has been pinged once before it);
 * the time from one update in the big room until every one of its B members has received it
   (an upper bound: it includes this client process reading B sockets);
 * the time from SIGTERM until the daemon has exited, everyone still connected (a graceful
@@ -48,9 +50,11 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class Lean:
@@ -141,12 +145,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             while len(clients) < args.connections:
                 await trio.sleep(0.2)
             connect_s = time.perf_counter() - started
-            await trio.sleep(5)  # join diffs delivered, daemon quiet
+            await trio.sleep(args.settle_s)  # join diffs delivered, daemon quiet
             rss = rss_kb(daemon.pid)
             cpu0 = cpu_s(daemon.pid)
             pongs0 = Lean.pongs
             await trio.sleep(args.idle_s)
-            idle_cpu = (cpu_s(daemon.pid) - cpu0) / args.idle_s
+            cpu1 = cpu_s(daemon.pid)
+            idle_user, idle_sys = ((b - a) / args.idle_s for a, b in zip(cpu0, cpu1, strict=True))
             pongs = Lean.pongs - pongs0
             mover = big[0]  # writing while its own task reads is fine
             sent = time.perf_counter()
@@ -173,7 +178,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "daemon_rss_per_connection_kb": round((rss - base_rss) / args.connections, 1),
             "idle_s": args.idle_s,
             "client_timeout_s": args.client_timeout,
-            "daemon_idle_cpu_cores": round(idle_cpu, 4),
+            "daemon_idle_cpu_cores": round(idle_user + idle_sys, 4),
+            "daemon_idle_cpu_user_sys_cores": [round(idle_user, 4), round(idle_sys, 4)],
             "pings_answered_per_s": round(pongs / args.idle_s, 1),
             "big_room_update_to_all_members_ms": round(fanout_ms, 1),
             "sigterm_to_exit_s": round(shutdown_s, 1),
@@ -191,4 +197,9 @@ if __name__ == "__main__":
     parser.add_argument("--big-room", type=int, default=1_000)
     parser.add_argument("--idle-s", type=float, default=45.0)
     parser.add_argument("--client-timeout", type=float, default=15.0)
+    parser.add_argument(
+        "--settle-s", type=float, default=5.0,
+        help="wait after the last connect before measuring (longer: every connection has"
+        " been pinged once before the idle window)",
+    )  # fmt: skip
     print(json.dumps(trio.run(main, parser.parse_args()), indent=2))
