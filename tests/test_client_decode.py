@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from json_strategies import json_values
 
 from presenced.core import client_decode as d
 from presenced.core import client_frames as f
@@ -435,20 +436,6 @@ def test_escaped_surrogate_pairs_are_fine() -> None:
 # Property tests
 # ------------------------------------------------------------------------------------------
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 # For fuzzing: also NaN/Infinity (json.dumps writes them) and unpaired surrogates.
 any_text = st.text(st.characters(exclude_categories=()))
 wild_scalars = st.none() | st.booleans() | st.integers() | st.floats() | any_text

@@ -9,7 +9,7 @@ import pickle
 from typing import Any
 
 from hypothesis import given
-from hypothesis import strategies as st
+from json_strategies import json_values
 
 from presenced.core import client_wire as w
 from presenced.core.client_wire import (
@@ -87,22 +87,6 @@ def test_apply_meta_patch() -> None:
 
 def test_encode_is_compact_utf8_json() -> None:
     assert w.encode({"a": [1, "é"], "b": None}) == '{"a":[1,"é"],"b":null}'
-
-
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 
 
 # ------------------------------------------------------------------------------------------
