@@ -3,8 +3,14 @@
     python bench/occupancy.py --members 10000 --watchers 100 --churn-per-s 4 --phase-s 10
 
 Starts `presenced run` as a subprocess on 127.0.0.1 and opens, with lean wsproto clients
-(as in bench/idle_connections.py), ``--members`` connections that join one room ("big") and
-read everything they are sent, plus ``--watchers`` connections that are in no room. While
+(as in bench/idle_connections.py), ``--members`` sessions in one room ("big"), plus
+``--watchers`` connections that are in no room. The members are held sessions: each joins
+and then drops its connection without a close frame, so the daemon keeps it in the room for
+``--resume-grace`` (an hour) with no socket. That is how a room looks to a daemon whose
+members are connected elsewhere (other regions), and it keeps this one machine from
+spending its CPU on 10,000 members' diffs and on the O(n²) joins that build such a room (the
+bench stops the daemon with SIGSTOP while all members send their join, so it reads them in
+one pass: every joiner's ``state`` is nearly empty, and the whole room is one flush). While
 churn clients join and leave the big room at ``--churn-per-s`` changes a second, it runs
 phases of ``--phase-s`` seconds alternately without and with the watchers watching the room
 (a ``join`` with ``"view": "count"`` at the start of the phase, ``leave`` at its end), and
@@ -12,11 +18,12 @@ reports per phase:
 
 * the daemon's CPU (user + system, /proc) per second and per tick (``tick_ms``);
 * what one watcher received per second (occupancy frames and their bytes), and what one
-  member received per second (bytes of diffs), for comparison;
+  churn client in the room received per second (its diffs and states), for comparison;
 
 and the difference between the phases with and without watchers: what watching costs. The
-members' diffs dominate the daemon's CPU (each change reaches every member); the watchers'
-share is at most one small frame per watcher per tick, whatever the room's size.
+share is at most one small frame per watcher per tick, whatever the room's size. Each
+churn join also gets the room's ``state`` (10,000 entries): that cost is the churn's, in
+both phases.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -51,8 +59,8 @@ def cpu_s(pid: int) -> float:
 
 
 class Lean:
-    """A minimal client: handshake, JSON text frames; its reader either drains bytes
-    (members: counted, not parsed) or parses frames and counts occupancy ones (watchers)."""
+    """A minimal client: handshake, JSON text frames, a reader that answers pings and
+    counts what it gets (occupancy frames apart)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -72,13 +80,9 @@ class Lean:
     async def send(self, message: dict[str, object]) -> None:
         await self.stream.send_all(self.ws.send(TextMessage(data=json.dumps(message))))
 
-    async def drain(self) -> None:
-        """Read and count bytes (a member: every diff of the big room comes here)."""
-        while data := await self.stream.receive_some(262144):
-            self.bytes_in += len(data)
-
     async def parse(self) -> None:
-        """Read frames, answer pings, count occupancy frames (a watcher)."""
+        """Read frames, answer pings, count bytes and occupancy frames."""
+        text = ""
         while data := await self.stream.receive_some(65536):
             self.bytes_in += len(data)
             self.ws.receive_data(data)
@@ -86,11 +90,14 @@ class Lean:
                 if isinstance(event, Ping):
                     await self.stream.send_all(self.ws.send(event.response()))
                 elif isinstance(event, TextMessage):
-                    frame = json.loads(event.data)
-                    if frame.get("type") == "occupancy":
+                    text += event.data
+                    if not event.message_finished:
+                        continue
+                    if text.startswith('{"type":"occupancy"'):
                         self.occupancy_frames += 1
-                        self.occupancy_bytes += len(event.data) + 2  # + the frame header
-                        self.last = frame
+                        self.occupancy_bytes += len(text) + 2  # + the frame header
+                        self.last = json.loads(text)
+                    text = ""
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -99,7 +106,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     daemon = subprocess.Popen(
         [sys.executable, "-m", "presenced", "run", "--allow-anonymous", "--log-level", "warning",
          "--listen", f"127.0.0.1:{port}", "--max-connections", str(total + 10),
-         "--client-timeout", "3600", "--tick-ms", str(TICK_MS)],
+         "--client-timeout", "3600", "--tick-ms", str(TICK_MS), "--resume-grace", "3600"],
         cwd=ROOT,
     )  # fmt: skip
     try:
@@ -123,20 +130,39 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     await client.open()
                     await client.send({"type": "hello", "user": f"u{i}"})
                     if i < args.members:
-                        await client.send({"type": "join", "room": "big", "meta": {"i": i}})
                         members.append(client)
                     elif i < args.members + args.watchers:
                         watchers.append(client)
                     else:
                         churners.append(client)
-                await (client.drain() if i < args.members else client.parse())
+                if i >= args.members:
+                    await client.parse()
 
             for i in range(total):
                 nursery.start_soon(one, i)
             while len(members) + len(watchers) + len(churners) < total:
                 await trio.sleep(0.2)
             connect_s = time.perf_counter() - started
-            await trio.sleep(10)  # the members' join diffs delivered, the daemon quiet
+            # One session stays in the room throughout, so the room's feed lives on: a joiner
+            # then gets the published view (what was flushed), not a fresh copy of the room.
+            keeper = churners[-1]
+            await keeper.send({"type": "join", "room": "big", "meta": {"keeper": True}})
+            await trio.sleep(2)  # every welcome sent (the members read none: nothing else)
+            daemon.send_signal(signal.SIGSTOP)
+            try:
+                for i, member in enumerate(members):
+                    await member.send({"type": "join", "room": "big", "meta": {"i": i}})
+                    await member.stream.aclose()  # no close frame: held for the grace
+            finally:
+                daemon.send_signal(signal.SIGCONT)
+            build = time.perf_counter()
+            with trio.fail_after(600):  # the daemon read them all and is quiet again
+                while True:
+                    cpu0 = cpu_s(daemon.pid)
+                    await trio.sleep(2)
+                    if cpu_s(daemon.pid) - cpu0 < 0.2:
+                        break
+            build_s = time.perf_counter() - build
 
             async def churn() -> None:
                 """Churn clients take turns joining and leaving the big room."""
@@ -144,7 +170,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 gap_s = 1 / args.churn_per_s
                 turn = 0
                 while True:
-                    if len(inside) < len(churners) // 2 and turn % 2 == 0:
+                    if len(inside) < (len(churners) - 1) // 2 and turn % 2 == 0:
                         client = churners[len(inside)]
                         await client.send({"type": "join", "room": "big", "meta": {"c": turn}})
                         inside.append(client)
@@ -164,7 +190,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     await trio.sleep(1)  # the replies are in
                 frames0 = [w.occupancy_frames for w in watchers]
                 wbytes0 = [w.occupancy_bytes for w in watchers]
-                mbytes0 = members[0].bytes_in
+                mbytes0 = sum(c.bytes_in for c in churners)
                 cpu0, t0 = cpu_s(daemon.pid), time.perf_counter()
                 await trio.sleep(args.phase_s)
                 elapsed = time.perf_counter() - t0
@@ -184,7 +210,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                         "daemon_cpu_ms_per_tick": round(cpu * TICK_MS, 3),
                         "watcher_frames_per_s": round(statistics.mean(frames), 1),
                         "watcher_bytes_per_s": round(statistics.mean(wbytes), 1),
-                        "member_bytes_per_s": round((members[0].bytes_in - mbytes0) / elapsed),
+                        "churner_bytes_per_s": round(
+                            (sum(c.bytes_in for c in churners) - mbytes0) / elapsed / len(churners)
+                        ),
                     }
                 )
                 if watching:
@@ -201,6 +229,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "churn_per_s": args.churn_per_s,
             "tick_ms": TICK_MS,
             "connect_all_s": round(connect_s, 1),
+            "room_built_s": round(build_s, 1),
             "last_counts": watchers[0].last if watchers else {},
             "phases": phases,
             "watching_cost_cores": round(statistics.mean(on) - statistics.mean(off), 4),
