@@ -37,6 +37,7 @@ Expiring tokens: ``connect(..., token_provider=f)``, see :mod:`presenced.client_
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -89,6 +90,8 @@ class PresenceClient:
         self._send_inbox, self._inbox = trio.open_memory_channel[dict[str, Any]](10_000)
         #: room -> user -> session -> {"meta", "region"}
         self.rooms: dict[str, Presences] = {}
+        #: Watched rooms (count-only) -> their latest {"sessions", "users"}.
+        self.counts: dict[str, dict[str, int]] = {}
         self.welcome: dict[str, Any] = {}
         #: Set when the client is closed for good (with ``reconnect``: not by a drop it
         #: recovers from).
@@ -216,6 +219,23 @@ class PresenceClient:
                 continue
             return self.rooms[room]
 
+    async def watch(self, room: str) -> dict[str, int]:
+        """Watch a room's counts without being in it (a count-only join: nobody sees this
+        session there); returns the live ``{"sessions", "users"}`` of the room (every
+        region's), updated at most once per tick. Watched again after any reconnect;
+        :meth:`leave` ends it."""
+        self.counts.setdefault(room, {})
+        try:
+            await self.request({"type": "join", "room": room, "view": "count"})
+        except RequestError:
+            self.counts.pop(room, None)
+            raise
+        return self.counts[room]
+
+    def occupancy(self, room: str) -> dict[str, int]:
+        """The latest counts of a watched room (empty until the first ones came)."""
+        return self.counts.get(room, {})
+
     async def update(self, room: str, patch: Mapping[str, Any]) -> None:
         """Patch this session's meta in a room (keys set; a None value deletes the key).
 
@@ -244,6 +264,11 @@ class PresenceClient:
         """Leave a room and forget its presence map (waits for the daemon's answer; with
         ``reconnect``, while disconnected, it takes effect at once and the daemon is told
         after a resume)."""
+        if self.counts.pop(room, None) is not None:
+            if self._up.is_set():
+                with contextlib.suppress(RequestError, ConnectionClosed):
+                    await self.request({"type": "leave", "room": room})
+            return
         if not self._reconnect:
             await self.request({"type": "leave", "room": room})
             self.rooms.pop(room, None)
@@ -416,6 +441,10 @@ class PresenceClient:
                 mine = room.get(self.user, {}).get(self.session)
                 meta = mine["meta"] if mine is not None else None
                 return self._book.after_resume(room_name, meta, self._metas[room_name])
+        elif kind == "occupancy" and message["room"] in self.counts:
+            self.counts[message["room"]].update(
+                sessions=message["sessions"], users=message["users"]
+            )
         elif kind == "diff" and message["room"] in self.rooms:
             room = self.rooms[message["room"]]
             _merge(room, message["joins"])
@@ -495,6 +524,8 @@ class PresenceClient:
             raise RequestError(str(welcome.get("code")), str(welcome.get("message")))
         for frame in self._restoring:  # decided by the reader as the welcome came
             await ws.send_message(_encode(frame))
+        for room in list(self.counts):  # watches end with their connection: watch again
+            await ws.send_message(_encode({"type": "join", "room": room, "view": "count"}))
         while patched := list(self._book.patches.keys() - self._book.resuming):
             # Patched while this was being sent: joins carry the whole meta, rooms resumed
             # and refreshed already need the patch.

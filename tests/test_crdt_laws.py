@@ -161,6 +161,10 @@ def check_index(state: PresenceState) -> None:
     }
     assert indexed == state.visible()
     assert all(any(True for _ in state.room_presences(room)) for room in state.rooms())
+    # The occupancy counters (sessions, distinct users per room) agree with a recount.
+    for room in {room for room, _, _ in indexed} | set(state.index.room_users):
+        keys = [key for key in indexed if key[0] == room]
+        assert state.room_counts(room) == (len(keys), len({user for _, user, _ in keys}))
     # The user index (where a user can be reached) agrees with visible() too.
     expected: dict[str, set[str]] = {}
     for part in state.partitions.values():

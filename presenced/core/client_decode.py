@@ -44,6 +44,9 @@ from presenced.core.client_wire import (
     RELIABLE,
     TOO_LARGE,
     UNSUPPORTED_VERSION,
+    VIEW_COUNT,
+    VIEW_MEMBERS,
+    VIEWS,
     Broadcast,
     ClientMessage,
     Fetch,
@@ -217,6 +220,13 @@ def _parse_refresh(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool)
 def _parse_join(obj: dict[str, Any], ref: Ref, limits: Limits, careful: bool) -> Join:
     room = _name(obj.get("room"), "room", limits.max_room_name, ref)
     meta = obj.get("meta")
+    view = obj.get("view")
+    if view is not None and view != VIEW_MEMBERS:
+        if view != VIEW_COUNT:
+            raise _bad(f"'view' must be one of {', '.join(VIEWS)}", ref)
+        if meta is not None:
+            raise _bad("a count-only join takes no 'meta' (a watcher is not a presence)", ref)
+        return Join(ref, room, {}, VIEW_COUNT)
     if meta is None:
         return Join(ref, room, {})
     return Join(ref, room, _meta(meta, "meta", limits, ref, careful))

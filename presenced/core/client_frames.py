@@ -103,6 +103,16 @@ def diff(
     return {"type": "diff", "room": room, "joins": joins, "leaves": leaves, "updates": updates}
 
 
+def occupancy(ref: Ref, room: str, sessions: int, users: int) -> dict[str, Any]:
+    """A watched room's counts (reply to a count-only ``join``, then when one changes):
+    visible sessions and distinct users, every region's."""
+    out = _with_ref("occupancy", ref)
+    out["room"] = room
+    out["sessions"] = sessions
+    out["users"] = users
+    return out
+
+
 def left(ref: Ref, room: str) -> dict[str, Any]:
     """Acknowledge ``leave``."""
     out = _with_ref("left", ref)

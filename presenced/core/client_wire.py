@@ -152,6 +152,13 @@ class Hello:
     resume: str | None = None
 
 
+#: A join's views: be a presence and see the members (the default), or only watch the
+#: room's counts (occupancy: not a presence, see :mod:`presenced.core.occupancy`).
+VIEW_MEMBERS: Final = "members"
+VIEW_COUNT: Final = "count"
+VIEWS: Final = (VIEW_MEMBERS, VIEW_COUNT)
+
+
 @attrs.frozen
 class Refresh:
     """A fresh token for the session, sent before the current one expires (same user)."""
@@ -164,13 +171,14 @@ class Refresh:
 
 @attrs.frozen
 class Join:
-    """Enter ``room`` with initial presence ``meta``."""
+    """Enter ``room`` with initial presence ``meta`` (``view`` ``count``: watch its counts)."""
 
     TYPE: ClassVar[str] = "join"
 
     ref: Ref
     room: str
     meta: dict[str, Any] = attrs.field(factory=dict)
+    view: str = VIEW_MEMBERS
 
 
 @attrs.frozen
@@ -327,6 +335,9 @@ def to_wire(msg: ClientMessage) -> dict[str, Any]:
         out["v"] = msg.version
     elif isinstance(msg, Refresh):
         out["token"] = msg.token
+    elif isinstance(msg, Join) and msg.view != VIEW_MEMBERS:
+        out["room"] = msg.room
+        out["view"] = msg.view
     elif isinstance(msg, Join | Update):
         out["room"] = msg.room
         out["meta"] = msg.meta

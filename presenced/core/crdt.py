@@ -191,6 +191,10 @@ class PresenceState:
         """Visible entries of a room as (user, session, meta, region)."""
         return self.index.room_presences(room)
 
+    def room_counts(self, room: str) -> tuple[int, int]:
+        """(visible sessions, distinct users) of a room, every region's, in O(1)."""
+        return self.index.counts(room)
+
     def session_rooms(self, user: str, session: str) -> list[tuple[str, Meta, ReplicaId]]:
         """Where ``user``'s ``session`` is visible: (room, shown meta, replica shown)."""
         return self.index.session_rooms(user, session)

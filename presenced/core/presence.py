@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from presenced.core import peer_wire, protocol
-from presenced.core.crdt import JOIN, Change, Meta, PresenceState, ReplicaId
+from presenced.core.crdt import JOIN, UPDATE, Change, Meta, PresenceState, ReplicaId
 from presenced.core.fanout import RoomFeed
 from presenced.core.liveness import DOWN, PURGED, RETIRED, UP, Liveness, Transition
+from presenced.core.occupancy import Watch, Watches
 from presenced.core.ticks import TickPlan
 
 
@@ -148,6 +149,8 @@ class Presence:
         #: messages for the user are written.
         self.users: dict[str, dict[Member, None]] = {}
         self._dirty: dict[str, RoomFeed] = {}
+        #: Count-only watchers of rooms (occupancy): see :mod:`presenced.core.occupancy`.
+        self.watches: Watches[Member] = Watches()
         #: Whether own entries changed since the last boundary (the tick's gossip sends them).
         self.local_dirty = False
         #: True while the ticker reads paced peer links: what they change is flushed right
@@ -162,6 +165,7 @@ class Presence:
 
     def join(self, conn: Member, room: str, meta: Meta, ref: Any) -> None:
         """Add a session to a room: it gets the room's state, then everyone gets its join."""
+        self.watches.remove(conn, room)
         feed = self.feeds.get(room)
         if feed is None:
             feed = self.feeds[room] = RoomFeed(room, self.state.room_presences(room))
@@ -174,8 +178,21 @@ class Presence:
         self.metrics.updates_in += 1
         self._local([self.state.put(room, conn.user, conn.session, meta)])
 
+    def watch(self, conn: Member, room: str, ref: Any) -> None:
+        """A session watches a room's counts (not a presence: nobody sees it). It gets them
+        now, then whenever one changes, at most once per tick. A member that watches
+        instead leaves the room first."""
+        if conn in self.members.get(room, ()):
+            self.leave(conn, room)
+        counts = self.state.room_counts(room)
+        self.watches.add(conn, room, counts)
+        conn.send(protocol.occupancy(ref, room, *counts))
+
     def leave(self, conn: Member, room: str) -> None:
-        """Remove a session from a room; the others see it leave at the next flush."""
+        """Remove a session from a room (or stop its watching the room's counts); the others
+        see it leave at the next flush."""
+        if self.watches.remove(conn, room):
+            return
         members = self.members.get(room)
         if members is not None:
             members.pop(conn, None)
@@ -307,6 +324,7 @@ class Presence:
 
     def _forget_connection(self, conn: Member) -> None:
         self.connections.discard(conn)
+        self.watches.remove_watcher(conn)
         sessions = self.users.get(conn.user)
         if sessions is not None:
             sessions.pop(conn, None)
@@ -344,13 +362,20 @@ class Presence:
         now = self.clock()
         touched: dict[str, RoomFeed] = {}
         feeds = self.feeds
+        watched = self.watches.rooms
+        counted = False
         for change in changes:
             feed = feeds.get(change.room)
             if feed is not None:
                 feed.note(change)
                 touched[change.room] = feed
-            if change.kind == JOIN:
-                self.outputs.user_appeared(change.user)
+            if change.kind != UPDATE:
+                if watched and self.watches.note(change.room):
+                    counted = True
+                if change.kind == JOIN:
+                    self.outputs.user_appeared(change.user)
+        if counted:
+            self._counts_changed(now)
         deferred = False
         quiet_before = self.plan.quiet_before(now, self.phase_clock(), self.holding)
         for room, feed in touched.items():
@@ -387,6 +412,8 @@ class Presence:
 
     def flush_dirty(self) -> None:
         """Flush every room that changed since its last flush (the tick's flush)."""
+        if self.watches.dirty:
+            self._flush_counts(self.clock())
         if not self._dirty:
             return
         now = self.clock()
@@ -396,8 +423,37 @@ class Presence:
 
     @property
     def has_dirty(self) -> bool:
-        """Whether some room has changes waiting for the tick's flush."""
-        return bool(self._dirty)
+        """Whether some room has changes (or counts) waiting for the tick's flush."""
+        return bool(self._dirty) or bool(self.watches.dirty)
+
+    def _counts_changed(self, now: float) -> None:
+        """Watched rooms' counts may have changed: like diffs, a room whose watchers heard
+        nothing this tick is told at once (unless the ticker is reading clients or paced
+        links: what they bring goes out together, at the tick's flush)."""
+        if self.holding or self.reading_clients:
+            self.flush_by(self.flush_time(now))
+        else:
+            self._flush_counts(now)
+
+    def _flush_counts(self, now: float) -> None:
+        """Send the changed counts of dirty watched rooms that sent none this tick, one
+        frame per room for all its watchers; the others go at the next boundary."""
+        watches = self.watches
+        tick = self.tick_index()
+        for watch in watches.due(tick):
+            self._send_counts(watch, tick)
+        if watches.dirty:
+            self.flush_by(self.next_boundary(now))
+
+    def _send_counts(self, watch: Watch[Member], tick: int) -> None:
+        room = watch.room
+        counts = self.state.room_counts(room)
+        if not watch.take(counts, tick):
+            return
+        frame = self.outputs.frame(protocol.occupancy(None, room, *counts))
+        for watcher in watch.watchers:
+            watcher.push(frame)
+        self.metrics.count_frames(len(watch.watchers), len(frame))
 
     def on_transitions(self, transitions: Iterable[Transition]) -> None:
         """Liveness changed: show, hide or drop a replica's entries."""

@@ -59,6 +59,9 @@ class RoomIndex:
         self.sessions: dict[str, dict[tuple[str, str], None]] = {}
         #: user -> replica -> number of shown entries: where a user can be reached.
         self.users: dict[str, dict[ReplicaId, int]] = {}
+        #: room -> user -> number of the user's visible sessions there: a room's distinct
+        #: users in O(1) (occupancy), kept as keys become visible and invisible.
+        self.room_users: dict[str, dict[str, int]] = {}
         #: Notices for the shell (see the module docstring), drained by :meth:`take_notices`.
         self.taken_over: list[Key] = []
         self.left_elsewhere: list[Key] = []
@@ -76,6 +79,13 @@ class RoomIndex:
         for (user, session), replica in self.rooms.get(room, {}).items():
             meta, region = self._copy(replica, (room, user, session))
             yield user, session, meta, region
+
+    def counts(self, room: str) -> tuple[int, int]:
+        """(visible sessions, distinct users) of a room, in O(1): what occupancy shows."""
+        members = self.rooms.get(room)
+        if members is None:
+            return 0, 0
+        return len(members), len(self.room_users[room])
 
     def session_rooms(self, user: str, session: str) -> list[tuple[str, Meta, ReplicaId]]:
         """Where ``user``'s ``session`` is visible: (room, shown meta, replica shown), in
@@ -140,6 +150,8 @@ class RoomIndex:
         if shown is None:
             members[(user, session)] = replica
             self._count(user, replica, 1)
+            users = self.room_users.setdefault(room, {})
+            users[user] = users.get(user, 0) + 1
             self.sessions.setdefault(session, {})[(room, user)] = None
             changes.append(Change(JOIN, room, user, session, meta, part.region))
             return
@@ -179,8 +191,14 @@ class RoomIndex:
             if shown != replica:
                 return
             del members[(user, session)]
+            users = self.room_users[room]
+            if users[user] > 1:
+                users[user] -= 1
+            else:
+                del users[user]
             if not members:
                 del self.rooms[room]
+                del self.room_users[room]
             self._count(user, replica, -1)
             keys = self.sessions[session]
             del keys[(room, user)]

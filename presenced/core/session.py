@@ -34,6 +34,7 @@ from presenced.core.client_wire import (
     TOO_LARGE,
     TOO_MANY_ROOMS,
     UNAUTHORIZED,
+    VIEW_COUNT,
     Broadcast,
     Fetch,
     Hello,
@@ -144,6 +145,7 @@ class SessionRules:
         "limits",
         "rooms",
         "user",
+        "watching",
     )
 
     def __init__(self, limits: Limits, now: float) -> None:
@@ -155,6 +157,8 @@ class SessionRules:
         self.by_token = False
         self.expires_at: float | None = None
         self.rooms: dict[str, None] = {}
+        #: Rooms it watches the counts of (a count-only join; never also in ``rooms``).
+        self.watching: dict[str, None] = {}
         self._flood = FloodLimit(limits.max_messages_per_second, limits.message_burst, now)
         self._rate_error_at = float("-inf")
 
@@ -272,17 +276,25 @@ class SessionRules:
     # ------------------------------------------------------------------ rooms
 
     def join(self, message: Join) -> None:
-        """``message.room`` is joined (the node sends its state and the others the join)."""
+        """``message.room`` is joined (the node sends its state and the others the join),
+        or watched (``view`` ``count``); either replaces the other. Watched rooms count
+        towards the rooms limit too: each costs a frame per tick."""
         room = message.room
         assert self.grant is not None
         if not self.grant.may_join(room):
             raise ProtocolError(FORBIDDEN, f"not allowed to join {room!r}", message.ref)
         limit = self.limits.max_rooms_per_connection
-        if room not in self.rooms and len(self.rooms) >= limit:
+        held = room in self.rooms or room in self.watching
+        if not held and len(self.rooms) + len(self.watching) >= limit:
             raise ProtocolError(
                 TOO_MANY_ROOMS, f"at most {limit} rooms per connection", message.ref
             )
-        self.rooms[room] = None
+        if message.view == VIEW_COUNT:
+            self.rooms.pop(room, None)
+            self.watching[room] = None
+        else:
+            self.watching.pop(room, None)
+            self.rooms[room] = None
 
     def update(self, message: Update, current: StoredMeta | None) -> Meta:
         """The session's new meta in ``message.room``, given its ``current`` one there
@@ -295,10 +307,14 @@ class SessionRules:
         return meta
 
     def leave(self, message: Leave) -> dict[str, Any]:
-        """``message.room`` is left; returns the ``left`` frame that confirms it."""
-        if message.room not in self.rooms:
+        """``message.room`` is left (or no longer watched); returns the ``left`` frame that
+        confirms it."""
+        if message.room in self.watching:
+            del self.watching[message.room]
+        elif message.room in self.rooms:
+            del self.rooms[message.room]
+        else:
             raise ProtocolError(NOT_JOINED, f"not in room {message.room!r}", message.ref)
-        del self.rooms[message.room]
         return left(message.ref, message.room)
 
     def broadcast(self, message: Broadcast) -> None:

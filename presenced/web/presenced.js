@@ -448,6 +448,8 @@ export class PresenceClient {
     this._rooms = new Map();
     /** Frames (not tied to a room) waiting for the connection. */
     this._outbox = [];
+    /** Watched rooms (count-only) -> {counts: {sessions, users} | null, onCount}. */
+    this._watches = new Map();
     /** ref / id -> SentMessage */
     this._sentByRef = new Map();
     this._sentById = new Map();
@@ -585,6 +587,7 @@ export class PresenceClient {
     entry.meta = { ...meta };
     entry.patch = null; // the join carries the whole meta
     this._leftWhileDown.delete(room);
+    this._watches.delete(room); // a join replaces a watch (the daemon's rule too)
     const done = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
     if (this.status === "connected") this._sendJoin(room, entry);
     return done;
@@ -624,6 +627,10 @@ export class PresenceClient {
    * @returns {Promise<void>}
    */
   async leave(room) {
+    if (this._watches.delete(room)) {
+      if (this.status === "connected") await this._request({ type: "leave", room }).catch(() => {});
+      return;
+    }
     const entry = this._rooms.get(room);
     if (!entry) return;
     this._rooms.delete(room);
@@ -656,6 +663,24 @@ export class PresenceClient {
   presences(room) {
     const entry = this._rooms.get(room);
     return entry ? entry.presences : {};
+  }
+
+  /**
+   * Watch a room's counts without being in it (a count-only join: nobody sees this session
+   * there). `onCount({sessions, users}, room)` is called with every region's counts now and
+   * when they change (at most once per tick). Watched again after any reconnect; `leave(room)`
+   * ends it. Watch rooms this client has not joined (a member that watches leaves the room).
+   * @param {string} room
+   * @param {(counts: {sessions: number, users: number}, room: string) => void} onCount
+   */
+  watch(room, onCount) {
+    this._watches.set(room, { counts: null, onCount });
+    if (this.status === "connected") this._send({ type: "join", room, view: "count" });
+  }
+
+  /** The latest counts of a watched room, or null. @param {string} room */
+  occupancy(room) {
+    return this._watches.get(room)?.counts ?? null;
   }
 
   /** The rooms this client is in (or joining). @returns {string[]} */
@@ -894,6 +919,7 @@ export class PresenceClient {
       }
     }
     this._leftWhileDown.clear();
+    for (const room of this._watches.keys()) this._send({ type: "join", room, view: "count" }, ws);
     for (const [frame, fail, onSent] of this._outbox.splice(0)) {
       if (this._send(frame, ws)) {
         if (onSent) onSent();
@@ -1036,6 +1062,13 @@ export class PresenceClient {
       case "diff":
         this._onDiff(frame);
         return;
+      case "occupancy": {
+        const watch = this._watches.get(frame.room);
+        if (!watch) return; // left meanwhile
+        watch.counts = { sessions: frame.sessions, users: frame.users };
+        watch.onCount(watch.counts, frame.room);
+        return;
+      }
       case "broadcast":
         this._emit("broadcast", frame.room, frame.event, frame.data, frame.from);
         return;

@@ -654,3 +654,38 @@ test("client: a getToken that fails drops the socket and tries again", async () 
   assert.equal(FakeSocket.all[0].sent("hello").length, 0);
   client.close();
 });
+
+test("client: watch a room's counts, watched again after a reconnect, leave ends it", async () => {
+  FakeSocket.all = [];
+  const client = connect("ws://daemon/", {
+    user: "ann",
+    WebSocket: FakeSocket,
+    backoffBase: 20,
+    backoffMax: 40,
+  });
+  const seen = [];
+  client.watch("hall", (counts, room) => seen.push([room, counts.sessions, counts.users]));
+  const first = await greeted(client, "S1");
+  assert.deepEqual(first.last("join"), { type: "join", room: "hall", view: "count" });
+  first.receive({ type: "occupancy", room: "hall", sessions: 3, users: 2 });
+  first.receive({ type: "occupancy", room: "hall", sessions: 4, users: 3 });
+  assert.deepEqual(client.occupancy("hall"), { sessions: 4, users: 3 });
+  assert.deepEqual(client.rooms(), [], "a watcher is in no room");
+  first.drop(1006);
+  const second = await greeted(client, "S1", 20, { resumed: true });
+  assert.deepEqual(second.last("join"), { type: "join", room: "hall", view: "count" });
+  second.receive({ type: "occupancy", room: "hall", sessions: 5, users: 3 });
+  const leaving = client.leave("hall");
+  const leave = second.last("leave");
+  assert.equal(leave.room, "hall");
+  second.receive({ type: "left", ref: leave.ref, room: "hall" });
+  await leaving;
+  second.receive({ type: "occupancy", room: "hall", sessions: 9, users: 9 }); // late: ignored
+  assert.equal(client.occupancy("hall"), null);
+  assert.deepEqual(seen, [
+    ["hall", 3, 2],
+    ["hall", 4, 3],
+    ["hall", 5, 3],
+  ]);
+  client.close();
+});

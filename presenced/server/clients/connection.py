@@ -464,7 +464,10 @@ class ClientConnection:
 
     def _on_join(self, message: wire.Join) -> None:
         self.rules.join(message)
-        self.node.join(self, message.room, message.meta, message.ref)
+        if message.view == wire.VIEW_COUNT:
+            self.node.watch(self, message.room, message.ref)
+        else:
+            self.node.join(self, message.room, message.meta, message.ref)
 
     def _on_update(self, message: wire.Update) -> None:
         node = self.node
