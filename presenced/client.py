@@ -54,11 +54,10 @@ from trio_websocket import (
 )
 
 from presenced.client_resume import FATAL_CLOSE_CODES, ResumeBook, backoff_s
+from presenced.client_rooms import Presences, apply_diff, encode, hello_frame, merge
 from presenced.client_sent import RequestError, Sent
 from presenced.client_tokens import Refresher, TokenProvider, provided_token
 from presenced.core.client_wire import SUBPROTOCOL, apply_meta_patch
-
-Presences = dict[str, dict[str, dict[str, Any]]]
 
 #: How long :meth:`PresenceClient.aclose` waits for the daemon to answer the close frame.
 CLOSE_TIMEOUT_S = 5.0
@@ -155,7 +154,7 @@ class PresenceClient:
         slot: list[dict[str, Any]] = []
         self._waiting[ref] = (event, slot, generation)
         try:
-            await ws.send_message(_encode({**message, "ref": ref}))
+            await ws.send_message(encode({**message, "ref": ref}))
             await event.wait()
         finally:
             self._waiting.pop(ref, None)
@@ -178,7 +177,7 @@ class PresenceClient:
         while True:
             ws, generation = await self._link()
             try:
-                await ws.send_message(_encode(message))
+                await ws.send_message(encode(message))
                 return
             except ConnectionClosed:
                 if not self._reconnect or self._stopping:
@@ -190,7 +189,7 @@ class PresenceClient:
     ) -> dict[str, Any]:
         """Say hello (done by :func:`connect`); returns the ``welcome`` frame (session, user,
         region, tick_ms, limits). Raises :class:`RequestError` (``unauthorized``) if refused."""
-        self.welcome = await self.request(_hello(token, user, client))
+        self.welcome = await self.request(hello_frame(token, user, client))
         self.tokens.schedule(self.welcome.get("expires_in_ms"))
         return self.welcome
 
@@ -251,7 +250,7 @@ class PresenceClient:
                 generation = self._generation
                 try:
                     await self.ws.send_message(
-                        _encode({"type": "update", "room": room, "meta": patch})
+                        encode({"type": "update", "room": room, "meta": patch})
                     )
                     return
                 except ConnectionClosed:
@@ -376,7 +375,7 @@ class PresenceClient:
             while True:
                 message = json.loads(await ws.get_message())
                 for frame in self._dispatch(message):
-                    await ws.send_message(_encode(frame))
+                    await ws.send_message(encode(frame))
         except ConnectionClosed as exc:
             self._last_close = exc
             if not self._reconnect:
@@ -435,7 +434,7 @@ class PresenceClient:
         if kind == "state" and message["room"] in self._metas:
             room_name = message["room"]
             room: Presences = {}
-            _merge(room, message["presences"])
+            merge(room, message["presences"])
             self.rooms[room_name] = room
             if message.get("ref") is None and room_name in self._book.resuming:
                 mine = room.get(self.user, {}).get(self.session)
@@ -446,15 +445,7 @@ class PresenceClient:
                 sessions=message["sessions"], users=message["users"]
             )
         elif kind == "diff" and message["room"] in self.rooms:
-            room = self.rooms[message["room"]]
-            _merge(room, message["joins"])
-            _merge(room, message["updates"])
-            for user, sessions in message["leaves"].items():
-                known = room.get(user, {})
-                for entry in sessions:
-                    known.pop(entry["session"], None)
-                if not known:
-                    room.pop(user, None)
+            apply_diff(self.rooms[message["room"]], message)
         return []
 
     # ------------------------------------------------------------------ reconnecting
@@ -523,16 +514,16 @@ class PresenceClient:
         if welcome.get("type") == "error":
             raise RequestError(str(welcome.get("code")), str(welcome.get("message")))
         for frame in self._restoring:  # decided by the reader as the welcome came
-            await ws.send_message(_encode(frame))
+            await ws.send_message(encode(frame))
         for room in list(self.counts):  # watches end with their connection: watch again
-            await ws.send_message(_encode({"type": "join", "room": room, "view": "count"}))
+            await ws.send_message(encode({"type": "join", "room": room, "view": "count"}))
         while patched := list(self._book.patches.keys() - self._book.resuming):
             # Patched while this was being sent: joins carry the whole meta, rooms resumed
             # and refreshed already need the patch.
             for room in patched:
                 patch = self._book.patches.pop(room)
                 if room in self.rooms:
-                    await ws.send_message(_encode({"type": "update", "room": room, "meta": patch}))
+                    await ws.send_message(encode({"type": "update", "room": room, "meta": patch}))
         self.status = "connected"
         self._up.set()
         if self._book.resuming:
@@ -542,7 +533,7 @@ class PresenceClient:
             for room in sorted(self._book.resuming):
                 self._book.resuming.discard(room)
                 frame = self._book.rejoin(room, self._metas, self._refs)
-                await ws.send_message(_encode(frame))
+                await ws.send_message(encode(frame))
 
     def _welcomed(self, welcome: dict[str, Any]) -> None:
         """The welcome of a reconnect, taken in by the reader before any frame after it (the
@@ -579,26 +570,6 @@ class PresenceClient:
         self._up.set()
 
 
-def _encode(message: Mapping[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))
-
-
-def _hello(token: str | None, user: str | None, client: str | None) -> dict[str, Any]:
-    message: dict[str, Any] = {"type": "hello", "client": client or "presenced-py"}
-    if token is not None:
-        message["token"] = token
-    if user is not None:
-        message["user"] = user
-    return message
-
-
-def _merge(room: Presences, presences: Mapping[str, list[dict[str, Any]]]) -> None:
-    for user, sessions in presences.items():
-        known = room.setdefault(user, {})
-        for entry in sessions:
-            known[entry["session"]] = {"meta": entry["meta"], "region": entry["region"]}
-
-
 @asynccontextmanager
 async def connect(
     url: str,
@@ -628,7 +599,7 @@ async def connect(
                 backoff_max_s=backoff_max_s,
                 token_provider=token_provider,
             )
-            await nursery.start(presence._run, url, _hello(token, user, client))
+            await nursery.start(presence._run, url, hello_frame(token, user, client))
             try:
                 yield presence
             finally:
