@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from math import isfinite
 from typing import Any, Final
 
 import attrs
@@ -579,7 +578,7 @@ def _json_value(value: Any, depth: int, seen: set[int] | None = None) -> None:
         if child is str or child is bool or item is None:
             continue
         if child is float:
-            if isfinite(item):
+            if math.isfinite(item):
                 continue
         elif child is int and item.bit_length() <= MAX_INT_BITS:
             continue
