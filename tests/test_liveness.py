@@ -175,6 +175,17 @@ async def _member(
     return client, welcome
 
 
+async def _watched(
+    nursery: trio.Nursery, port: int, ann_port: int, meta: dict[str, Any] | None = None
+) -> tuple[Raw, Raw, dict[str, Any]]:
+    """bob in ``lobby`` on ``port``, then ann on ``ann_port`` (directly or through a proxy),
+    once bob has seen ann join; returns bob, ann and ann's welcome."""
+    bob, _ = await _member(nursery, port, "bob")
+    ann, welcome = await _member(nursery, ann_port, "ann", meta)
+    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    return bob, ann, welcome
+
+
 # ------------------------------------------------------------------------------ liveness
 
 
@@ -186,9 +197,7 @@ async def test_a_client_that_vanished_behind_a_blackhole_leaves(
     assert port is not None
     proxy = Blackhole(port)
     await proxy.start(nursery)
-    bob, _ = await _member(nursery, port, "bob")
-    _ann, welcome = await _member(nursery, proxy.port, "ann", {"name": "Ann"})
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, _ann, welcome = await _watched(nursery, port, proxy.port, {"name": "Ann"})
     proxy.cut()
     cut_at = trio.current_time()
     # Dead after 1.2 s of silence, then 1 s of grace: well within WAIT, and never earlier
@@ -206,9 +215,7 @@ async def test_an_idle_client_that_answers_pings_stays(
     daemon = await _daemon(nursery, make_config)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann")
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port)
     await trio.sleep(3)  # two and a half timeouts of saying nothing but pongs
     assert ann.pings >= 2
     assert ann.closed is None
@@ -223,9 +230,7 @@ async def test_a_deaf_client_is_closed_as_dead(nursery: trio.Nursery, make_confi
     daemon = await _daemon(nursery, make_config, resume_grace_s=0.0)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann")
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port)
     ann.deaf = True
     assert await ann.until(lambda: ann.closed) == 1001
     assert ann.pings >= 1
@@ -240,9 +245,7 @@ async def test_a_clean_close_leaves_at_once(nursery: trio.Nursery, make_config: 
     daemon = await _daemon(nursery, make_config, resume_grace_s=60.0)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann")
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port)
     await ann.close(1000)
     await bob.until(lambda: welcome["session"] in bob.seen("leaves", "ann"), wait=3)
     assert not daemon.sessions.detached
@@ -269,9 +272,7 @@ async def test_resume_after_a_drop_gets_the_session_back_without_a_flicker(
     daemon = await _daemon(nursery, make_config, resume_grace_s=30.0)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann", {"name": "Ann"})
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port, {"name": "Ann"})
     session = welcome["session"]
     assert welcome["resumed"] is False and welcome["resume_grace_ms"] == 30_000
     assert isinstance(welcome["resume"], str) and len(welcome["resume"]) <= 128
@@ -304,9 +305,7 @@ async def test_resume_takes_over_a_connection_the_daemon_still_thinks_alive(
     assert port is not None
     proxy = Blackhole(port)
     await proxy.start(nursery)
-    bob, _ = await _member(nursery, port, "bob")
-    _ann, welcome = await _member(nursery, proxy.port, "ann", {"name": "Ann"})
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, _ann, welcome = await _watched(nursery, port, proxy.port, {"name": "Ann"})
     proxy.cut()
     again = await Raw.open(nursery, port)
     back = await again.hello("ann", resume=welcome["resume"])
@@ -323,9 +322,7 @@ async def test_resume_after_the_grace_is_a_new_session(
     daemon = await _daemon(nursery, make_config, resume_grace_s=0.5)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann")
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port)
     await ann.drop()
     await bob.until(lambda: welcome["session"] in bob.seen("leaves", "ann"))
     again = await Raw.open(nursery, port)
@@ -358,9 +355,7 @@ async def test_reliable_messages_sent_while_detached_arrive_after_resume(
     daemon = await _daemon(nursery, make_config, resume_grace_s=30.0)
     port = daemon.client_port
     assert port is not None
-    bob, _ = await _member(nursery, port, "bob")
-    ann, welcome = await _member(nursery, port, "ann")
-    await bob.until(lambda: welcome["session"] in bob.seen("joins", "ann"))
+    bob, ann, welcome = await _watched(nursery, port, port)
     await ann.drop()
     await trio.sleep(0.3)
     await bob.send(
